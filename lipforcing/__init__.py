@@ -1,0 +1,36 @@
+"""lipforcing: real-time streaming video-to-video lip sync with a few-step autoregressive diffusion model.
+
+``lipforcing.ops`` holds the kernels' public ops; ``RollingKVCache`` the per-layer streaming cache.  The model,
+VAE and streaming engine are imported on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
+from lipforcing.cache import RollingKVCache
+
+__version__ = "0.1.0"
+
+# name -> module that defines it (imported lazily so `import lipforcing` stays light)
+_LAZY = {
+    "ops": "lipforcing.ops",
+    "ModelConfig": "lipforcing.config",
+    "build_model": "lipforcing.model",
+    "load_model": "lipforcing.model",
+    "load_vae": "lipforcing.vae",
+    "Engine": "lipforcing.stream",
+    "Session": "lipforcing.stream",
+    "schedule": "lipforcing.schedule",
+    "distill": "lipforcing.distill",
+}
+
+__all__ = ["RollingKVCache", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        value = module if module.__name__.endswith("." + name) else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lipforcing' has no attribute {name!r}")

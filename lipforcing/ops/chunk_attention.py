@@ -1,0 +1,131 @@
+"""``chunk_attention``: one chunk's queries against a RollingKVCache plus the chunk's own keys (inference)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from lipforcing import _checks
+from lipforcing.cache import RollingKVCache
+from lipforcing.ops import _dispatch
+from lipforcing.ops._dispatch import Impl
+from lipforcing.ops.reference import chunk_attention_ref
+from lipforcing.ops.rope import RopeSpec
+
+# Backend signature:
+#   fn(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos, rope_sin, grid_h, grid_w)
+#   -> out; when write is True it also stores k, v in (k_cache, v_cache) and advances pos (in place).
+#   rope_cos/rope_sin are None for no rotation, else the RopeSpec tables.
+_IMPLS = {
+    "reference": Impl(__name__, "_reference"),
+    "triton": Impl("lipforcing.kernels.chunk_attention", "chunk_attention_triton"),
+    "cuda": Impl("lipforcing.ops.cuda.chunk_attention", "chunk_attention_cuda"),
+}
+
+
+def _reference(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos, rope_sin,
+               grid_h, grid_w):
+    rope = None if rope_cos is None else RopeSpec(rope_cos, rope_sin, (grid_h, grid_w))
+    return chunk_attention_ref(q, k, v, k_cache, v_cache, pos, chunk_size=chunk_size, window=window, sink=sink,
+                               write=write, scale=scale, rope=rope)
+
+
+@torch.library.custom_op("lipforcing::chunk_attention", mutates_args=("k_cache", "v_cache", "pos"))
+def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        pos: torch.Tensor, chunk_size: int, window: int, sink: int, write: bool, scale: float,
+        rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor], grid_h: int, grid_w: int,
+        backend: str) -> torch.Tensor:
+    return _dispatch.implementation(_IMPLS, backend)(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink,
+                                                     write, scale, rope_cos, rope_sin, grid_h, grid_w)
+
+
+@_op.register_fake
+def _(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos, rope_sin, grid_h, grid_w,
+      backend):
+    return torch.empty_like(q)
+
+
+def _check_rope(rope, q, cache: RollingKVCache) -> None:
+    if not isinstance(rope, RopeSpec):
+        raise TypeError(f"rope must be a lipforcing.ops.RopeSpec or None, got {type(rope).__name__}")
+    if rope.head_dim != q.shape[-1]:
+        raise ValueError(f"rope is built for head_dim {rope.head_dim}, but q has head_dim {q.shape[-1]}")
+    for name, t in (("rope.cos", rope.cos), ("rope.sin", rope.sin)):
+        if t.dtype != torch.float32 or t.device != q.device or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 tensor on {q.device}, got {t.dtype} on "
+                             f"{t.device}" + ("" if t.is_contiguous() else " (non-contiguous)"))
+    if rope.sin.shape != rope.cos.shape:
+        raise ValueError(f"rope.sin shape {tuple(rope.sin.shape)} must equal rope.cos shape {tuple(rope.cos.shape)}")
+    tpf = rope.tokens_per_frame
+    for name, size in (("chunk_size", cache.chunk_size), ("window", cache.window), ("sink", cache.sink)):
+        if size % tpf:
+            raise ValueError(f"with rope, the cache's {name} ({size} tokens) must be a multiple of the tokens per "
+                             f"frame {tpf} (grid {rope.grid})")
+    frames = (cache.sink + cache.window) // tpf
+    if frames > rope.max_positions or max(rope.grid) > rope.max_positions:
+        raise ValueError(f"rope tables have {rope.max_positions} positions, the window needs {frames} frames and "
+                         f"grid {rope.grid}")
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: RollingKVCache, *, write: bool,
+                    rope: RopeSpec | None = None, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Attention of the chunk that comes next in a stream: its queries against the cached sink and window tokens
+    and its own keys (bidirectional inside the chunk).  Inference only (no backward).
+
+    With ``cache.pos = P`` tokens already written, the chunk covers stream tokens ``P .. P+n-1`` and sees::
+
+        [ sink: tokens 0..sink-1 | window: tokens P+chunk_size-window .. P-1 | current chunk: k, v ]
+
+    each token once -- the rule of ``block_causal_attention`` for that chunk.  Streaming N chunks with
+    ``write=True`` and ``rope=None`` equals ``block_causal_attention`` on the whole sequence.
+
+    Parameters
+    ----------
+    q, k, v : (batch, n, heads, head_dim), ``n <= cache.chunk_size`` (only the last chunk of a stream may be
+        short), dtype and device of the cache, contiguous last dimension.
+    cache : the layer's RollingKVCache.  **Mutated** when ``write=True``: k, v are stored (evicting the oldest
+        non-sink tokens) and ``cache.pos`` advances by n, after the attention.
+    write : store this chunk's k, v after attending.
+    rope : ``None`` -- q and k are used as given (absolute mode: already rotated).  A RopeSpec -- dynamic RoPE:
+        the cache holds un-rotated keys; q and every key are rotated inside the op with *window-relative* time
+        positions (sink frames first, then the window in order) and their height/width positions.  chunk_size,
+        window and sink must then be whole frames.
+    scale : softmax scale, default ``head_dim ** -0.5``.
+    backend : ``"auto" | "cuda" | "triton" | "reference"``.
+
+    Returns
+    -------
+    (batch, n, heads, head_dim) in q's dtype.  No host synchronisation and no allocation besides the output.
+    """
+    if not isinstance(cache, RollingKVCache):
+        raise TypeError(f"cache must be a lipforcing.RollingKVCache, got {type(cache).__name__}")
+    layout = "(batch, chunk, heads, head_dim)"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(name, x, ndim=4, layout=layout)
+    for name, x in (("k", k), ("v", v)):
+        _checks.same("q", q, name, x)
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
+    B, n, H, D = q.shape
+    if q.device != cache.device:
+        raise ValueError(f"q is on {q.device} but the cache is on {cache.device}")
+    if q.dtype != cache.dtype:
+        raise ValueError(f"q has dtype {q.dtype} but the cache stores {cache.dtype}")
+    if (B, H, D) != (cache.batch, cache.heads, cache.head_dim):
+        raise ValueError(f"q has (batch, heads, head_dim) = {(B, H, D)} but the cache was built for "
+                         f"{(cache.batch, cache.heads, cache.head_dim)}")
+    if not 1 <= n <= cache.chunk_size:
+        raise ValueError(f"q has {n} tokens; a chunk must have 1..cache.chunk_size ({cache.chunk_size}) tokens")
+    if not isinstance(write, bool):
+        raise TypeError(f"write must be a bool, got {type(write).__name__}")
+    _checks.scale(scale)
+    if rope is not None:
+        _check_rope(rope, q, cache)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
+    cos, sin = (rope.cos, rope.sin) if rope is not None else (None, None)
+    gh, gw = rope.grid if rope is not None else (0, 0)
+    args = (q, k, v, cache.k, cache.v, cache.pos, cache.chunk_size, cache.window, cache.sink, write, scale, cos, sin,
+            gh, gw)
+    name = _dispatch.resolve("chunk_attention", _IMPLS, backend, q.device, args, {})
+    return _op(*args, name)

@@ -1,0 +1,224 @@
+"""Plain PyTorch references of every op: no tiling, float32 math, run anywhere.
+
+They are written straight from the rules in DESIGN.md section 4 and are both the test oracle of the fast
+backends and the last-resort backend.  Names follow the ops: ``<op>_ref``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lipforcing.ops.rope import RopeSpec, rotate
+
+# ---------------------------------------------------------------------------------------------- block-causal mask
+
+
+def block_causal_mask(q_len: int, k_len: int, chunk_size: int, window: int | None, sink: int,
+                      device=None) -> torch.Tensor:
+    """(q_len, k_len) bool, True = attend.  Query i is in chunk c = i // chunk_size, end_c = (c+1)*chunk_size;
+    it sees key j iff ``j < end_c and (window is None or j < sink or j >= end_c - window)``."""
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    end = (i // chunk_size + 1) * chunk_size
+    allowed = j < end
+    if window is not None:
+        allowed = allowed & ((j < sink) | (j >= end - window))
+    return allowed
+
+
+def _softmax_attention(q, k, v, mask, scale):
+    """float32 attention with a boolean mask broadcastable to (B, H, Lq, Lk); returns (out fp32, lse fp32)."""
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
+    p = torch.nan_to_num(p, nan=0.0)  # rows with no key at all (only possible for empty text) give zeros
+    return torch.einsum("bhqk,bkhd->bqhd", p, v.float()), lse
+
+
+def block_causal_attention_ref(q, k, v, chunk_size: int, window: int | None, sink: int, scale: float):
+    """Reference of ``lipforcing.ops.block_causal_attention``: returns (out in q.dtype, lse (B, H, L) fp32)."""
+    mask = block_causal_mask(q.shape[1], k.shape[1], chunk_size, window, sink, q.device)
+    out, lse = _softmax_attention(q, k, v, mask, scale)
+    return out.to(q.dtype), lse
+
+
+# ----------------------------------------------------------------------------------------------- rolling cache
+# The cache of one layer holds S = sink slots and R = window - chunk_size ring slots.  A stream token at absolute
+# position p lives in slot p when p < S, else in slot S + (p - S) mod R.  ``pos`` (int64, shape (1,), on the
+# device) counts the tokens written so far.  Everything below is arithmetic on ``pos``: no host syncs.
+
+
+def cache_slot_positions(pos: torch.Tensor, sink: int, ring: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute stream position held by each cache slot and whether the slot holds a token the next chunk may
+    see.  Returns (positions (S+R,) int64, valid (S+R,) bool)."""
+    dev = pos.device
+    s = torch.arange(sink, device=dev)
+    sink_valid = s < pos
+    r = torch.arange(ring, device=dev)
+    m = pos - 1 - sink  # offset past the sink of the newest written token
+    if ring > 0:
+        ring_pos = sink + m - torch.remainder(m - r, ring)  # newest token with (p - S) mod R == r
+    else:
+        ring_pos = r
+    ring_valid = (m >= 0) & (ring_pos >= sink)
+    return torch.cat([s, ring_pos]), torch.cat([sink_valid, ring_valid])
+
+
+def window_relative_positions(p: torch.Tensor, end: torch.Tensor, window: int, sink: int) -> torch.Tensor:
+    """Index of token ``p`` among the tokens visible to the chunk ending at ``end`` (sink first, then the window
+    in stream order): ``min(p, S) + max(0, p - max(S, end - W))``.  Used by dynamic RoPE."""
+    lo = torch.clamp(end - window, min=sink)
+    return torch.clamp(p, max=sink) + torch.clamp(p - lo, min=0)
+
+
+def cache_write_ref(k, v, k_cache, v_cache, pos, *, sink: int) -> None:
+    """Store the chunk k, v (B, n, H, D) at stream positions pos .. pos+n-1 (in place) and advance ``pos``.
+
+    Every slot takes the newest token of the chunk that maps to it (a chunk longer than the ring overwrites its
+    own older tokens), computed as a gather so the result does not depend on write order."""
+    n = k.shape[1]
+    ring = k_cache.shape[1] - sink
+    dev = k.device
+    # sink slots: slot s takes chunk token s - pos when pos <= s < pos + n
+    s = torch.arange(sink, device=dev)
+    src_sink = s - pos
+    take_sink = (src_sink >= 0) & (src_sink < n)
+    # ring slots: the newest chunk token p >= max(pos, S) with (p - S) mod R == r
+    r = torch.arange(ring, device=dev)
+    m = pos + n - 1 - sink
+    p = sink + m - torch.remainder(m - r, ring) if ring > 0 else r
+    take_ring = (m >= 0) & (p >= torch.clamp(pos, min=sink))
+    src = torch.cat([src_sink, p - pos]).clamp(0, n - 1)
+    take = torch.cat([take_sink, take_ring])[None, :, None, None]
+    for new, buf in ((k, k_cache), (v, v_cache)):
+        buf.copy_(torch.where(take, new[:, src].to(buf.dtype), buf))
+    pos.add_(n)
+
+
+def chunk_attention_ref(q, k, v, k_cache, v_cache, pos, *, chunk_size: int, window: int, sink: int,
+                        write: bool, scale: float, rope: RopeSpec | None = None):
+    """Reference of ``lipforcing.ops.chunk_attention`` (one layer, one chunk).  Returns out in q.dtype.
+
+    Keys = [cache slots that are visible | current k].  With ``rope`` the cache holds un-rotated keys and q and
+    every key are rotated with window-relative time positions (``window_relative_positions`` // tokens per
+    frame) and their in-frame height/width positions."""
+    n = q.shape[1]
+    ring = k_cache.shape[1] - sink
+    slot_pos, slot_valid = cache_slot_positions(pos, sink, ring)
+    cur_pos = pos + torch.arange(n, device=q.device)
+    keys_k = torch.cat([k_cache.to(k.dtype), k], dim=1)
+    keys_v = torch.cat([v_cache.to(v.dtype), v], dim=1)
+    valid = torch.cat([slot_valid, torch.ones(n, dtype=torch.bool, device=q.device)])
+    qf = q.float()
+    if rope is not None:
+        end = pos + chunk_size
+        key_abs = torch.cat([slot_pos, cur_pos])
+        tpf = rope.tokens_per_frame
+        key_t = window_relative_positions(key_abs, end, window, sink) // tpf
+        q_t = window_relative_positions(cur_pos, end, window, sink) // tpf
+        qf = rotate(qf, q_t, cur_pos % tpf, rope)
+        keys_k = rotate(keys_k.float(), key_t, key_abs.clamp(min=0) % tpf, rope)
+    out, _ = _softmax_attention(qf, keys_k, keys_v, valid[None, None, None, :], scale)
+    if write:
+        cache_write_ref(k, v, k_cache, v_cache, pos, sink=sink)
+    return out.to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------ audio cross-attention
+
+
+def audio_cross_attention_ref(q, text_k, text_v, audio_k, audio_v, tokens_per_frame: int, audio_scale: float,
+                              scale: float):
+    """Reference of ``lipforcing.ops.audio_cross_attention``.
+
+    Returns (out in q.dtype, lse_text (B, H, Lq) fp32, lse_audio (B, H, Lq) fp32); lse_text is -inf when the
+    text is empty (its contribution is then zero)."""
+    B, Lq, H, D = q.shape
+    F, A = audio_k.shape[1], audio_k.shape[2]
+    qf = q.float()
+    if text_k.shape[1] > 0:
+        out_t, lse_t = _softmax_attention(qf, text_k, text_v, torch.ones((), dtype=torch.bool, device=q.device),
+                                          scale)
+    else:
+        out_t = torch.zeros(B, Lq, H, D, device=q.device)
+        lse_t = torch.full((B, H, Lq), float("-inf"), device=q.device)
+    qa = qf.reshape(B * F, tokens_per_frame, H, D)
+    ak = audio_k.reshape(B * F, A, H, D)
+    av = audio_v.reshape(B * F, A, H, D)
+    out_a, lse_a = _softmax_attention(qa, ak, av, torch.ones((), dtype=torch.bool, device=q.device), scale)
+    out_a = out_a.reshape(B, Lq, H, D)
+    lse_a = lse_a.reshape(B, F, H, tokens_per_frame).permute(0, 2, 1, 3).reshape(B, H, Lq)
+    return (out_t + audio_scale * out_a).to(q.dtype), lse_t, lse_a
+
+
+# --------------------------------------------------------------------------------------------------- philox noise
+# Counter-based Gaussian noise shared by every backend of denoise_update:
+#   key     = (seed mod 2^32, (seed >> 32) mod 2^32)
+#   counter = (i mod 2^32, i >> 32, offset mod 2^32, offset >> 32) for the element at flat (C-order) index i
+#   (r0, r1, r2, r3) = Philox4x32-10(counter, key)
+#   u1 = ((r0 >> 8) + 1) * 2^-24 in (0, 1],  u2 = (r1 >> 8) * 2^-24 in [0, 1)
+#   eps_i = sqrt(-2 ln u1) * cos(2 pi u2)          (Box-Muller, float32)
+# The same (seed, offset) gives the same noise on every backend (up to the last-ulp rounding of log/cos).
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for 32-bit a (int64 tensor) and constant b, without int64 overflow."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    p1 = a * b_lo  # < 2^48
+    p2 = a * b_hi  # < 2^48
+    hi = ((p1 >> 16) + p2) >> 16
+    lo = (p1 + ((p2 & 0xFFFF) << 16)) & _MASK32
+    return hi & _MASK32, lo
+
+
+def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
+    """Philox4x32 on int64 tensors holding uint32 values (broadcasting); returns the four output words."""
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo(c0, _M0)
+        hi1, lo1 = _mulhilo(c2, _M1)
+        c0, c1, c2, c3 = (hi1 ^ c1 ^ k0) & _MASK32, lo1, (hi0 ^ c3 ^ k1) & _MASK32, lo0
+        k0 = (k0 + _W0) & _MASK32
+        k1 = (k1 + _W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def philox_normal(numel: int, seed, offset, device) -> torch.Tensor:
+    """(numel,) float32 standard normal samples of the counter scheme above.  ``seed`` and ``offset`` are ints or
+    int64 tensors (0-d, on ``device``), so no host sync is needed."""
+    i = torch.arange(numel, dtype=torch.int64, device=device)
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=device)
+    offset = torch.as_tensor(offset, dtype=torch.int64, device=device)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c2, c3 = offset & _MASK32, (offset >> 32) & _MASK32
+    r0, r1, _, _ = philox4x32(i & _MASK32, (i >> 32) & _MASK32, c2.expand_as(i), c3.expand_as(i), k0, k1)
+    u1 = ((r0 >> 8) + 1).float() * 2.0 ** -24
+    u2 = (r1 >> 8).float() * 2.0 ** -24
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+
+
+def _per_sample(t, value: float, x: torch.Tensor) -> torch.Tensor | float:
+    """A timestep as float32 broadcastable over x (B, ...): a Python float, or a 0-d / (B,) tensor."""
+    if t is None:
+        return value
+    t = t.float()
+    return t.reshape(-1, *([1] * (x.dim() - 1))) if t.dim() == 1 else t
+
+
+def denoise_update_ref(x_t, flow, t, t_value: float, t_next, t_next_value: float, noise, seed, offset):
+    """Reference of ``lipforcing.ops.denoise_update``: returns float32 (x0, x_next).
+
+    x0 = x_t - t * flow;  x_next = (1 - t_next) * x0 + t_next * eps, eps = ``noise`` or philox_normal(seed)."""
+    tt = _per_sample(t, t_value, x_t)
+    tn = _per_sample(t_next, t_next_value, x_t)
+    x0 = x_t.float() - tt * flow.float()
+    if noise is not None:
+        eps = noise.float()
+    else:
+        eps = philox_normal(x_t.numel(), seed, offset, x_t.device).reshape(x_t.shape)
+    return x0, (1.0 - tn) * x0 + tn * eps
