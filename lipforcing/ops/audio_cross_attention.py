@@ -8,7 +8,7 @@ import torch
 from lipforcing import _checks
 from lipforcing.ops import _dispatch
 from lipforcing.ops._dispatch import Impl
-from lipforcing.ops.reference import audio_cross_attention_ref
+from lipforcing.ops.reference import audio_cross_attention_backward_ref, audio_cross_attention_ref
 
 # Backend signatures:
 #   forward(q, text_k, text_v, audio_k, audio_v, tokens_per_frame, audio_scale, scale)
@@ -32,10 +32,8 @@ def _forward_reference(q, text_k, text_v, audio_k, audio_v, tokens_per_frame, au
 
 def _backward_reference(grad_out, q, text_k, text_v, audio_k, audio_v, out, lse_text, lse_audio, tokens_per_frame,
                         audio_scale, scale):
-    with torch.enable_grad():
-        xs = [x.detach().requires_grad_(True) for x in (q, text_k, text_v, audio_k, audio_v)]
-        o, _, _ = audio_cross_attention_ref(*xs, tokens_per_frame, audio_scale, scale)
-        return torch.autograd.grad(o, xs, grad_out, allow_unused=True)
+    return audio_cross_attention_backward_ref(grad_out, q, text_k, text_v, audio_k, audio_v, tokens_per_frame,
+                                              audio_scale, scale)
 
 
 @torch.library.custom_op("lipforcing::audio_cross_attention", mutates_args=())
@@ -44,7 +42,7 @@ def _op(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor, audio_k: to
         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, lse_t, lse_a = _dispatch.implementation(_FWD, backend)(q, text_k, text_v, audio_k, audio_v,
                                                                 tokens_per_frame, audio_scale, scale)
-    return out, lse_t, lse_a
+    return out.contiguous(), lse_t.contiguous(), lse_a.contiguous()
 
 
 @_op.register_fake

@@ -9,7 +9,7 @@ import torch
 from lipforcing import _checks
 from lipforcing.ops import _dispatch
 from lipforcing.ops._dispatch import Impl
-from lipforcing.ops.reference import block_causal_attention_ref
+from lipforcing.ops.reference import block_causal_attention_backward_ref, block_causal_attention_ref
 
 # Backend signatures:
 #   forward(q, k, v, chunk_size, window, sink, scale) -> (out, lse (B, H, L) float32)
@@ -29,17 +29,14 @@ def _forward_reference(q, k, v, chunk_size, window, sink, scale):
 
 
 def _backward_reference(grad_out, q, k, v, out, lse, chunk_size, window, sink, scale):
-    with torch.enable_grad():
-        qq, kk, vv = (x.detach().requires_grad_(True) for x in (q, k, v))
-        o, _ = block_causal_attention_ref(qq, kk, vv, chunk_size, window, sink, scale)
-        return torch.autograd.grad(o, (qq, kk, vv), grad_out)
+    return block_causal_attention_backward_ref(grad_out, q, k, v, chunk_size, window, sink, scale)
 
 
 @torch.library.custom_op("lipforcing::block_causal_attention", mutates_args=())
 def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, window: Optional[int], sink: int,
         scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse = _dispatch.implementation(_FWD, backend)(q, k, v, chunk_size, window, sink, scale)
-    return out, lse
+    return out.contiguous(), lse.contiguous()
 
 
 @_op.register_fake

@@ -36,8 +36,9 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor
         pos: torch.Tensor, chunk_size: int, window: int, sink: int, write: bool, scale: float,
         rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor], grid_h: int, grid_w: int,
         backend: str) -> torch.Tensor:
-    return _dispatch.implementation(_IMPLS, backend)(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink,
-                                                     write, scale, rope_cos, rope_sin, grid_h, grid_w)
+    out = _dispatch.implementation(_IMPLS, backend)(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink,
+                                                    write, scale, rope_cos, rope_sin, grid_h, grid_w)
+    return out.contiguous()
 
 
 @_op.register_fake

@@ -37,11 +37,37 @@ def _softmax_attention(q, k, v, mask, scale):
     return torch.einsum("bhqk,bkhd->bqhd", p, v.float()), lse
 
 
+def _softmax_attention_backward(q, k, v, mask, scale, grad_out):
+    """Gradients (dq, dk, dv) in float32 of ``_softmax_attention(q, k, v, mask, scale)[0]`` for ``grad_out``.
+
+    With P = softmax(S), S = scale * q k^T:  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
+    dq = scale * dS k,  dk = scale * dS^T q."""
+    qf, kf, vf, g = q.float(), k.float(), v.float(), grad_out.float()
+    s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    o = torch.einsum("bhqk,bkhd->bqhd", p, vf)
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, g)
+    dp = torch.einsum("bqhd,bkhd->bhqk", g, vf)
+    delta = (g * o).sum(-1).permute(0, 2, 1).unsqueeze(-1)  # (B, H, Lq, 1)
+    ds = p * (dp - delta)
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, qf) * scale
+    return dq, dk, dv
+
+
 def block_causal_attention_ref(q, k, v, chunk_size: int, window: int | None, sink: int, scale: float):
     """Reference of ``lipforcing.ops.block_causal_attention``: returns (out in q.dtype, lse (B, H, L) fp32)."""
     mask = block_causal_mask(q.shape[1], k.shape[1], chunk_size, window, sink, q.device)
     out, lse = _softmax_attention(q, k, v, mask, scale)
     return out.to(q.dtype), lse
+
+
+def block_causal_attention_backward_ref(grad_out, q, k, v, chunk_size: int, window: int | None, sink: int,
+                                        scale: float):
+    """Gradients (dq, dk, dv), float32, of block_causal_attention_ref's output."""
+    mask = block_causal_mask(q.shape[1], k.shape[1], chunk_size, window, sink, q.device)
+    return _softmax_attention_backward(q, k, v, mask, scale, grad_out)
 
 
 # ----------------------------------------------------------------------------------------------- rolling cache
@@ -151,6 +177,24 @@ def audio_cross_attention_ref(q, text_k, text_v, audio_k, audio_v, tokens_per_fr
     out_a = out_a.reshape(B, Lq, H, D)
     lse_a = lse_a.reshape(B, F, H, tokens_per_frame).permute(0, 2, 1, 3).reshape(B, H, Lq)
     return (out_t + audio_scale * out_a).to(q.dtype), lse_t, lse_a
+
+
+def audio_cross_attention_backward_ref(grad_out, q, text_k, text_v, audio_k, audio_v, tokens_per_frame: int,
+                                       audio_scale: float, scale: float):
+    """Gradients (dq, dtext_k, dtext_v, daudio_k, daudio_v), float32, of audio_cross_attention_ref's output."""
+    B, Lq, H, D = q.shape
+    F, A = audio_k.shape[1], audio_k.shape[2]
+    everything = torch.ones((), dtype=torch.bool, device=q.device)
+    if text_k.shape[1] > 0:
+        dq, dtk, dtv = _softmax_attention_backward(q, text_k, text_v, everything, scale, grad_out)
+    else:
+        dq = torch.zeros(q.shape, device=q.device)
+        dtk, dtv = torch.zeros(text_k.shape, device=q.device), torch.zeros(text_v.shape, device=q.device)
+    ga = (audio_scale * grad_out.float()).reshape(B * F, tokens_per_frame, H, D)
+    dqa, dak, dav = _softmax_attention_backward(q.reshape(B * F, tokens_per_frame, H, D),
+                                                audio_k.reshape(B * F, A, H, D), audio_v.reshape(B * F, A, H, D),
+                                                everything, scale, ga)
+    return (dq + dqa.reshape(q.shape), dtk, dtv, dak.reshape(audio_k.shape), dav.reshape(audio_v.shape))
 
 
 # --------------------------------------------------------------------------------------------------- philox noise

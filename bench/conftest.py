@@ -1,0 +1,44 @@
+"""Kernel micro-benchmarks (pytest-benchmark; GPU only).  Run: ``pytest bench -m gpu`` or ``lipforcing bench``.
+
+Use the ``bench_record`` fixture: ``bench_record(op, backend, shape, dtype, fn, flops=..., nbytes=...)`` times
+``fn`` with CUDA events (median, p20, p80), stores the row in pytest-benchmark's ``extra_info`` and in the run's
+JSON (``--bench-json PATH``, default bench/results/latest.json), one schema for every op
+(lipforcing.benchmarking.Row).  Always record a PyTorch baseline in the same test module.
+"""
+import os
+
+import pytest
+import torch
+
+from lipforcing.benchmarking import Row, write
+
+_ROWS: list[Row] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-json", default=os.path.join(os.path.dirname(__file__), "results", "latest.json"),
+                     help="where to write the benchmark rows (JSON)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="benchmarks need a CUDA GPU")
+        for item in items:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def bench_record(benchmark):
+    def record(op, backend, shape, dtype, fn, *, flops=None, nbytes=None, **timing):
+        row = Row.measure(op, backend, shape, dtype, fn, flops=flops, nbytes=nbytes, **timing)
+        _ROWS.append(row)
+        benchmark.extra_info.update({k: v for k, v in row.__dict__.items() if k != "extra"})
+        benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=5, iterations=1, warmup_rounds=1)
+        return row
+
+    return record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _ROWS:
+        write(_ROWS, session.config.getoption("--bench-json"))

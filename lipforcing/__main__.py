@@ -1,0 +1,5 @@
+import sys
+
+from lipforcing.cli import main
+
+sys.exit(main())

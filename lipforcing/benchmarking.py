@@ -1,0 +1,101 @@
+"""Benchmark timing and the one JSON schema of lipforcing's benchmarks (DESIGN.md convention 10).
+
+A row: ``op, backend, shape, dtype, median_us, p20_us, p80_us, tflops, gbps, gpu, torch, triton, cuda, commit,
+date``.  Rows of one run are written together with the environment; ``compare`` prints ratios between two files.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+
+def environment() -> dict:
+    """GPU name, library versions, git commit and date of this run."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), timeout=5).stdout.strip() or None
+    except Exception:
+        commit = None
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def time_cuda(fn: Callable[[], object], *, warmup: int = 10, rounds: int = 50) -> dict:
+    """Median / p20 / p80 of ``fn`` in microseconds, timed with CUDA events around each call (after warm-up)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    t = torch.tensor(times, dtype=torch.float64)
+    return {"median_us": t.median().item(), "p20_us": t.quantile(0.2).item(), "p80_us": t.quantile(0.8).item()}
+
+
+@dataclass
+class Row:
+    op: str
+    backend: str
+    shape: dict
+    dtype: str
+    median_us: float
+    p20_us: float
+    p80_us: float
+    tflops: float | None = None
+    gbps: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def measure(cls, op: str, backend: str, shape: dict, dtype, fn: Callable[[], object], *, flops: float | None = None,
+                nbytes: float | None = None, **timing) -> "Row":
+        t = time_cuda(fn, **timing)
+        seconds = t["median_us"] * 1e-6
+        return cls(op, backend, dict(shape), str(dtype).replace("torch.", ""), **t,
+                   tflops=flops / seconds / 1e12 if flops else None,
+                   gbps=nbytes / seconds / 1e9 if nbytes else None)
+
+
+def write(rows: list[Row], path: str) -> None:
+    env = environment()
+    doc = {"environment": env, "rows": [{**asdict(r), **env} for r in rows]}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(doc, fh, indent=1)
+
+
+def _key(row: dict) -> tuple:
+    return row["op"], row["backend"], json.dumps(row["shape"], sort_keys=True), row["dtype"]
+
+
+def compare(path_a: str, path_b: str) -> list[tuple[tuple, float, float, float]]:
+    """Rows present in both files: (key, median_us A, median_us B, speed-up A/B)."""
+    rows_a = {_key(r): r for r in json.load(open(path_a))["rows"]}
+    rows_b = {_key(r): r for r in json.load(open(path_b))["rows"]}
+    out = []
+    for key in sorted(rows_a.keys() & rows_b.keys()):
+        a, b = rows_a[key]["median_us"], rows_b[key]["median_us"]
+        out.append((key, a, b, a / b))
+    return out

@@ -1,0 +1,23 @@
+"""Distillation of the Lip Forcing students: teacher utilities, losses, SyncNet reward, trainer.
+
+Names are imported on first use so that ``import lipforcing.distill`` stays light.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "SyncNet": "lipforcing.distill.syncnet",
+    "mfcc": "lipforcing.distill.mfcc",
+    "guidance_scale": "lipforcing.distill.losses",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lipforcing.distill' has no attribute {name!r}")

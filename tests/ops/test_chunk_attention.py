@@ -1,0 +1,170 @@
+"""CPU tier: RollingKVCache + chunk_attention (reference backend) vs block_causal_attention, an independent
+dynamic-RoPE oracle, opcheck and error messages."""
+import math
+
+import pytest
+import torch
+
+import lipforcing
+from lipforcing import ops
+from tests.ops.oracles import dense_block_causal
+
+# (batch, heads, head_dim, chunk, window, sink, chunks, last) — `last` = tokens of the final chunk
+STREAMS = [
+    (1, 2, 16, 8, 24, 5, 12, 8),   # ring of 16 tokens wrapped ~5 times
+    (2, 1, 8, 6, 6, 0, 9, 6),      # window == chunk: ring of 0 tokens, no sink
+    (1, 2, 8, 7, 21, 0, 10, 3),    # no sink, short last chunk
+    (2, 3, 16, 4, 12, 10, 14, 4),  # sink longer than a chunk
+    (1, 1, 8, 5, 15, 5, 11, 2),    # sink == chunk, short last chunk
+]
+
+
+def _stream(q, k, v, cache, chunk, write=True, **kw):
+    outs = []
+    for s in range(0, q.shape[1], chunk):
+        sl = slice(s, s + chunk)
+        outs.append(ops.chunk_attention(q[:, sl], k[:, sl], v[:, sl], cache, write=write, backend="reference", **kw))
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("B,H,D,chunk,window,sink,n,last", STREAMS)
+def test_streaming_equals_block_causal(B, H, D, chunk, window, sink, n, last):
+    L = (n - 1) * chunk + last
+    q, k, v = (torch.randn(B, L, H, D) for _ in range(3))
+    cache = lipforcing.RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink)
+    streamed = _stream(q, k, v, cache, chunk)
+    full = ops.block_causal_attention(q, k, v, chunk_size=chunk, window=window, sink=sink, backend="reference")
+    torch.testing.assert_close(streamed, full, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(streamed.double(), dense_block_causal(q, k, v, chunk, window, sink), atol=2e-5,
+                               rtol=1e-5)
+    assert int(cache.pos) == L
+
+
+def test_ring_wraps_and_reset_restarts():
+    B, H, D, chunk, window, sink = 1, 2, 8, 4, 12, 3
+    L = 4 * 15  # ring of 8 tokens, (60 - 3) / 8 > 7 wraps
+    q, k, v = (torch.randn(B, L, H, D) for _ in range(3))
+    cache = lipforcing.RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink)
+    ptrs = (cache.k.data_ptr(), cache.v.data_ptr(), cache.pos.data_ptr())
+    first = _stream(q, k, v, cache, chunk)
+    cache.reset()
+    second = _stream(q, k, v, cache, chunk)
+    assert torch.equal(first, second)
+    assert ptrs == (cache.k.data_ptr(), cache.v.data_ptr(), cache.pos.data_ptr()), "cache reallocated"
+
+
+def test_write_false_leaves_cache_untouched():
+    cache = lipforcing.RollingKVCache(1, 2, 8, chunk_size=4, window=8, sink=2)
+    warm = torch.randn(1, 4, 2, 8)
+    ops.chunk_attention(warm, warm, warm, cache, write=True, backend="reference")
+    before = (cache.k.clone(), cache.v.clone(), cache.pos.clone())
+    q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    out_nowrite = ops.chunk_attention(q, k, v, cache, write=False, backend="reference")
+    assert all(torch.equal(a, b) for a, b in zip(before, (cache.k, cache.v, cache.pos)))
+    out_write = ops.chunk_attention(q, k, v, cache, write=True, backend="reference")
+    assert torch.equal(out_nowrite, out_write)  # the write happens after attending
+    assert int(cache.pos) == 8
+
+
+# ---- dynamic RoPE: an independent oracle (complex rotation in float64, positions from the key list) ----
+
+def _rotate64(x, t, h, w, theta=10000.0):
+    """Wan 3-D RoPE of x (B, L, H, D) at per-token (t, h, w), via complex multiplication in float64."""
+    D = x.shape[-1]
+    c = D // 2
+    parts = (c - 2 * (c // 3), c // 3, c // 3)
+    angles = []
+    for pos, n in zip((t, h, w), parts):
+        freq = theta ** (-torch.arange(n, dtype=torch.float64) / n)
+        angles.append(pos.double()[:, None] * freq[None, :])
+    ang = torch.cat(angles, dim=1)  # (L, c)
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], c, 2))
+    rot = xc * torch.polar(torch.ones_like(ang), ang)[None, :, None, :]
+    return torch.view_as_real(rot).reshape(x.shape)
+
+
+@pytest.mark.parametrize("sink_frames,window_frames,chunk_frames", [(1, 6, 3), (0, 4, 2), (2, 5, 1)])
+def test_dynamic_rope_matches_window_relative_oracle(sink_frames, window_frames, chunk_frames):
+    grid = (2, 3)
+    tpf = grid[0] * grid[1]
+    B, H, D = 1, 2, 24
+    chunk, window, sink = chunk_frames * tpf, window_frames * tpf, sink_frames * tpf
+    n_chunks = 7
+    L = n_chunks * chunk
+    q, k, v = (torch.randn(B, L, H, D) for _ in range(3))
+    spec = ops.rope_spec(D, grid, max_frames=32)
+    cache = lipforcing.RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink)
+    got = _stream(q, k, v, cache, chunk, rope=spec)
+    for c in range(n_chunks):
+        start, end = c * chunk, (c + 1) * chunk
+        # visible frames in stream order: sink frames, then the window (which includes this chunk)
+        frames = sorted({f for f in range(end // tpf) if f < sink_frames or f >= end // tpf - window_frames})
+        rel = {f: i for i, f in enumerate(frames)}
+        keys = [f * tpf + j for f in frames for j in range(tpf)]
+        kt = torch.tensor([rel[p // tpf] for p in keys])
+        kh = torch.tensor([(p % tpf) // grid[1] for p in keys])
+        kw = torch.tensor([(p % tpf) % grid[1] for p in keys])
+        qidx = list(range(start, end))
+        qt = torch.tensor([rel[p // tpf] for p in qidx])
+        qh, qw = torch.tensor([(p % tpf) // grid[1] for p in qidx]), torch.tensor([(p % tpf) % grid[1] for p in qidx])
+        qr = _rotate64(q[:, start:end], qt, qh, qw)
+        kr = _rotate64(k[:, keys], kt, kh, kw)
+        s = torch.einsum("bqhd,bkhd->bhqk", qr, kr) / math.sqrt(D)
+        expected = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), v[:, keys].double())
+        torch.testing.assert_close(got[:, start:end].double(), expected, atol=3e-5, rtol=1e-5)
+
+
+def test_opcheck():
+    cache = lipforcing.RollingKVCache(1, 2, 8, chunk_size=4, window=12, sink=2)
+    for _ in range(3):
+        x = torch.randn(1, 4, 2, 8)
+        ops.chunk_attention(x, x, x, cache, write=True, backend="reference")
+    q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    spec = ops.rope_spec(8, (2, 2), max_frames=16)
+    for write in (False, True):
+        torch.library.opcheck(torch.ops.lipforcing.chunk_attention.default,
+                              (q, k, v, cache.k, cache.v, cache.pos, 4, 12, 2, write, 0.3, None, None, 0, 0,
+                               "reference"))
+        torch.library.opcheck(torch.ops.lipforcing.chunk_attention.default,
+                              (q, k, v, cache.k, cache.v, cache.pos, 4, 12, 2, write, 0.3, spec.cos, spec.sin, 2, 2,
+                               "reference"))
+
+
+def test_cache_errors():
+    with pytest.raises(ValueError, match=r"window \(4 tokens\) must be >= chunk_size \(8 tokens\)"):
+        lipforcing.RollingKVCache(1, 2, 8, chunk_size=8, window=4, sink=0)
+    with pytest.raises(ValueError, match="finite window"):
+        lipforcing.RollingKVCache(1, 2, 8, chunk_size=8, window=None, sink=0)
+    with pytest.raises(ValueError, match="dtype must be"):
+        lipforcing.RollingKVCache(1, 2, 8, chunk_size=8, window=8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="heads must be >= 1"):
+        lipforcing.RollingKVCache(1, 0, 8, chunk_size=8, window=8)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda c: (torch.randn(1, 4, 3, 8),) * 3, r"\(batch, heads, head_dim\) = \(1, 3, 8\) but the cache was built"),
+    (lambda c: (torch.randn(1, 5, 2, 8),) * 3, r"q has 5 tokens; a chunk must have 1..cache.chunk_size \(4\)"),
+    (lambda c: (torch.randn(1, 4, 2, 8).half(),) * 3, r"q has dtype torch.float16 but the cache stores"),
+    (lambda c: (torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 3, 2, 8)),
+     r"v must have the shape of q"),
+    (lambda c: (torch.randn(4, 2, 8),) * 3, r"q must be 4-D \(batch, chunk, heads, head_dim\)"),
+])
+def test_chunk_attention_errors(make, match):
+    cache = lipforcing.RollingKVCache(1, 2, 8, chunk_size=4, window=8, sink=2)
+    q, k, v = make(cache)
+    with pytest.raises(ValueError, match=match):
+        ops.chunk_attention(q, k, v, cache, write=True)
+    assert int(cache.pos) == 0
+
+
+def test_rope_errors():
+    cache = lipforcing.RollingKVCache(1, 2, 8, chunk_size=6, window=12, sink=3)
+    x = torch.randn(1, 6, 2, 8)
+    with pytest.raises(ValueError, match=r"cache's sink \(3 tokens\) must be a multiple of the tokens per frame 6"):
+        ops.chunk_attention(x, x, x, cache, write=False, rope=ops.rope_spec(8, (2, 3)))
+    with pytest.raises(ValueError, match="rope is built for head_dim 16"):
+        ops.chunk_attention(x, x, x, cache, write=False, rope=ops.rope_spec(16, (1, 3)))
+    with pytest.raises(TypeError, match="cache must be a lipforcing.RollingKVCache"):
+        ops.chunk_attention(x, x, x, object(), write=False)
+    with pytest.raises(TypeError, match="write must be a bool"):
+        ops.chunk_attention(x, x, x, cache, write=1)
