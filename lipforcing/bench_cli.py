@@ -1,0 +1,62 @@
+"""``lipforcing bench``: run the kernel micro-benchmarks of bench/ and write one JSON; ``--compare`` prints ratios."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from lipforcing.cli import UserError, command
+
+OPS = ("chunk_attention", "block_causal_attention", "audio_cross_attention", "denoise_update", "model")
+
+
+def _find_bench_dir(explicit: str | None) -> str:
+    candidates = [explicit] if explicit else [os.path.join(os.getcwd(), "bench"),
+                                              os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench")]
+    for c in candidates:
+        if c and os.path.isfile(os.path.join(c, "conftest.py")):
+            return c
+    raise UserError("no benchmark suite found: run from a lipforcing checkout (it has bench/) or pass --bench-dir")
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--op", choices=OPS, action="append", help="benchmark only this op (repeatable; default all)")
+    p.add_argument("--backend", action="append", help="keep only cases whose id contains this backend name "
+                                                      "(repeatable, e.g. --backend triton --backend sdpa)")
+    p.add_argument("-k", dest="filter", help="extra pytest -k expression (e.g. shapes: 'H40 and 7168')")
+    p.add_argument("--json", default="bench/results/latest.json", help="where to write the rows")
+    p.add_argument("--bench-dir", help="the bench/ directory (default: ./bench)")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print speed-ups of B over A and exit")
+
+
+@command("bench", "run kernel micro-benchmarks (GPU) or compare two result files")(_add_args)
+def _run(args) -> int:
+    if args.compare:
+        from lipforcing.benchmarking import compare
+
+        for path in args.compare:
+            if not os.path.isfile(path):
+                raise UserError(f"{path}: no such file")
+        rows = compare(*args.compare)
+        if not rows:
+            print("no common rows (op, backend, shape, dtype) between the two files")
+            return 1
+        print(f"{'op':24} {'backend':10} {'dtype':9} {'shape':40} {'A us':>10} {'B us':>10} {'A/B':>7}")
+        for (op, backend, shape, dtype), a, b, ratio in rows:
+            print(f"{op:24} {backend:10} {dtype:9} {shape[:40]:40} {a:10.1f} {b:10.1f} {ratio:7.2f}")
+        return 0
+    bench_dir = _find_bench_dir(args.bench_dir)
+    files = [os.path.join(bench_dir, f"test_bench_{op}.py") for op in (args.op or OPS)]
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        raise UserError(f"no benchmark files for {args.op} in {bench_dir}")
+    expr = [f"({' or '.join(args.backend)})"] if args.backend else []
+    if args.filter:
+        expr.append(f"({args.filter})")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "--bench-json",
+           os.path.abspath(args.json), "-o", "addopts="]
+    if expr:
+        cmd += ["-k", " and ".join(expr)]
+    print("running:", " ".join(cmd))
+    return subprocess.call(cmd, cwd=os.path.dirname(bench_dir))

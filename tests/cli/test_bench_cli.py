@@ -1,0 +1,32 @@
+"""`lipforcing bench --compare` and the benchmark JSON schema (no GPU needed)."""
+import json
+
+from lipforcing.benchmarking import Row, compare, write
+from lipforcing.cli import main
+
+
+def _rows(scale):
+    return [Row("chunk_attention", "triton", {"Lq": 3072, "Lk": 7168, "H": 12}, "bfloat16", 100.0 * scale,
+                90.0 * scale, 110.0 * scale, tflops=5.0 / scale),
+            Row("denoise_update", "cuda", {"n": 196608}, "float32", 4.0 * scale, 3.5 * scale, 4.5 * scale)]
+
+
+def test_schema_and_compare(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    write(_rows(1.0), str(a))
+    write(_rows(0.5)[:1], str(b))
+    doc = json.loads(a.read_text())
+    for key in ("op", "backend", "shape", "dtype", "median_us", "p20_us", "p80_us", "tflops", "gbps", "gpu", "torch",
+                "triton", "cuda", "commit", "date"):
+        assert key in doc["rows"][0], key
+    (row,) = compare(str(a), str(b))  # only the common row
+    assert row[0][0] == "chunk_attention" and abs(row[3] - 2.0) < 1e-9
+    assert main(["bench", "--compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "chunk_attention" in out and "2.00" in out
+
+
+def test_missing_file_is_one_line_error(tmp_path, capsys):
+    assert main(["bench", "--compare", str(tmp_path / "nope.json"), str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and "Traceback" not in err
