@@ -23,6 +23,8 @@ _FWD = {
 _BWD = {
     "reference": Impl(__name__, "_backward_reference"),
     "triton": Impl("lipforcing.kernels.audio_cross_attention", "audio_cross_attention_backward_triton"),
+    # the CUDA forward writes the same (out, lse_text, lse_audio), so its backward is the Triton one
+    "cuda": Impl("lipforcing.kernels.audio_cross_attention", "audio_cross_attention_backward_triton"),
 }
 
 

@@ -1,0 +1,507 @@
+"""Fused audio cross-attention in Triton: text cross-attention plus per-frame audio-window attention, summed.
+
+Algorithm: FlashAttention-2 style tiling (Dao, "FlashAttention-2", 2023) with the online softmax in base 2.
+One program owns a tile of BLOCK_M query rows of one (batch, head).  It reads the tile once and
+
+1. runs the online softmax over all text keys (shared by every frame), giving ``O_t`` and ``lse_t``;
+2. for every latent frame ``f`` that has a row in the tile (a tile may straddle several frames when
+   ``tokens_per_frame`` is not a multiple of BLOCK_M, so the frame index is per row), runs the online softmax
+   of the whole tile over frame f's audio window and keeps the result only for the rows of frame f;
+3. writes ``out = O_t + audio_scale * O_a`` once, plus both log-sum-exps (natural log, float32).
+
+Backward (three kernels, no atomics), with ``dO_a = audio_scale * dO`` the gradient reaching the audio branch:
+
+* ``_audio_cross_attention_bwd_dq_kernel`` (per query tile): recomputes ``O_a`` (only A <= a few tens of keys),
+  ``delta_a = rowsum(dO_a * O_a)``, ``delta_t = rowsum(dO * out) - delta_a`` (= rowsum(dO * O_t)), and
+  ``dq = scale * (dS_t K_t + dS_a K_a)`` where ``dS = P * (dP - delta)``, ``dP = dO V^T``.  It stores the two
+  deltas (float32 scratch) for the next kernels.
+* ``_audio_cross_attention_bwd_dkdv_text_kernel`` (per text key tile, loops over every query):
+  ``dV_t = P_t^T dO``, ``dK_t = scale * dS_t^T Q``.
+* ``_audio_cross_attention_bwd_dkdv_audio_kernel`` (per frame and audio key tile, loops over the frame's
+  queries): ``dV_a = P_a^T dO_a``, ``dK_a = scale * dS_a^T Q``.
+
+Layouts: q/out (B, Lq, H, D), text_k/v (B, T, H, D), audio_k/v (B, F, A, H, D), any strides with a contiguous
+last dimension; lse (B, H, Lq) float32 contiguous.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from lipforcing.kernels._attention_common import (
+    LOG2E,
+    _online_softmax_step,
+    block_d,
+    interpreting,
+    torch_to_dot_precision,
+)
+
+# Constants used inside kernels must be constexpr globals.
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+# Largest head_dim a (BLOCK_M, BLOCK_D) fp32 accumulator pair fits comfortably in registers for.
+MAX_HEAD_DIM = 256
+
+
+def _block_a(audio_window: int) -> int:
+    # One tile covers the whole audio window up to 64 tokens; longer windows loop.
+    return min(64, max(16, triton.next_power_of_2(audio_window)))
+
+
+def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32 or head_dim > 128:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    # Two (BLOCK_M, D) fp32 accumulators live at once (text then audio), so 8 warps for D = 128.
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4, num_stages=3)
+
+
+def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32 or head_dim > 128:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4, num_stages=2)
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------------ forward
+
+
+@triton.jit
+def _audio_cross_attention_fwd_kernel(
+    Q, TK, TV, AK, AV, Out, LseT, LseA,
+    stride_qb, stride_ql, stride_qh,
+    stride_tkb, stride_tkt, stride_tkh,
+    stride_tvb, stride_tvt, stride_tvh,
+    stride_akb, stride_akf, stride_aka, stride_akh,
+    stride_avb, stride_avf, stride_ava, stride_avh,
+    stride_ob, stride_ol, stride_oh,
+    H, Lq, T, A, tokens_per_frame, D,
+    qk_scale, audio_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    m_start = pid_m * BLOCK_M
+    rows = m_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < Lq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # 1. text: online softmax over all T keys (scores in base 2: s * scale * log2(e)).
+    offs_n = tl.arange(0, BLOCK_N)
+    tk_base = TK + b * stride_tkb + h * stride_tkh
+    tv_base = TV + b * stride_tvb + h * stride_tvh
+    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_t = tl.zeros([BLOCK_M], tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n_start in range(0, T, BLOCK_N):
+        cols = n_start + offs_n
+        kv_mask = (cols < T)[:, None] & d_ok[None, :]
+        k = tl.load(tk_base + cols[:, None] * stride_tkt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(tv_base + cols[:, None] * stride_tvt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where((cols < T)[None, :], s, float("-inf"))
+        acc_t, m_t, l_t = _online_softmax_step(acc_t, m_t, l_t, s, v, DOT_PRECISION)
+    # l_t == 0 only for an empty text: its contribution is zero and lse_t = -inf.
+    has_text = l_t > 0.0
+    out = acc_t / tl.where(has_text, l_t, 1.0)[:, None]
+    lse_t = tl.where(has_text, (m_t + tl.log2(tl.where(has_text, l_t, 1.0))) * _LN2, float("-inf"))
+
+    # 2. audio: each row sees only its own frame's window.  Loop over the frames present in this tile; the
+    # whole tile is attended to frame f's keys and only the rows of frame f keep the result.
+    frame = rows // tokens_per_frame
+    f_lo = m_start // tokens_per_frame
+    f_hi = (tl.minimum(m_start + BLOCK_M, Lq) - 1) // tokens_per_frame
+    offs_a = tl.arange(0, BLOCK_A)
+    lse_a = tl.zeros([BLOCK_M], tl.float32)
+    for f in range(f_lo, f_hi + 1):
+        ak_base = AK + b * stride_akb + f * stride_akf + h * stride_akh
+        av_base = AV + b * stride_avb + f * stride_avf + h * stride_avh
+        m_f = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_f = tl.zeros([BLOCK_M], tl.float32)
+        acc_f = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for a_start in range(0, A, BLOCK_A):
+            cols = a_start + offs_a
+            kv_mask = (cols < A)[:, None] & d_ok[None, :]
+            k = tl.load(ak_base + cols[:, None] * stride_aka + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(av_base + cols[:, None] * stride_ava + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            s = tl.where((cols < A)[None, :], s, float("-inf"))
+            acc_f, m_f, l_f = _online_softmax_step(acc_f, m_f, l_f, s, v, DOT_PRECISION)
+        in_f = frame == f  # A >= 1, so l_f > 0 on every row; each row is in exactly one frame
+        out = tl.where(in_f[:, None], out + acc_f * (audio_scale / l_f)[:, None], out)
+        lse_a = tl.where(in_f, (m_f + tl.log2(l_f)) * _LN2, lse_a)
+
+    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    lse_off = pid_bh.to(tl.int64) * Lq + rows
+    tl.store(LseT + lse_off, lse_t, mask=row_ok)
+    tl.store(LseA + lse_off, lse_a, mask=row_ok)
+
+
+def audio_cross_attention_triton_unsupported(q, text_k, text_v, audio_k, audio_v, tokens_per_frame, audio_scale,
+                                             scale, **_):
+    """Why the Triton backend cannot run these inputs, or None."""
+    D = q.shape[-1]
+    if D > MAX_HEAD_DIM:
+        return f"the Triton audio_cross_attention supports head_dim <= {MAX_HEAD_DIM}, got {D}"
+    if interpreting() and q.dtype == torch.bfloat16:
+        return "the Triton interpreter (TRITON_INTERPRET=1) does not support bfloat16; use float16 or float32"
+    return None
+
+
+def audio_cross_attention_triton(q, text_k, text_v, audio_k, audio_v, tokens_per_frame: int, audio_scale: float,
+                                 scale: float, *, block_m: int | None = None, block_n: int | None = None):
+    """Forward launcher (backend signature of ``lipforcing.ops.audio_cross_attention``).
+
+    q (B, F*tokens_per_frame, H, D); text_k/v (B, T, H, D) with T >= 0; audio_k/v (B, F, A, H, D) with A >= 1;
+    all the same dtype (fp32/fp16/bf16) and device, last dimension contiguous.  ``block_m``/``block_n`` override
+    the tile sizes (tests use them to make tiles straddle frames).
+
+    Returns (out (B, Lq, H, D) in q's dtype, lse_text (B, H, Lq) fp32, lse_audio (B, H, Lq) fp32); lse_text is
+    -inf when T == 0.  Allocates only these outputs; no host synchronisation.
+    """
+    B, Lq, H, D = q.shape
+    T = text_k.shape[1]
+    A = audio_k.shape[2]
+    cfg = _fwd_config(D, q.dtype)
+    if block_m is not None:
+        cfg["BLOCK_M"] = block_m
+    if block_n is not None:
+        cfg["BLOCK_N"] = block_n
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    lse_t = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    lse_a = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
+    with _device_ctx(q):
+        _audio_cross_attention_fwd_kernel[grid](
+            q, text_k, text_v, audio_k, audio_v, out, lse_t, lse_a,
+            q.stride(0), q.stride(1), q.stride(2),
+            text_k.stride(0), text_k.stride(1), text_k.stride(2),
+            text_v.stride(0), text_v.stride(1), text_v.stride(2),
+            audio_k.stride(0), audio_k.stride(1), audio_k.stride(2), audio_k.stride(3),
+            audio_v.stride(0), audio_v.stride(1), audio_v.stride(2), audio_v.stride(3),
+            out.stride(0), out.stride(1), out.stride(2),
+            H, Lq, T, A, tokens_per_frame, D,
+            scale * LOG2E, audio_scale,
+            BLOCK_A=_block_a(A), BLOCK_D=block_d(D), DOT_PRECISION=torch_to_dot_precision(q.dtype), **cfg,
+        )
+    return out, lse_t, lse_a
+
+
+# ----------------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _audio_cross_attention_bwd_dq_kernel(
+    Q, TK, TV, AK, AV, Out, DO, LseT, LseA, DQ, DeltaT, DeltaA,
+    stride_qb, stride_ql, stride_qh,
+    stride_tkb, stride_tkt, stride_tkh,
+    stride_tvb, stride_tvt, stride_tvh,
+    stride_akb, stride_akf, stride_aka, stride_akh,
+    stride_avb, stride_avf, stride_ava, stride_avh,
+    stride_ob, stride_ol, stride_oh,
+    stride_dob, stride_dol, stride_doh,
+    stride_dqb, stride_dql, stride_dqh,
+    H, Lq, T, A, tokens_per_frame, D,
+    scale, audio_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    m_start = pid_m * BLOCK_M
+    rows = m_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < Lq
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+    qk_scale = scale * _LOG2E
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + offs_d[None, :],
+                mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dol + offs_d[None, :],
+                 mask=qd_mask, other=0.0)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :],
+                mask=qd_mask, other=0.0)
+    lse_off = pid_bh.to(tl.int64) * Lq + rows
+    lse_t2 = tl.load(LseT + lse_off, mask=row_ok, other=0.0) * _LOG2E
+    lse_a2 = tl.load(LseA + lse_off, mask=row_ok, other=0.0) * _LOG2E
+    do_a = (do.to(tl.float32) * audio_scale).to(do.dtype)  # gradient reaching the audio branch
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Audio branch, frame by frame (a tile may straddle frames).  Pass 1 recomputes O_a to get delta_a; pass 2
+    # accumulates dS_a K_a.  Rows of other frames get P = 0.
+    frame = rows // tokens_per_frame
+    f_lo = m_start // tokens_per_frame
+    f_hi = (tl.minimum(m_start + BLOCK_M, Lq) - 1) // tokens_per_frame
+    offs_a = tl.arange(0, BLOCK_A)
+    delta_a = tl.zeros([BLOCK_M], tl.float32)
+    for f in range(f_lo, f_hi + 1):
+        in_f = frame == f
+        ak_base = AK + b * stride_akb + f * stride_akf + h * stride_akh
+        av_base = AV + b * stride_avb + f * stride_avf + h * stride_avh
+        o_f = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for a_start in range(0, A, BLOCK_A):
+            cols = a_start + offs_a
+            kv_mask = (cols < A)[:, None] & d_ok[None, :]
+            v = tl.load(av_base + cols[:, None] * stride_ava + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(ak_base + cols[:, None] * stride_aka + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            p = tl.exp2(s - lse_a2[:, None])
+            p = tl.where(in_f[:, None] & (cols < A)[None, :], p, 0.0)
+            o_f += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        delta_f = tl.sum(do_a.to(tl.float32) * o_f, 1)
+        for a_start in range(0, A, BLOCK_A):
+            cols = a_start + offs_a
+            kv_mask = (cols < A)[:, None] & d_ok[None, :]
+            v = tl.load(av_base + cols[:, None] * stride_ava + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(ak_base + cols[:, None] * stride_aka + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            p = tl.exp2(s - lse_a2[:, None])
+            p = tl.where(in_f[:, None] & (cols < A)[None, :], p, 0.0)
+            dp = tl.dot(do_a, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta_f[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        delta_a = tl.where(in_f, delta_f, delta_a)
+
+    # Text branch: rowsum(dO * O_t) = rowsum(dO * out) - rowsum(dO_a * O_a).
+    delta_t = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1) - delta_a
+    offs_n = tl.arange(0, BLOCK_N)
+    tk_base = TK + b * stride_tkb + h * stride_tkh
+    tv_base = TV + b * stride_tvb + h * stride_tvh
+    for n_start in range(0, T, BLOCK_N):
+        cols = n_start + offs_n
+        kv_mask = (cols < T)[:, None] & d_ok[None, :]
+        k = tl.load(tk_base + cols[:, None] * stride_tkt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(tv_base + cols[:, None] * stride_tvt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse_t2[:, None])
+        p = tl.where((cols < T)[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta_t[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    dq = dq * scale  # d(s)/d(q) = scale * k
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dql + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+    tl.store(DeltaT + lse_off, delta_t, mask=row_ok)
+    tl.store(DeltaA + lse_off, delta_a, mask=row_ok)
+
+
+@triton.jit
+def _audio_cross_attention_bwd_dkdv_text_kernel(
+    Q, TK, TV, DO, LseT, DeltaT, DTK, DTV,
+    stride_qb, stride_ql, stride_qh,
+    stride_tkb, stride_tkt, stride_tkh,
+    stride_tvb, stride_tvt, stride_tvh,
+    stride_dob, stride_dol, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    H, Lq, T, D,
+    scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    qk_scale = scale * _LOG2E
+
+    k = tl.load(TK + b * stride_tkb + h * stride_tkh + cols[:, None] * stride_tkt + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(TV + b * stride_tvb + h * stride_tvh + cols[:, None] * stride_tvt + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = pid_bh.to(tl.int64) * Lq
+    offs_m = tl.arange(0, BLOCK_M)
+    for m_start in range(0, Lq, BLOCK_M):
+        rows = m_start + offs_m
+        row_ok = rows < Lq
+        qd_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :], mask=qd_mask, other=0.0)
+        lse2 = tl.load(LseT + lse_base + rows, mask=row_ok, other=0.0) * _LOG2E
+        delta = tl.load(DeltaT + lse_base + rows, mask=row_ok, other=0.0)
+        # Transposed scores (keys x queries) so dk/dv accumulate without transposing the result.
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        pt = tl.exp2(st - lse2[None, :])
+        pt = tl.where(col_ok[:, None] & row_ok[None, :], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    dk = dk * scale
+    tl.store(DTK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DTK.dtype.element_ty), mask=kv_mask)
+    tl.store(DTV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DTV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _audio_cross_attention_bwd_dkdv_audio_kernel(
+    Q, AK, AV, DO, LseA, DeltaA, DAK, DAV,
+    stride_qb, stride_ql, stride_qh,
+    stride_akb, stride_akf, stride_aka, stride_akh,
+    stride_avb, stride_avf, stride_ava, stride_avh,
+    stride_dob, stride_dol, stride_doh,
+    stride_dkb, stride_dkf, stride_dka, stride_dkh,
+    stride_dvb, stride_dvf, stride_dva, stride_dvh,
+    H, Lq, A, tokens_per_frame, D, n_a_tiles,
+    scale, audio_scale,
+    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_fa = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    f = (pid_fa // n_a_tiles).to(tl.int64)
+    a_tile = pid_fa % n_a_tiles
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    cols = a_tile * BLOCK_A + tl.arange(0, BLOCK_A)
+    col_ok = cols < A
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kv_mask = col_ok[:, None] & d_ok[None, :]
+    qk_scale = scale * _LOG2E
+
+    k = tl.load(AK + b * stride_akb + f * stride_akf + h * stride_akh + cols[:, None] * stride_aka
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(AV + b * stride_avb + f * stride_avf + h * stride_avh + cols[:, None] * stride_ava
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = pid_bh.to(tl.int64) * Lq
+    row0 = f * tokens_per_frame
+    offs_m = tl.arange(0, BLOCK_M)
+    for i_start in range(0, tokens_per_frame, BLOCK_M):
+        i = i_start + offs_m
+        row_ok = i < tokens_per_frame
+        rows = row0 + i
+        qd_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :], mask=qd_mask, other=0.0)
+        lse2 = tl.load(LseA + lse_base + rows, mask=row_ok, other=0.0) * _LOG2E
+        delta = tl.load(DeltaA + lse_base + rows, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        pt = tl.exp2(st - lse2[None, :])
+        pt = tl.where(col_ok[:, None] & row_ok[None, :], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)  # times audio_scale below
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * audio_scale
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    dk = dk * scale
+    dv = dv * audio_scale
+    tl.store(DAK + b * stride_dkb + f * stride_dkf + h * stride_dkh + cols[:, None] * stride_dka + offs_d[None, :],
+             dk.to(DAK.dtype.element_ty), mask=kv_mask)
+    tl.store(DAV + b * stride_dvb + f * stride_dvf + h * stride_dvh + cols[:, None] * stride_dva + offs_d[None, :],
+             dv.to(DAV.dtype.element_ty), mask=kv_mask)
+
+
+def audio_cross_attention_backward_triton_unsupported(grad_out, q, *args, **_):
+    D = q.shape[-1]
+    if D > MAX_HEAD_DIM:
+        return f"the Triton audio_cross_attention backward supports head_dim <= {MAX_HEAD_DIM}, got {D}"
+    if interpreting() and q.dtype == torch.bfloat16:
+        return "the Triton interpreter (TRITON_INTERPRET=1) does not support bfloat16; use float16 or float32"
+    return None
+
+
+def audio_cross_attention_backward_triton(grad_out, q, text_k, text_v, audio_k, audio_v, out, lse_text, lse_audio,
+                                          tokens_per_frame: int, audio_scale: float, scale: float, *,
+                                          block_m: int | None = None, block_n: int | None = None):
+    """Backward launcher: returns (dq, dtext_k, dtext_v, daudio_k, daudio_v), contiguous, in the inputs' dtypes.
+
+    ``out``, ``lse_text`` and ``lse_audio`` are the forward's outputs (any backend's: they share one meaning).
+    Besides the gradients it allocates two (B, H, Lq) float32 scratch rows (the per-branch ``delta``).
+    """
+    B, Lq, H, D = q.shape
+    T = text_k.shape[1]
+    F, A = audio_k.shape[1], audio_k.shape[2]
+    cfg = _bwd_config(D, q.dtype)
+    if block_m is not None:
+        cfg["BLOCK_M"] = block_m
+    if block_n is not None:
+        cfg["BLOCK_N"] = block_n
+    BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    BA, BD = _block_a(A), block_d(D)
+    prec = torch_to_dot_precision(q.dtype)
+    dev = q.device
+
+    def new(x):
+        return torch.empty(tuple(x.shape), dtype=x.dtype, device=dev)
+
+    dq, dtk, dtv, dak, dav = new(q), new(text_k), new(text_v), new(audio_k), new(audio_v)
+    delta_t = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
+    delta_a = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
+    do = grad_out
+    with _device_ctx(q):
+        _audio_cross_attention_bwd_dq_kernel[(triton.cdiv(Lq, BM), B * H)](
+            q, text_k, text_v, audio_k, audio_v, out, do, lse_text, lse_audio, dq, delta_t, delta_a,
+            q.stride(0), q.stride(1), q.stride(2),
+            text_k.stride(0), text_k.stride(1), text_k.stride(2),
+            text_v.stride(0), text_v.stride(1), text_v.stride(2),
+            audio_k.stride(0), audio_k.stride(1), audio_k.stride(2), audio_k.stride(3),
+            audio_v.stride(0), audio_v.stride(1), audio_v.stride(2), audio_v.stride(3),
+            out.stride(0), out.stride(1), out.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            H, Lq, T, A, tokens_per_frame, D,
+            scale, audio_scale,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_A=BA, BLOCK_D=BD, DOT_PRECISION=prec, **cfg,
+        )
+        if T > 0:
+            _audio_cross_attention_bwd_dkdv_text_kernel[(triton.cdiv(T, BN), B * H)](
+                q, text_k, text_v, do, lse_text, delta_t, dtk, dtv,
+                q.stride(0), q.stride(1), q.stride(2),
+                text_k.stride(0), text_k.stride(1), text_k.stride(2),
+                text_v.stride(0), text_v.stride(1), text_v.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                dtk.stride(0), dtk.stride(1), dtk.stride(2),
+                dtv.stride(0), dtv.stride(1), dtv.stride(2),
+                H, Lq, T, D,
+                scale,
+                BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, DOT_PRECISION=prec, **cfg,
+            )
+        n_a_tiles = triton.cdiv(A, BA)
+        _audio_cross_attention_bwd_dkdv_audio_kernel[(F * n_a_tiles, B * H)](
+            q, audio_k, audio_v, do, lse_audio, delta_a, dak, dav,
+            q.stride(0), q.stride(1), q.stride(2),
+            audio_k.stride(0), audio_k.stride(1), audio_k.stride(2), audio_k.stride(3),
+            audio_v.stride(0), audio_v.stride(1), audio_v.stride(2), audio_v.stride(3),
+            do.stride(0), do.stride(1), do.stride(2),
+            dak.stride(0), dak.stride(1), dak.stride(2), dak.stride(3),
+            dav.stride(0), dav.stride(1), dav.stride(2), dav.stride(3),
+            H, Lq, A, tokens_per_frame, D, n_a_tiles,
+            scale, audio_scale,
+            BLOCK_M=BM, BLOCK_A=BA, BLOCK_D=BD, DOT_PRECISION=prec, **cfg,
+        )
+    return dq, dtk, dtv, dak, dav

@@ -1,0 +1,161 @@
+"""GPU tier: every backend of audio_cross_attention in float32/float16/bfloat16 vs the fp32 reference.
+
+Pass rule (DESIGN.md convention 9): max |kernel - fp32 reference| <= 2 * max |plain PyTorch in the same dtype -
+fp32 reference| + a small floor, where plain PyTorch is the unfused composition (SDPA over the text, SDPA over the
+per-frame audio windows, add).  The same rule is applied to the gradients (Triton backward).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lipforcing import ops
+from lipforcing.ops import _dispatch
+from lipforcing.ops.audio_cross_attention import _FWD
+from lipforcing.ops.reference import audio_cross_attention_ref
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Absolute floor added to 2x PyTorch's error: about one ulp of an O(1) output in each dtype.
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+# (batch, frames, tokens_per_frame, heads, head_dim, text_len, audio_window)
+CASES = [
+    (2, 3, 97, 3, 64, 77, 7),      # query tiles straddle frames, odd text length
+    (1, 3, 1024, 4, 128, 512, 32),  # the 512x512 chunk shape (fewer heads)
+    (1, 2, 130, 2, 128, 0, 64),     # no text, widest audio window
+    (1, 5, 33, 2, 96, 19, 1),       # head_dim 96, single audio token, many frames per tile
+    (1, 2, 40, 1, 32, 9, 70),       # audio window > 64 (Triton loops; CUDA tiles of 32)
+]
+
+
+def _inputs(B, F_, tpf, H, D, T, A, dtype, requires_grad=False):
+    dev = "cuda"
+    xs = (torch.randn(B, F_ * tpf, H, D, device=dev), torch.randn(B, T, H, D, device=dev),
+          torch.randn(B, T, H, D, device=dev), torch.randn(B, F_, A, H, D, device=dev),
+          torch.randn(B, F_, A, H, D, device=dev))
+    return tuple(x.to(dtype).requires_grad_(requires_grad) for x in xs)
+
+
+def _plain_torch(q, tk, tv, ak, av, tpf, audio_scale):
+    """Unfused PyTorch in the inputs' dtype (the baseline whose error sets the bound)."""
+    B, L, H, D = q.shape
+    F_, A = ak.shape[1], ak.shape[2]
+    out = torch.zeros_like(q)
+    if tk.shape[1]:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), tk.transpose(1, 2), tv.transpose(1, 2)).transpose(1, 2)
+    qa = q.reshape(B * F_, tpf, H, D).transpose(1, 2)
+    oa = F.scaled_dot_product_attention(qa, ak.reshape(B * F_, A, H, D).transpose(1, 2),
+                                        av.reshape(B * F_, A, H, D).transpose(1, 2))
+    return out + audio_scale * oa.transpose(1, 2).reshape(B, L, H, D)
+
+
+def _skip_unless_runnable(backend, args):
+    try:
+        _dispatch.resolve("audio_cross_attention", _FWD, backend, args[0].device, args, {})
+    except _dispatch.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference"])
+@pytest.mark.parametrize("B,F_,tpf,H,D,T,A", CASES)
+def test_forward(B, F_, tpf, H, D, T, A, backend, dtype):
+    xs = _inputs(B, F_, tpf, H, D, T, A, dtype)
+    audio_scale = 0.75
+    scale = 1 / math.sqrt(D)
+    _skip_unless_runnable(backend, (*xs, tpf, audio_scale, scale))
+    out, lse_t, lse_a = _dispatch.implementation(_FWD, backend)(*xs, tpf, audio_scale, scale)
+    ref, ref_lse_t, ref_lse_a = audio_cross_attention_ref(*(x.float() for x in xs), tpf, audio_scale, scale)
+    assert out.dtype == dtype and out.shape == xs[0].shape
+    err = (out.float() - ref).abs().max().item()
+    err_pt = (_plain_torch(*xs, tpf, audio_scale).float() - ref).abs().max().item()
+    assert err <= 2 * err_pt + FLOOR[dtype], f"{backend} {dtype}: error {err:.3g}, plain PyTorch {err_pt:.3g}"
+    if T == 0:
+        assert torch.isneginf(lse_t).all()
+    else:
+        torch.testing.assert_close(lse_t, ref_lse_t, atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(lse_a, ref_lse_a, atol=1e-2, rtol=1e-3)
+    # The public op (auto and explicit) gives the same output.
+    pub = ops.audio_cross_attention(*xs, tokens_per_frame=tpf, audio_scale=audio_scale, backend=backend)
+    torch.testing.assert_close(pub, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,F_,tpf,H,D,T,A", CASES[:3] + CASES[4:])
+def test_backward_triton(B, F_, tpf, H, D, T, A, dtype):
+    xs = _inputs(B, F_, tpf, H, D, T, A, dtype, requires_grad=True)
+    out = ops.audio_cross_attention(*xs, tokens_per_frame=tpf, audio_scale=1.25, backend="triton")
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, xs, g)
+    xs32 = tuple(x.detach().float().requires_grad_(True) for x in xs)
+    exp = torch.autograd.grad(audio_cross_attention_ref(*xs32, tpf, 1.25, 1 / math.sqrt(D))[0], xs32, g.float(),
+                              allow_unused=True)
+    xs_pt = tuple(x.detach().requires_grad_(True) for x in xs)
+    pt = torch.autograd.grad(_plain_torch(*xs_pt, tpf, 1.25), xs_pt, g, allow_unused=True)
+    for name, a, e, p in zip(("dq", "dtext_k", "dtext_v", "daudio_k", "daudio_v"), got, exp, pt):
+        if e is None:
+            assert a.numel() == 0, name
+            continue
+        err = (a.float() - e).abs().max().item()
+        err_pt = (p.float() - e).abs().max().item()
+        floor = FLOOR[dtype] * max(1.0, e.abs().max().item())
+        assert err <= 2 * err_pt + floor, f"{name} {dtype}: error {err:.3g}, plain PyTorch {err_pt:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_forward_feeds_triton_backward(dtype):
+    """The CUDA forward's (out, lse_text, lse_audio) have the meaning the Triton backward expects."""
+    B, F_, tpf, H, D, T, A = 1, 3, 97, 2, 128, 45, 16
+    xs = _inputs(B, F_, tpf, H, D, T, A, dtype)
+    args = (*xs, tpf, 0.5, 1 / math.sqrt(D))
+    _skip_unless_runnable("cuda", args)
+    from lipforcing.kernels.audio_cross_attention import audio_cross_attention_backward_triton, \
+        audio_cross_attention_triton
+    from lipforcing.ops.cuda.audio_cross_attention import audio_cross_attention_cuda
+
+    o_c, lt_c, la_c = audio_cross_attention_cuda(*args)
+    o_t, lt_t, la_t = audio_cross_attention_triton(*args)
+    torch.testing.assert_close(lt_c, lt_t, atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(la_c, la_t, atol=1e-2, rtol=1e-3)
+    g = torch.randn_like(o_c)
+    from_cuda = audio_cross_attention_backward_triton(g, *xs, o_c, lt_c, la_c, tpf, 0.5, 1 / math.sqrt(D))
+    from_triton = audio_cross_attention_backward_triton(g, *xs, o_t, lt_t, la_t, tpf, 0.5, 1 / math.sqrt(D))
+    for a, b in zip(from_cuda, from_triton):
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_forward_is_graph_capturable(backend):
+    """No host sync and no allocation beyond the outputs: the launcher can be captured in a CUDA graph."""
+    B, F_, tpf, H, D, T, A = 1, 3, 64, 2, 128, 32, 8
+    xs = _inputs(B, F_, tpf, H, D, T, A, torch.bfloat16)
+    args = (*xs, tpf, 1.0, 1 / math.sqrt(D))
+    _skip_unless_runnable(backend, args)
+    fn = _dispatch.implementation(_FWD, backend)
+    expected = fn(*args)[0]  # also compiles the Triton kernel outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn(*args)[0]
+    for x in xs:
+        x.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, fn(*args)[0], atol=0, rtol=0)
+    assert not torch.equal(captured, expected)
+
+
+def test_cuda_unsupported_reasons():
+    pytest.importorskip("lipforcing.ops.cuda.audio_cross_attention")
+    from lipforcing.ops.cuda.audio_cross_attention import audio_cross_attention_cuda_unsupported as why
+
+    xs = _inputs(1, 2, 8, 1, 64, 4, 2, torch.float32)
+    assert "float16/bfloat16" in why(*xs, 8, 1.0, 0.125)
+    xs = _inputs(1, 2, 8, 1, 48, 4, 2, torch.bfloat16)
+    assert "head_dim" in why(*xs, 8, 1.0, 0.125)
+    cpu = tuple(x.cpu() for x in _inputs(1, 2, 8, 1, 64, 4, 2, torch.bfloat16))
+    assert "CUDA tensors" in why(*cpu, 8, 1.0, 0.125)
