@@ -1,0 +1,81 @@
+"""block_causal_attention training step (forward + backward) at the student's training shape (GPU only).
+
+L = 21504 (21 latent frames x 1024 tokens), chunk 3072, window 6144, sink 1024, H in {12, 40}, D = 128, bf16.
+FLOPs: the visible (query, key) pairs of the mask times 4 * D * H for the forward and 2.5x that for fwd + bwd
+(the usual 1 + 2.5 FlashAttention accounting: 2 matmuls forward, 5 backward).  Baseline: FlexAttention
+(compiled) with the same mask as a BlockMask, and SDPA (efficient backend) with a dense boolean mask.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lipforcing.benchmarking import time_cuda
+from lipforcing.ops import block_causal_attention
+from lipforcing.ops.reference import block_causal_mask
+
+pytestmark = pytest.mark.gpu
+
+B, L, CHUNK, WINDOW, SINK, D = 1, 21504, 3072, 6144, 1024, 128
+DTYPE = torch.bfloat16
+_flex_us: dict[int, float] = {}
+
+
+def _pairs():
+    return block_causal_mask(L, L, CHUNK, WINDOW, SINK, "cuda").sum().item()
+
+
+def _inputs(h):
+    return [torch.randn(B, L, h, D, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3)]
+
+
+def _flex_step(h):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, hh, qi, kv):
+        end = (qi // CHUNK + 1) * CHUNK
+        return (kv < end) & ((kv < SINK) | (kv >= end - WINDOW))
+
+    bm = create_block_mask(mask_mod, None, None, L, L, device="cuda")
+    flex = torch.compile(flex_attention, dynamic=False)
+    q, k, v = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in _inputs(h))
+    g = torch.randn_like(q)
+
+    def step():
+        out = flex(q, k, v, block_mask=bm)
+        torch.autograd.grad(out, (q, k, v), g)
+
+    return step
+
+
+@pytest.mark.parametrize("h", [12, 40])
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_block_causal_train_step(bench_record, backend, h):
+    flops = 3.5 * 4.0 * _pairs() * D * h
+    shape = dict(B=B, L=L, H=h, D=D, chunk=CHUNK, window=WINDOW, sink=SINK, pass_="fwd+bwd")
+    if backend == "flex":
+        step = _flex_step(h)
+        step()
+        bench_record("block_causal_attention", "flex", shape, DTYPE, step, flops=flops, warmup=2, rounds=10)
+        return
+    q, k, v = _inputs(h)
+    g = torch.randn_like(q)
+
+    def step():
+        out = block_causal_attention(q, k, v, chunk_size=CHUNK, window=WINDOW, sink=SINK, backend=backend)
+        torch.autograd.grad(out, (q, k, v), g)
+
+    step()
+    row = bench_record("block_causal_attention", backend, shape, DTYPE, step, flops=flops, warmup=2, rounds=10)
+    if h not in _flex_us:
+        _flex_us[h] = time_cuda(_flex_step(h), warmup=2, rounds=10)["median_us"]
+    row.extra["speedup_vs_flex"] = _flex_us[h] / row.median_us
+
+
+@pytest.mark.parametrize("h", [12, 40])
+def test_block_causal_forward_sdpa_dense_mask(bench_record, h):
+    """Forward only, SDPA with a dense (L x L) boolean mask: what a model without a block-sparse kernel runs."""
+    mask = block_causal_mask(L, L, CHUNK, WINDOW, SINK, "cuda")
+    q, k, v = (x.detach().transpose(1, 2) for x in _inputs(h))
+    fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    bench_record("block_causal_attention", "sdpa_dense_mask", dict(B=B, L=L, H=h, D=D, pass_="fwd"), DTYPE, fn,
+                 flops=4.0 * _pairs() * D * h, warmup=2, rounds=10)

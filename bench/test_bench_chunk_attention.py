@@ -1,0 +1,114 @@
+"""chunk_attention inference forward at the student's shapes (GPU only).
+
+B = 1, Lq = 3072 (one 3-frame chunk at 512x512), Lk = sink 1024 + ring + 3072 in {4096, 7168, 12288, 21504},
+H in {12, 40}, D = 128, bf16; the cache is full (steady state), write=False (attention only).  TFLOP/s counts
+4 * Lq * Lk * D * H.
+
+Baselines get the keys already gathered into contiguous (B, H, Lk, D) tensors (gathering is not timed):
+``sdpa_flash`` / ``sdpa_cudnn`` / ``sdpa_efficient`` (each SDPA backend that runs), ``flex`` (FlexAttention,
+compiled; every key is visible to every query of the chunk so it needs no block mask) and ``flash_attn_kvcache``
+(flash-attn's ``flash_attn_with_kvcache`` on a linear cache) when flash-attn is installed.  Our rows carry in
+``extra`` the ratio to the best baseline measured for the same shape.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lipforcing import RollingKVCache
+from lipforcing.benchmarking import time_cuda
+from lipforcing.ops import chunk_attention
+
+pytestmark = pytest.mark.gpu
+
+B, LQ, SINK, D = 1, 3072, 1024, 128
+DTYPE = torch.bfloat16
+LKS = [4096, 7168, 12288, 21504]
+HEADS = [12, 40]
+BASELINES = ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flash_attn_kvcache"]
+_best_baseline_us: dict[tuple, float] = {}
+
+
+def _flops(lk, h):
+    return 4.0 * LQ * lk * D * h
+
+
+def _cache(lk, h):
+    window = lk - SINK
+    cache = RollingKVCache(B, h, D, chunk_size=LQ, window=window, sink=SINK, dtype=DTYPE, device="cuda")
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.pos.fill_(SINK + 3 * max(window - LQ, 1) + 17)  # wrapped ring, steady state: every slot valid
+    return cache
+
+
+def _baseline_fn(name, lk, h):
+    q, k, v = (torch.randn(B, h, n, D, device="cuda", dtype=DTYPE) for n in (LQ, lk, lk))
+    if name.startswith("sdpa_"):
+        backend = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION",
+                   "sdpa_efficient": "EFFICIENT_ATTENTION"}[name]
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def fn():
+            with sdpa_kernel([getattr(SDPBackend, backend)]):
+                return F.scaled_dot_product_attention(q, k, v)
+    elif name == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def fn():
+            return compiled(q, k, v)
+    else:
+        fa = pytest.importorskip("flash_attn")
+        qb, kb, vb = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        seqlens = torch.full((B,), lk - LQ, dtype=torch.int32, device="cuda")
+        knew, vnew = kb[:, lk - LQ:].clone(), vb[:, lk - LQ:].clone()
+
+        def fn():
+            return fa.flash_attn_with_kvcache(qb, kb, vb, k=knew, v=vnew, cache_seqlens=seqlens)
+    try:
+        fn()
+        torch.cuda.synchronize()
+    except Exception as exc:  # a backend that does not run on this GPU / build
+        pytest.skip(f"{name} unavailable: {type(exc).__name__}: {exc}"[:300])
+    return fn
+
+
+def _best_baseline(lk, h):
+    key = (lk, h)
+    if key not in _best_baseline_us:
+        best = float("inf")
+        for name in BASELINES:
+            try:
+                fn = _baseline_fn(name, lk, h)
+            except pytest.skip.Exception:
+                continue
+            best = min(best, time_cuda(fn, warmup=3, rounds=10)["median_us"])
+        _best_baseline_us[key] = best
+    return _best_baseline_us[key]
+
+
+@pytest.mark.parametrize("h", HEADS)
+@pytest.mark.parametrize("lk", LKS)
+@pytest.mark.parametrize("backend", BASELINES + ["triton", "cuda", "triton_rope", "cuda_rope"])
+def test_chunk_attention_forward(bench_record, backend, lk, h):
+    shape = dict(B=B, Lq=LQ, Lk=lk, H=h, D=D, sink=SINK, window=lk - SINK)
+    if backend in BASELINES:
+        fn = _baseline_fn(backend, lk, h)
+        bench_record("chunk_attention", backend, shape, DTYPE, fn, flops=_flops(lk, h))
+        return
+    from lipforcing.ops import rope_spec
+
+    cache = _cache(lk, h)
+    q, k, v = (torch.randn(B, LQ, h, D, device="cuda", dtype=DTYPE) for _ in range(3))
+    name = backend.replace("_rope", "")
+    rope = rope_spec(D, (32, 32), device="cuda") if backend.endswith("_rope") else None
+    try:
+        chunk_attention(q, k, v, cache, write=False, rope=rope, backend=name)
+    except Exception as exc:
+        pytest.skip(f"{backend} unavailable: {exc}"[:300])
+    row = bench_record("chunk_attention", backend, dict(shape, rope=rope is not None), DTYPE,
+                       lambda: chunk_attention(q, k, v, cache, write=False, rope=rope, backend=name),
+                       flops=_flops(lk, h))
+    best = _best_baseline(lk, h)
+    row.extra["speedup_vs_best_baseline"] = best / row.median_us

@@ -1,0 +1,428 @@
+// SPDX-License-Identifier: Apache-2.0
+// chunk_attention forward: FlashAttention-2 (Dao, 2023) on tensor cores (mma.sync m16n8k16, sm_80+), fp16/bf16
+// inputs, fp32 accumulation and online softmax in base 2.
+//
+// One CTA = 64 query rows of one (batch, head): 4 warps x 16 rows; Q fragments stay in registers.  Keys are
+// walked in tiles of 64 over a virtual index j in [0, n_sink + n_ring + n):
+//     j <  n_sink            cache slot j              (stream token j)
+//     j <  n_sink + n_ring   cache slot sink + r       (r = j - n_sink; token sink + m - ((m - r) mod ring),
+//                                                        m = pos - 1 - sink: the newest token in that slot)
+//     else                   current chunk row j - n_sink - n_ring (token pos + row)
+// with n_sink = min(pos, sink) and n_ring = min(max(pos - sink, 0), ring): the valid cache slots are prefixes of
+// the sink and of the ring.  `pos` is read from device memory by the kernel (no host sync; CUDA-graph safe).
+// Per tile the first 64 threads resolve each row's K/V address (and RoPE positions) into shared memory, all
+// threads copy the rows with 16-byte loads (rotating K on the way with dynamic RoPE), then each warp computes
+// S = Q K^T (mma), the online softmax in registers, and O += P V with P reused from the S accumulators and V
+// fragments loaded by ldmatrix.trans.
+//
+// Dynamic RoPE (rope tables given): pairs (x[2i], x[2i+1]) rotate by the Wan 3-D angles; the time row is the
+// window-relative frame (min(a, sink) + max(0, a - lo)) / tokens_per_frame with lo = max(pos + chunk - window,
+// sink), height/width rows come from a % tokens_per_frame.  Rotation in fp32, rounded to the input dtype.
+#include "lipforcing/chunk_attention.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+namespace lipforcing {
+namespace {
+
+constexpr int kBlockM = 64;   // query rows per CTA (4 warps x 16 rows)
+constexpr int kBlockN = 64;   // keys per tile
+constexpr int kThreads = 128;
+constexpr int kPad = 8;       // smem row padding in elements: row starts differ by 16 B mod 128 B, so the
+                              // 32-bit fragment loads and ldmatrix row reads hit distinct banks
+
+template <typename T>
+struct Num;
+
+template <>
+struct Num<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <>
+struct Num<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// D(16x8, fp32) += A(16x16, row) * B(16x8, col).  Fragment layout (g = lane / 4, t = lane % 4):
+// a = {A[g][2t..2t+1], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]}, b = {B[2t..2t+1][g], B[2t+8..][g]},
+// c = {C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1]}.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Four 8x8 b16 matrices, transposed: thread 8i+r gives the address of row r of matrix i; register i receives
+// matrix i's elements (row 2t, col g) and (row 2t+1, col g).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
+                                                  const void* smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+#endif
+}
+
+__device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Rotate the 8 elements (4 adjacent pairs, first pair index c / 2) of one 16-byte vector.
+template <typename T>
+__device__ __forceinline__ void rope_rotate8(uint4& vec, int64_t frame, int64_t in_frame, int c,
+                                             const ChunkAttnParams& p, int half, int rope_t, int rope_th) {
+  T* x = reinterpret_cast<T*>(&vec);
+  const int64_t hpos = in_frame / p.grid_w;
+  const int64_t wpos = in_frame - hpos * p.grid_w;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int j = c / 2 + e;
+    const int64_t row = j < rope_t ? frame : (j < rope_th ? hpos : wpos);
+    const float cs = __ldg(p.rope_cos + row * half + j);
+    const float sn = __ldg(p.rope_sin + row * half + j);
+    const float a = Num<T>::to_float(x[2 * e]);
+    const float b = Num<T>::to_float(x[2 * e + 1]);
+    x[2 * e] = Num<T>::from_float(a * cs - b * sn);  // (a + ib)(cos + i sin)
+    x[2 * e + 1] = Num<T>::from_float(a * sn + b * cs);
+  }
+}
+
+__device__ __forceinline__ int64_t window_frame(int64_t a, int64_t lo, int sink, int tpf) {
+  return (min(a, static_cast<int64_t>(sink)) + max(a - lo, static_cast<int64_t>(0))) / tpf;
+}
+
+template <typename T, int D, bool ROPE>
+__global__ void __launch_bounds__(kThreads) chunk_attention_fwd_kernel(const ChunkAttnParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
+  constexpr int kStride = D + kPad;
+  constexpr int kVecPerRow = D / 8;
+  __shared__ __align__(16) T sK[kBlockN * kStride];
+  __shared__ __align__(16) T sV[kBlockN * kStride];
+  __shared__ const T* sKPtr[kBlockN];  // row addresses of the current key tile (nullptr = past the end)
+  __shared__ const T* sVPtr[kBlockN];
+  __shared__ int64_t sFrame[kBlockN];  // RoPE: window-relative frame and in-frame index of each key
+  __shared__ int64_t sInFrame[kBlockN];
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int g = lane >> 2;
+  const int t4 = lane & 3;
+  const int m0 = blockIdx.x * kBlockM;
+  const int64_t h = blockIdx.y;
+  const int64_t b = blockIdx.z;
+
+  const int64_t pos = *p.pos;
+  const int64_t lo = max(pos + p.chunk_size - p.window, static_cast<int64_t>(p.sink));
+  const int64_t n_sink = min(pos, static_cast<int64_t>(p.sink));
+  const int64_t n_ring = min(max(pos - p.sink, static_cast<int64_t>(0)), static_cast<int64_t>(p.ring));
+  const int64_t total = n_sink + n_ring + p.n;
+  const int tpf = p.grid_h * p.grid_w;
+  const int half = D / 2;
+  const int rope_t = half - 2 * (half / 3);
+  const int rope_th = rope_t + half / 3;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[2];
+  const T* kc = static_cast<const T*>(p.k_cache) + b * p.kc_stride[0] + h * p.kc_stride[2];
+  const T* vc = static_cast<const T*>(p.v_cache) + b * p.vc_stride[0] + h * p.vc_stride[2];
+  const T* kn = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[2];
+  const T* vn = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[2];
+
+  // ---- Q tile -> shared memory (through sK) -> register fragments
+  for (int vi = tid; vi < kBlockM * kVecPerRow; vi += kThreads) {
+    const int r = vi / kVecPerRow;
+    const int c = (vi % kVecPerRow) * 8;
+    const int i = m0 + r;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (i < p.n) {
+      val = *reinterpret_cast<const uint4*>(q + i * p.q_stride[1] + c);
+      if (ROPE) {
+        const int64_t a = pos + i;
+        rope_rotate8<T>(val, window_frame(a, lo, p.sink, tpf), a % tpf, c, p, half, rope_t, rope_th);
+      }
+    }
+    *reinterpret_cast<uint4*>(&sK[r * kStride + c]) = val;
+  }
+  __syncthreads();
+  uint32_t qf[D / 16][4];
+  const int qr = warp * 16 + g;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    qf[kk][0] = lds32(&sK[qr * kStride + kk * 16 + 2 * t4]);
+    qf[kk][1] = lds32(&sK[(qr + 8) * kStride + kk * 16 + 2 * t4]);
+    qf[kk][2] = lds32(&sK[qr * kStride + kk * 16 + 8 + 2 * t4]);
+    qf[kk][3] = lds32(&sK[(qr + 8) * kStride + kk * 16 + 8 + 2 * t4]);
+  }
+  __syncthreads();
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY};
+  float l_run[2] = {0.f, 0.f};  // this thread's partial row sums (reduced over the 4-thread group at the end)
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+  const int64_t n_tiles = (total + kBlockN - 1) / kBlockN;
+
+  for (int64_t tile = 0; tile < n_tiles; ++tile) {
+    const int64_t j0 = tile * kBlockN;
+    // ---- resolve the rows of this key tile
+    if (tid < kBlockN) {
+      const int64_t j = j0 + tid;
+      const T* kp = nullptr;
+      const T* vp = nullptr;
+      int64_t a = 0;
+      if (j < n_sink) {
+        kp = kc + j * p.kc_stride[1];
+        vp = vc + j * p.vc_stride[1];
+        a = j;
+      } else if (j < n_sink + n_ring) {
+        const int64_t r = j - n_sink;
+        const int64_t mm = pos - 1 - p.sink;  // >= r here
+        kp = kc + (p.sink + r) * p.kc_stride[1];
+        vp = vc + (p.sink + r) * p.vc_stride[1];
+        a = p.sink + mm - (mm - r) % p.ring;
+      } else if (j < total) {
+        const int64_t c = j - n_sink - n_ring;
+        kp = kn + c * p.k_stride[1];
+        vp = vn + c * p.v_stride[1];
+        a = pos + c;
+      }
+      sKPtr[tid] = kp;
+      sVPtr[tid] = vp;
+      if (ROPE) {
+        sFrame[tid] = window_frame(a, lo, p.sink, tpf);
+        sInFrame[tid] = a % tpf;
+      }
+    }
+    __syncthreads();
+    // ---- copy K (rotated) and V rows into shared memory
+    for (int vi = tid; vi < kBlockN * kVecPerRow; vi += kThreads) {
+      const int r = vi / kVecPerRow;
+      const int c = (vi % kVecPerRow) * 8;
+      const T* kp = sKPtr[r];
+      uint4 kv = make_uint4(0, 0, 0, 0);
+      uint4 vv = make_uint4(0, 0, 0, 0);
+      if (kp != nullptr) {
+        kv = *reinterpret_cast<const uint4*>(kp + c);
+        vv = *reinterpret_cast<const uint4*>(sVPtr[r] + c);
+        if (ROPE) rope_rotate8<T>(kv, sFrame[r], sInFrame[r], c, p, half, rope_t, rope_th);
+      }
+      *reinterpret_cast<uint4*>(&sK[r * kStride + c]) = kv;
+      *reinterpret_cast<uint4*>(&sV[r * kStride + c]) = vv;
+    }
+    __syncthreads();
+
+    // ---- S = Q K^T (16 rows x 64 keys per warp)
+    float s[kBlockN / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      const T* krow = &sK[(nt * 8 + g) * kStride + 2 * t4];
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        mma_16816<T>(s[nt], qf[kk], lds32(krow + kk * 16), lds32(krow + kk * 16 + 8));
+      }
+    }
+    // ---- scale to base 2, mask keys past the end, online softmax
+    const int64_t n_valid = total - j0;  // >= 1: every tile holds at least one key
+    float mx0 = m_run[0];
+    float mx1 = m_run[1];
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * t4 + (e & 1);
+        s[nt][e] = col < n_valid ? s[nt][e] * scale_log2 : -INFINITY;
+      }
+      mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float alpha0 = exp2f(m_run[0] - mx0);  // 0 on the first tile (m_run = -inf, mx finite)
+    const float alpha1 = exp2f(m_run[1] - mx1);
+    m_run[0] = mx0;
+    m_run[1] = mx1;
+    float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+      s[nt][0] = exp2f(s[nt][0] - mx0);
+      s[nt][1] = exp2f(s[nt][1] - mx0);
+      s[nt][2] = exp2f(s[nt][2] - mx1);
+      s[nt][3] = exp2f(s[nt][3] - mx1);
+      rs0 += s[nt][0] + s[nt][1];
+      rs1 += s[nt][2] + s[nt][3];
+    }
+    l_run[0] = l_run[0] * alpha0 + rs0;
+    l_run[1] = l_run[1] * alpha1 + rs1;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      o[dn][0] *= alpha0;
+      o[dn][1] *= alpha0;
+      o[dn][2] *= alpha1;
+      o[dn][3] *= alpha1;
+    }
+    // ---- O += P V: the S accumulators of key tiles 2kk, 2kk+1 are exactly the A fragment of P[:, 16kk..]
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = Num<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = Num<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = Num<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = Num<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const int vrow = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+      for (int dn2 = 0; dn2 < D / 16; ++dn2) {
+        uint32_t b0, b1, b2, b3;
+        ldmatrix_x4_trans(b0, b1, b2, b3, &sV[vrow * kStride + dn2 * 16 + (lane >> 4) * 8]);
+        mma_16816<T>(o[2 * dn2], pa, b0, b1);
+        mma_16816<T>(o[2 * dn2 + 1], pa, b2, b3);
+      }
+    }
+    __syncthreads();  // before the next tile overwrites sK / sV / the row table
+  }
+
+  // ---- normalise and store
+  float l0 = l_run[0], l1 = l_run[1];
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float inv0 = 1.f / l0;
+  const float inv1 = 1.f / l1;
+  T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[2];
+  const int row0 = m0 + qr;
+  const int row1 = row0 + 8;
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    const int col = dn * 8 + 2 * t4;
+    if (row0 < p.n) {
+      *reinterpret_cast<uint32_t*>(out + row0 * p.out_stride[1] + col) =
+          Num<T>::pack(o[dn][0] * inv0, o[dn][1] * inv0);
+    }
+    if (row1 < p.n) {
+      *reinterpret_cast<uint32_t*>(out + row1 * p.out_stride[1] + col) =
+          Num<T>::pack(o[dn][2] * inv1, o[dn][3] * inv1);
+    }
+  }
+#else
+  __trap();  // built for an architecture without mma.sync m16n8k16 (needs sm_80+)
+#endif
+}
+
+// One block per (chunk token, batch): copy the token's K and V rows (all heads) into its cache slot, unless a
+// newer token of the same chunk maps to the same ring slot (chunk longer than the ring) -- the rule of
+// reference.cache_write_ref.  Dtype-agnostic 16-byte copies (cache and chunk share the dtype).
+__global__ void chunk_cache_write_kernel(const ChunkAttnParams p) {
+  const int64_t j = blockIdx.x;
+  const int64_t b = blockIdx.y;
+  const int64_t pos = *p.pos;
+  const int64_t a = pos + j;
+  int64_t slot;
+  if (a < p.sink) {
+    slot = a;
+  } else {
+    if (p.ring == 0 || a + p.ring < pos + p.n) return;  // no ring, or overwritten later in this chunk
+    slot = p.sink + (a - p.sink) % p.ring;
+  }
+  const int esize = p.dtype == DType::kFloat32 ? 4 : 2;
+  const int vec_per_head = p.head_dim * esize / 16;
+  const char* k = static_cast<const char*>(p.k);
+  const char* v = static_cast<const char*>(p.v);
+  char* kc = static_cast<char*>(p.k_cache);
+  char* vc = static_cast<char*>(p.v_cache);
+  for (int vi = threadIdx.x; vi < p.heads * vec_per_head; vi += blockDim.x) {
+    const int64_t h = vi / vec_per_head;
+    const int64_t byte = (vi % vec_per_head) * 16;
+    const int64_t src_k = (b * p.k_stride[0] + j * p.k_stride[1] + h * p.k_stride[2]) * esize + byte;
+    const int64_t src_v = (b * p.v_stride[0] + j * p.v_stride[1] + h * p.v_stride[2]) * esize + byte;
+    const int64_t dst_k = (b * p.kc_stride[0] + slot * p.kc_stride[1] + h * p.kc_stride[2]) * esize + byte;
+    const int64_t dst_v = (b * p.vc_stride[0] + slot * p.vc_stride[1] + h * p.vc_stride[2]) * esize + byte;
+    *reinterpret_cast<uint4*>(kc + dst_k) = *reinterpret_cast<const uint4*>(k + src_k);
+    *reinterpret_cast<uint4*>(vc + dst_v) = *reinterpret_cast<const uint4*>(v + src_v);
+  }
+}
+
+__global__ void advance_pos_kernel(int64_t* pos, int n) { *pos += n; }
+
+template <typename T, int D>
+cudaError_t launch_fwd(const ChunkAttnParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, kBlockM)), static_cast<unsigned>(p.heads),
+                  static_cast<unsigned>(p.batch));
+  if (p.rope_cos != nullptr) {
+    chunk_attention_fwd_kernel<T, D, true><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    chunk_attention_fwd_kernel<T, D, false><<<grid, kThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_fwd_dim(const ChunkAttnParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch_fwd<T, 64>(p, stream);
+    case 128: return launch_fwd<T, 128>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+bool chunk_attention_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
+
+cudaError_t launch_chunk_attention(const ChunkAttnParams& p, cudaStream_t stream) {
+  if (p.n <= 0 || p.batch <= 0 || p.heads <= 0 || p.batch > 65535 || p.heads > 65535 || p.grid_w <= 0 ||
+      p.grid_h <= 0 || p.ring < 0 || p.sink < 0 || p.window < p.chunk_size || p.n > p.chunk_size) {
+    return cudaErrorInvalidValue;
+  }
+  if (p.rope_cos != nullptr && p.rope_sin == nullptr) return cudaErrorInvalidValue;
+  cudaError_t err;
+  switch (p.dtype) {
+    case DType::kFloat16: err = launch_fwd_dim<__half>(p, stream); break;
+    case DType::kBFloat16: err = launch_fwd_dim<__nv_bfloat16>(p, stream); break;
+    default: return cudaErrorInvalidValue;
+  }
+  if (err != cudaSuccess || !p.write) return err;
+  chunk_cache_write_kernel<<<dim3(static_cast<unsigned>(p.n), static_cast<unsigned>(p.batch)), 128, 0, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  advance_pos_kernel<<<1, 1, 0, stream>>>(p.pos, p.n);  // after the write kernel has read pos (stream order)
+  return cudaGetLastError();
+}
+
+}  // namespace lipforcing

@@ -1,0 +1,352 @@
+"""Triton ``block_causal_attention``: full-sequence attention with the chunk (block-causal) mask, window and sinks,
+forward and backward, for training.
+
+Algorithm: FlashAttention-2 (Dao, 2023).  Forward: one program per (query tile, batch*head), online softmax in base
+2, fp32 accumulators; it writes the natural-log ``lse`` that the backward needs.  Backward: ``delta = rowsum(dO*O)``,
+then one kernel per key tile accumulates dK, dV over the query tiles that see it and one kernel per query tile
+accumulates dQ (no atomics).
+
+Mask (query i in chunk c, ``end = (c + 1) * chunk``): key j is visible iff ``j < end`` and (no window, or
+``j < sink``, or ``j >= end - window``).  Each program visits only the key (or query) ranges that can be visible to
+its tile and splits them, like the Triton fused-attention tutorial splits the causal diagonal, into tiles that are
+fully visible to every row (no mask arithmetic) and boundary tiles that apply the mask element-wise.  For the
+forward of query rows [m0, m1) with chunk ends ``end_lo <= end_i <= end_hi``::
+
+    [0, min(sink, w_lo))  masked      sink keys that lie before the window of the first row
+    [w_lo, u_lo)          masked      window start band (w_lo = end_lo - window, u_lo ~ end_hi - window)
+    [u_lo, u_hi)          unmasked    visible to every row (u_hi ~ end_lo)
+    [u_hi, end_hi)        masked      the chunk band
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lipforcing.kernels._attention_common import (LOG2E, _online_softmax_step, block_d, interpreting,
+                                                  launch_config, torch_to_dot_precision)
+
+_NO_WINDOW = 1 << 30  # window used when there is none (every earlier key visible); keeps the arithmetic int32
+
+
+@triton.jit
+def _visible(i, j, end_i, L, SINK, WINDOW, HAS_WINDOW: tl.constexpr):
+    """(len(i), len(j)) bool: query i (chunk end ``end_i``) sees key j."""
+    ok = (j[None, :] < end_i[:, None]) & (j[None, :] < L)
+    if HAS_WINDOW:
+        ok = ok & ((j[None, :] < SINK) | (j[None, :] >= end_i[:, None] - WINDOW))
+    return ok
+
+
+@triton.jit
+def _split_range(lo, u_lo, u_hi, hi, BLOCK: tl.constexpr):
+    """Align the fully visible part [u_lo, u_hi) of [lo, hi) to whole tiles counted from ``lo``: returns
+    (a, b) so that [lo, a) and [b, hi) are masked and [a, b) is a whole number of unmasked tiles."""
+    a = tl.minimum(lo + tl.cdiv(tl.maximum(u_lo - lo, 0), BLOCK) * BLOCK, hi)
+    b = a + (tl.maximum(tl.minimum(u_hi, hi) - a, 0) // BLOCK) * BLOCK
+    return a, b
+
+
+@triton.jit
+def _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, lo, hi, i, end_i, L, SINK, WINDOW, qk_scale,
+               MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + offs_n
+        ld = (j[:, None] < hi) & (d[None, :] < HEAD_DIM)
+        k = tl.load(K_base + j[:, None] * skn + d[None, :], mask=ld, other=0.0)
+        v = tl.load(V_base + j[:, None] * svn + d[None, :], mask=ld, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            ok = _visible(i, j, end_i, L, SINK, WINDOW, HAS_WINDOW) & (j[None, :] < hi)
+            s = tl.where(ok, s, float("-inf"))
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _query_tile_key_ranges(m0, L, CHUNK, SINK, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key ranges of the query tile starting at m0: (n_sink, w_lo, a, b, end_hi) -- see the module docstring."""
+    m_last = tl.minimum(m0 + BLOCK_M, L) - 1
+    end_lo = (m0 // CHUNK + 1) * CHUNK  # nominal chunk ends of the first and last row (a short last chunk
+    end_hi = (m_last // CHUNK + 1) * CHUNK  # keeps its nominal end for the window rule)
+    w_lo = tl.maximum(end_lo - WINDOW, 0)
+    n_sink = tl.minimum(SINK, w_lo)
+    k_hi = tl.minimum(end_hi, L)
+    a, b = _split_range(w_lo, end_hi - WINDOW, end_lo, k_hi, BLOCK_N)
+    return n_sink, w_lo, a, b, k_hi
+
+
+@triton.jit
+def _block_causal_fwd_kernel(
+    Q, K, V, OUT, LSE,
+    sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sob, som, soh, slb, slh,
+    H, L, CHUNK, WINDOW, SINK, qk_scale,
+    HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    m0 = pid_m * BLOCK_M
+    i = m0 + tl.arange(0, BLOCK_M)
+    end_i = (i // CHUNK + 1) * CHUNK
+    d = tl.arange(0, BLOCK_D)
+    row_ok = i < L
+    q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + d[None, :],
+                mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    K_base = K + b * skb + h * skh
+    V_base = V + b * svb + h * svh
+
+    n_sink, w_lo, a, b_, end_hi = _query_tile_key_ranges(m0, L, CHUNK, SINK, WINDOW, BLOCK_M, BLOCK_N)
+    if HAS_WINDOW:
+        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, 0, n_sink, i, end_i, L, SINK, WINDOW,
+                                   qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, w_lo, a, i, end_i, L, SINK, WINDOW,
+                               qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, a, b_, i, end_i, L, SINK, WINDOW,
+                               qk_scale, False, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, b_, end_hi, i, end_i, L, SINK, WINDOW,
+                               qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only rows >= L (never stored); every real query sees its own chunk
+    out = acc / l_i[:, None]
+    tl.store(OUT + b * sob + h * soh + i[:, None] * som + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (d[None, :] < HEAD_DIM))
+    # natural-log logsumexp of the scaled scores: m and log2(l) are in base 2
+    tl.store(LSE + b * slb + h * slh + i, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, sob, som, soh, sdb, sdm, sdh, H, L,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d] (float32, contiguous (B, H, L))."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    m = (i[:, None] < L) & (d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * sob + h * soh + i[:, None] * som + d[None, :], mask=m, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + i[:, None] * sdm + d[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * L + i, tl.sum(o * do, 1), mask=i < L)
+
+
+@triton.jit
+def _bwd_dkdv_range(dk, dv, k, v, j, Q_base, DO_base, LSE_base, DELTA_base, sqm, sdm, lo, hi, L, CHUNK, SINK,
+                    WINDOW, qk_scale, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of key tile j over the query rows [lo, hi).  Works on transposed scores (keys x rows)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    for start in range(lo, hi, BLOCK_M):
+        i = start + offs_m
+        rows = i < hi
+        ld = rows[:, None] & (d[None, :] < HEAD_DIM)
+        q = tl.load(Q_base + i[:, None] * sqm + d[None, :], mask=ld, other=0.0)
+        do = tl.load(DO_base + i[:, None] * sdm + d[None, :], mask=ld, other=0.0)
+        lse2 = tl.load(LSE_base + i, mask=rows, other=0.0) * 1.4426950408889634  # base-2 logsumexp
+        delta = tl.load(DELTA_base + i, mask=rows, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse2[None, :])  # P^T, the forward's probabilities
+        if MASKED:
+            end_i = (i // CHUNK + 1) * CHUNK
+            ok = tl.trans(_visible(i, j, end_i, L, SINK, WINDOW, HAS_WINDOW)) & rows[None, :]
+            p_t = tl.where(ok, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)  # dV = P^T dO
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO V^T)^T
+        ds_t = p_t * (dp_t - delta[None, :])  # dS = P * (dP - delta)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)  # dK = dS^T Q (times scale, later)
+    return dk, dv
+
+
+@triton.jit
+def _block_causal_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sdb, sdm, sdh, slb, slh,
+    sdkb, sdkn, sdkh, sdvb, sdvn, sdvh,
+    H, L, CHUNK, WINDOW, SINK, qk_scale, sm_scale,
+    HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    n0 = pid_n * BLOCK_N
+    j = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    ld = (j[:, None] < L) & (d[None, :] < HEAD_DIM)
+    k = tl.load(K + b * skb + h * skh + j[:, None] * skn + d[None, :], mask=ld, other=0.0)
+    v = tl.load(V + b * svb + h * svh + j[:, None] * svn + d[None, :], mask=ld, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+
+    # Query rows that see some key of this tile: chunk end > n0, and (a sink key in the tile, or end <= j + W).
+    n_last = tl.minimum(n0 + BLOCK_N, L) - 1
+    q_lo = (n0 // CHUNK) * CHUNK
+    if HAS_WINDOW:
+        q_hi = tl.where(n0 < SINK, L, tl.minimum(((n_last + WINDOW) // CHUNK) * CHUNK, L))
+        u_hi = tl.where(n_last < SINK, L, tl.minimum(((n0 + WINDOW) // CHUNK) * CHUNK, L))
+    else:
+        q_hi = L
+        u_hi = L
+    # rows from the chunk holding the tile's last key on see all of it (when the tile is inside the sequence)
+    u_lo = tl.where(n0 + BLOCK_N <= L, (n_last // CHUNK) * CHUNK, L)
+    a, b_ = _split_range(q_lo, u_lo, u_hi, q_hi, BLOCK_M)
+
+    Q_base = Q + b * sqb + h * sqh
+    DO_base = DO + b * sdb + h * sdh
+    LSE_base = LSE + b * slb + h * slh
+    DELTA_base = DELTA + pid_bh.to(tl.int64) * L
+    dk, dv = _bwd_dkdv_range(dk, dv, k, v, j, Q_base, DO_base, LSE_base, DELTA_base, sqm, sdm, q_lo, a, L, CHUNK,
+                             SINK, WINDOW, qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION)
+    dk, dv = _bwd_dkdv_range(dk, dv, k, v, j, Q_base, DO_base, LSE_base, DELTA_base, sqm, sdm, a, b_, L, CHUNK,
+                             SINK, WINDOW, qk_scale, False, HAS_WINDOW, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION)
+    dk, dv = _bwd_dkdv_range(dk, dv, k, v, j, Q_base, DO_base, LSE_base, DELTA_base, sqm, sdm, b_, q_hi, L, CHUNK,
+                             SINK, WINDOW, qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION)
+    tl.store(DK + b * sdkb + h * sdkh + j[:, None] * sdkn + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=ld)
+    tl.store(DV + b * sdvb + h * sdvh + j[:, None] * sdvn + d[None, :], dv.to(DV.dtype.element_ty), mask=ld)
+
+
+@triton.jit
+def _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, lo, hi, L, SINK, WINDOW, qk_scale,
+                  MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + offs_n
+        ld = (j[:, None] < hi) & (d[None, :] < HEAD_DIM)
+        k = tl.load(K_base + j[:, None] * skn + d[None, :], mask=ld, other=0.0)
+        v = tl.load(V_base + j[:, None] * svn + d[None, :], mask=ld, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            ok = _visible(i, j, end_i, L, SINK, WINDOW, HAS_WINDOW) & (j[None, :] < hi)
+            p = tl.where(ok, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)  # dQ = dS K (times scale, later)
+    return dq
+
+
+@triton.jit
+def _block_causal_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    sqb, sqm, sqh, skb, skn, skh, svb, svn, svh, sdb, sdm, sdh, slb, slh, sdqb, sdqm, sdqh,
+    H, L, CHUNK, WINDOW, SINK, qk_scale, sm_scale,
+    HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    m0 = pid_m * BLOCK_M
+    i = m0 + tl.arange(0, BLOCK_M)
+    end_i = (i // CHUNK + 1) * CHUNK
+    d = tl.arange(0, BLOCK_D)
+    row_ok = i < L
+    ld = row_ok[:, None] & (d[None, :] < HEAD_DIM)
+    q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + d[None, :], mask=ld, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + i[:, None] * sdm + d[None, :], mask=ld, other=0.0)
+    lse2 = tl.load(LSE + b * slb + h * slh + i, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * L + i, mask=row_ok, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    K_base = K + b * skb + h * skh
+    V_base = V + b * svb + h * svh
+
+    n_sink, w_lo, a, b_, end_hi = _query_tile_key_ranges(m0, L, CHUNK, SINK, WINDOW, BLOCK_M, BLOCK_N)
+    if HAS_WINDOW:
+        dq = _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, 0, n_sink, L, SINK, WINDOW,
+                           qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    dq = _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, w_lo, a, L, SINK, WINDOW,
+                       qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    dq = _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, a, b_, L, SINK, WINDOW,
+                       qk_scale, False, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    dq = _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, b_, end_hi, L, SINK, WINDOW,
+                       qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    tl.store(DQ + b * sdqb + h * sdqh + i[:, None] * sdqm + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=ld)
+
+
+def _mask_args(window, sink):
+    has_window = window is not None
+    return has_window, (window if has_window else _NO_WINDOW), (sink if has_window else 0)
+
+
+def block_causal_attention_triton_unsupported(q, k, v, chunk_size, window, sink, scale) -> str | None:
+    """Why the Triton backend cannot run these (already validated) inputs, or None."""
+    if interpreting() and q.dtype == torch.bfloat16:
+        return "the Triton interpreter (TRITON_INTERPRET=1) does not support bfloat16"
+    if q.shape[-1] > 256:
+        return f"head_dim {q.shape[-1]} > 256 is not supported by the Triton kernel"
+    if q.shape[1] >= _NO_WINDOW:
+        return f"seqlen {q.shape[1]} is too long for the Triton kernel (int32 positions)"
+    return None
+
+
+def block_causal_attention_triton(q, k, v, chunk_size, window, sink, scale):
+    """Triton forward of ``lipforcing.ops.block_causal_attention``.
+
+    q, k, v: (B, L, H, D).  Returns (out (B, L, H, D) in q.dtype, lse (B, H, L) float32, natural log).
+    Allocates only the outputs; no host synchronisation."""
+    B, L, H, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    cfg = launch_config(D, q.dtype)
+    has_window, w, s = _mask_args(window, sink)
+    _block_causal_fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        H, L, chunk_size, w, s, scale * LOG2E,
+        HAS_WINDOW=has_window, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d(D),
+        DOT_PRECISION=torch_to_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def block_causal_attention_backward_triton(grad_out, q, k, v, out, lse, chunk_size, window, sink, scale):
+    """Triton backward of ``lipforcing.ops.block_causal_attention``: returns (dq, dk, dv) in q.dtype.
+
+    Allocates the gradients and one (B, H, L) float32 workspace (``delta = rowsum(dO * O)``)."""
+    B, L, H, D = q.shape
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    cfg = launch_config(D, q.dtype, backward=True)
+    bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(D)
+    has_window, w, s = _mask_args(window, sink)
+    prec = torch_to_dot_precision(q.dtype)
+    g = grad_out
+    _bwd_delta_kernel[(triton.cdiv(L, bm), B * H)](
+        out, g, delta, out.stride(0), out.stride(1), out.stride(2), g.stride(0), g.stride(1), g.stride(2), H, L,
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=bd, num_warps=4,
+    )
+    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
+              lse.stride(0), lse.stride(1))
+    meta = dict(HAS_WINDOW=has_window, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _block_causal_bwd_dkdv_kernel[(triton.cdiv(L, bn), B * H)](
+        q, k, v, g, lse, delta, dk, dv, *common,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        H, L, chunk_size, w, s, scale * LOG2E, scale, **meta,
+    )
+    _block_causal_bwd_dq_kernel[(triton.cdiv(L, bm), B * H)](
+        q, k, v, g, lse, delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
+        H, L, chunk_size, w, s, scale * LOG2E, scale, **meta,
+    )
+    return dq, dk, dv

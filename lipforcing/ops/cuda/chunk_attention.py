@@ -1,0 +1,56 @@
+"""CUDA backend of ``lipforcing.ops.chunk_attention``: passes pointers, strides, the dtype code and the current
+stream to ``lipforcing._C.chunk_attention`` (csrc/chunk_attention.cu, FlashAttention-2 style tensor-core kernel).
+
+Supports float16/bfloat16, head_dim 64 and 128, compute capability 8.0+, rows aligned to 16 bytes; everything else
+is reported by :func:`chunk_attention_cuda_unsupported` so ``backend="auto"`` falls back to Triton.
+"""
+from __future__ import annotations
+
+import torch
+
+from lipforcing.ops.cuda import DTYPE_CODES, extension, stream_handle
+
+_HEAD_DIMS = (64, 128)
+
+
+def _misaligned(name: str, t: torch.Tensor) -> str | None:
+    if t.data_ptr() % 16:
+        return f"{name} must start at a 16-byte aligned address for the CUDA kernel"
+    if any(s % 8 for s in t.stride()[:3]):
+        return f"{name} strides {tuple(t.stride())} must be multiples of 8 elements for the CUDA kernel"
+    return None
+
+
+def chunk_attention_cuda_unsupported(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale,
+                                     rope_cos, rope_sin, grid_h, grid_w) -> str | None:
+    """Why the CUDA kernel cannot run these (already validated) inputs, or None."""
+    if q.device.type != "cuda":
+        return f"the CUDA kernel needs CUDA tensors, got {q.device}"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernel supports float16 and bfloat16, got {q.dtype} (the triton backend takes float32)"
+    if q.shape[-1] not in _HEAD_DIMS:
+        return f"the CUDA kernel supports head_dim {_HEAD_DIMS}, got {q.shape[-1]}"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "the CUDA kernel needs compute capability 8.0+ (mma.sync m16n8k16)"
+    for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        why = _misaligned(name, t)
+        if why:
+            return why
+    return None
+
+
+def chunk_attention_cuda(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos, rope_sin,
+                         grid_h, grid_w):
+    """CUDA backend: returns out (B, n, H, D); with ``write`` also stores k, v in the cache and advances ``pos``
+    (enqueued on the current stream, no host sync).  Allocates only ``out``."""
+    B, n, H, D = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    strides = [s for t in (q, k, v, k_cache, v_cache, out) for s in t.stride()[:3]]
+    rope = rope_cos is not None
+    with torch.cuda.device(q.device):
+        extension().chunk_attention(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr(),
+            out.data_ptr(), rope_cos.data_ptr() if rope else 0, rope_sin.data_ptr() if rope else 0, strides,
+            B, n, H, D, chunk_size, window, sink, grid_h if rope else 1, grid_w if rope else 1, float(scale),
+            DTYPE_CODES[q.dtype], bool(write), stream_handle(q))
+    return out

@@ -1,0 +1,116 @@
+"""GPU tier of chunk_attention: every backend x fp32/fp16/bf16, with and without dynamic RoPE, against the fp32
+reference; plus a CUDA-graph capture of a loop of chunk steps (no allocation, no host sync per step).
+
+Pass rule (FlashAttention's): error vs the fp32 reference <= 2 x the error of plain PyTorch in the same dtype
+(scores and P @ V computed in that dtype) + a small floor."""
+import pytest
+import torch
+
+from lipforcing import RollingKVCache
+from lipforcing.ops import chunk_attention, rope_spec
+from lipforcing.ops.reference import (cache_slot_positions, cache_write_ref, chunk_attention_ref,
+                                      window_relative_positions)
+from lipforcing.ops.rope import rotate
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+def _can_run(backend, dtype, head_dim):
+    if backend == "cuda":
+        from lipforcing.ops import cuda as ext
+
+        if ext.unavailable_reason() is not None:
+            return ext.unavailable_reason()
+        if dtype == torch.float32 or head_dim not in (64, 128):
+            return "cuda kernel: fp16/bf16, head_dim 64/128"
+    return None
+
+
+def _plain_torch(q, k, v, k_cache, v_cache, pos, chunk, window, sink, scale, rope):
+    """chunk attention the plain PyTorch way in q's dtype (gather keys, scores and P @ V in low precision)."""
+    n = q.shape[1]
+    slot_pos, valid = cache_slot_positions(pos, sink, k_cache.shape[1] - sink)
+    cur = pos + torch.arange(n, device=q.device)
+    keys_k, keys_v = torch.cat([k_cache, k], 1), torch.cat([v_cache, v], 1)
+    valid = torch.cat([valid, torch.ones(n, dtype=torch.bool, device=q.device)])
+    if rope is not None:
+        tpf = rope.tokens_per_frame
+        end = pos + chunk
+        key_abs = torch.cat([slot_pos, cur])
+        q = rotate(q, window_relative_positions(cur, end, window, sink) // tpf, cur % tpf, rope).to(k.dtype)
+        keys_k = rotate(keys_k, window_relative_positions(key_abs, end, window, sink) // tpf,
+                        key_abs.clamp(min=0) % tpf, rope).to(k.dtype)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, keys_k) * scale
+    s = s.masked_fill(~valid, float("-inf"))
+    p = torch.softmax(s.float(), -1).to(q.dtype)
+    return torch.einsum("bhqk,bkhd->bqhd", p, keys_v)
+
+
+@pytest.mark.parametrize("use_rope", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_backend_vs_reference(backend, dtype, head_dim, use_rope):
+    why = _can_run(backend, dtype, head_dim)
+    if why:
+        pytest.skip(why)
+    B, H, grid = 2, 3, (4, 8)  # 32 tokens per frame
+    chunk, window, sink = 96, 288, 32  # 3, 9 and 1 frames: ring of 192 slots, wrapped several times below
+    rope = rope_spec(head_dim, grid, device="cuda") if use_rope else None
+    cache = RollingKVCache(B, H, head_dim, chunk_size=chunk, window=window, sink=sink, dtype=dtype, device="cuda")
+    scale = head_dim ** -0.5
+    for n in [chunk] * 7 + [40]:
+        q, k, v = (torch.randn(B, n, H, head_dim, device="cuda").to(dtype) for _ in range(3))
+        args = (cache.k, cache.v, cache.pos)
+        ref = chunk_attention_ref(q.float(), k.float(), v.float(), cache.k.float(), cache.v.float(), cache.pos.clone(),
+                                  chunk_size=chunk, window=window, sink=sink, write=False, scale=scale, rope=rope)
+        plain = _plain_torch(q, k, v, *args, chunk, window, sink, scale, rope)
+        k_before = cache.k.clone()
+        out = chunk_attention(q, k, v, cache, write=True, rope=rope, backend=backend)
+        err = (out.float() - ref).abs().max().item()
+        err_pt = (plain.float() - ref).abs().max().item()
+        assert err <= 2 * err_pt + FLOOR[dtype], f"{backend} {dtype}: error {err} vs plain PyTorch {err_pt}"
+        # the write went through the reference's rule too
+        expect_k = k_before.clone()
+        cache_write_ref(k, v, expect_k, torch.empty_like(expect_k), cache.pos - n, sink=sink)
+        assert torch.equal(cache.k, expect_k)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_capture_of_chunk_loop(backend):
+    """A loop of chunk steps (write=True) captured once and replayed equals eager execution: nothing in a step
+    allocates outside the graph pool or reads pos on the host."""
+    dtype, D = torch.bfloat16, 128
+    why = _can_run(backend, dtype, D)
+    if why:
+        pytest.skip(why)
+    B, H, chunk, window, sink, steps = 1, 4, 128, 384, 64, 5
+    cache = RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink, dtype=dtype, device="cuda")
+    rope = rope_spec(D, (8, 8), device="cuda")
+    qkv = [[torch.randn(B, chunk, H, D, device="cuda", dtype=dtype) for _ in range(3)] for _ in range(steps)]
+
+    def loop():
+        return [chunk_attention(q, k, v, cache, write=True, rope=rope, backend=backend) for q, k, v in qkv]
+
+    eager = loop()  # also compiles / loads the kernels before capture
+    eager_k = cache.k.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        cache.reset()
+        with torch.cuda.graph(graph, stream=s):
+            captured = loop()
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(2):  # replay twice from an empty cache: same results each time
+        cache.reset()
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(captured, eager):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        assert torch.equal(cache.k, eager_k)
+        assert int(cache.pos) == steps * chunk
