@@ -9,6 +9,9 @@
 
 #include "lipforcing/common.h"
 #include "lipforcing/runtime.h"
+#include "lipforcing/chunk_attention.h"
+#include "lipforcing/audio_cross_attention.h"
+#include "lipforcing/denoise_update.h"
 
 namespace py = pybind11;
 
@@ -51,4 +54,198 @@ PYBIND11_MODULE(_C, m) {
       "Raise RuntimeError with the CUDA error string unless a CUDA device is usable.");
 
   // --- op bindings: each op adds its own block below (chunk_attention, audio_cross_attention, denoise_update) ---
+
+  // --- chunk_attention (csrc/chunk_attention.cu) ---
+  m.def(
+      "chunk_attention",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t k_cache, uintptr_t v_cache, uintptr_t pos, uintptr_t out,
+         uintptr_t rope_cos, uintptr_t rope_sin, const py::sequence& strides, int batch, int n, int heads,
+         int head_dim, int chunk_size, int window, int sink, int grid_h, int grid_w, double scale, int dtype,
+         bool write, uintptr_t stream) {
+        if (py::len(strides) != 18) {
+          throw std::invalid_argument("chunk_attention: strides must hold 18 ints (batch, token, head strides of "
+                                      "q, k, v, k_cache, v_cache, out), got " + std::to_string(py::len(strides)));
+        }
+        if (dtype != static_cast<int>(lipforcing::DType::kFloat16) &&
+            dtype != static_cast<int>(lipforcing::DType::kBFloat16)) {
+          throw std::invalid_argument("chunk_attention: dtype code must be 1 (float16) or 2 (bfloat16), got " +
+                                      std::to_string(dtype));
+        }
+        if (!lipforcing::chunk_attention_supports_head_dim(head_dim)) {
+          throw std::invalid_argument("chunk_attention: head_dim must be 64 or 128, got " + std::to_string(head_dim));
+        }
+        if ((rope_cos == 0) != (rope_sin == 0)) {
+          throw std::invalid_argument("chunk_attention: rope_cos and rope_sin must both be given or both be 0");
+        }
+        if (window < chunk_size || n < 1 || n > chunk_size || sink < 0) {
+          throw std::invalid_argument("chunk_attention: need 1 <= n <= chunk_size <= window and sink >= 0, got n=" +
+                                      std::to_string(n) + " chunk_size=" + std::to_string(chunk_size) + " window=" +
+                                      std::to_string(window) + " sink=" + std::to_string(sink));
+        }
+        lipforcing::ChunkAttnParams p;
+        p.q = reinterpret_cast<const void*>(q);
+        p.k = reinterpret_cast<const void*>(k);
+        p.v = reinterpret_cast<const void*>(v);
+        p.k_cache = reinterpret_cast<void*>(k_cache);
+        p.v_cache = reinterpret_cast<void*>(v_cache);
+        p.pos = reinterpret_cast<int64_t*>(pos);
+        p.out = reinterpret_cast<void*>(out);
+        p.rope_cos = reinterpret_cast<const float*>(rope_cos);
+        p.rope_sin = reinterpret_cast<const float*>(rope_sin);
+        int64_t* dst[6] = {p.q_stride, p.k_stride, p.v_stride, p.kc_stride, p.vc_stride, p.out_stride};
+        for (int i = 0; i < 18; ++i) dst[i / 3][i % 3] = strides[i].cast<int64_t>();
+        p.batch = batch;
+        p.n = n;
+        p.heads = heads;
+        p.head_dim = head_dim;
+        p.chunk_size = chunk_size;
+        p.window = window;
+        p.sink = sink;
+        p.ring = window - chunk_size;
+        p.grid_h = grid_h;
+        p.grid_w = grid_w;
+        p.scale = static_cast<float>(scale);
+        p.dtype = static_cast<lipforcing::DType>(dtype);
+        p.write = write;
+        require_device("chunk_attention");
+        check_cuda(lipforcing::launch_chunk_attention(p, reinterpret_cast<cudaStream_t>(stream)), "chunk_attention");
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"),
+      py::arg("out"), py::arg("rope_cos"), py::arg("rope_sin"), py::arg("strides"), py::arg("batch"), py::arg("n"),
+      py::arg("heads"), py::arg("head_dim"), py::arg("chunk_size"), py::arg("window"), py::arg("sink"),
+      py::arg("grid_h"), py::arg("grid_w"), py::arg("scale"), py::arg("dtype"), py::arg("write"), py::arg("stream"),
+      "chunk_attention forward on raw device pointers (FlashAttention-2 style, fp16/bf16, head_dim 64/128); "
+      "optionally writes k, v into the cache and advances pos.  Enqueued on `stream`; no host sync.");
+  // --- end chunk_attention ---
+  // denoise_update: x0 = x_t - t * flow; x_next = (1 - t_next) * x0 + t_next * eps (csrc/denoise_update.cu).
+  // t_mode / t_next_mode: 0 = the *_value number, 1 = 0-d device tensor, 2 = (batch,) device tensor.
+  // noise = 0: eps from Philox with seed / offset (0-d int64 device tensors, or 0 and the *_value).
+  m.def(
+      "denoise_update",
+      [](uintptr_t x_t, uintptr_t flow, uintptr_t noise, uintptr_t x0_out, uintptr_t x_next_out, int x_dtype,
+         int noise_dtype, int x0_dtype, int x_next_dtype, int t_mode, uintptr_t t, int t_dtype, double t_value,
+         int t_next_mode, uintptr_t t_next, int t_next_dtype, double t_next_value, uintptr_t seed,
+         int64_t seed_value, uintptr_t offset, int64_t offset_value, int64_t numel, int64_t per_sample,
+         uintptr_t stream) {
+        auto dtype = [](int code, const char* name) {
+          if (code < 0 || code > 2) {
+            throw std::invalid_argument(std::string("denoise_update: ") + name +
+                                        " dtype code must be 0, 1 or 2, got " + std::to_string(code));
+          }
+          return static_cast<lipforcing::DType>(code);
+        };
+        auto mode = [](int m, uintptr_t ptr, const char* name) {
+          if (m < 0 || m > 2 || (m != 0 && ptr == 0)) {
+            throw std::invalid_argument(std::string("denoise_update: ") + name +
+                                        "_mode must be 0 (value), 1 or 2 (with a device pointer), got " +
+                                        std::to_string(m));
+          }
+          return static_cast<lipforcing::TimeMode>(m);
+        };
+        if (!x_t || !flow || !x0_out || !x_next_out) {
+          throw std::invalid_argument("denoise_update: x_t, flow, x0_out and x_next_out must be device pointers");
+        }
+        if (numel < 0 || per_sample < 1) {
+          throw std::invalid_argument("denoise_update: need numel >= 0 and per_sample >= 1, got numel=" +
+                                      std::to_string(numel) + ", per_sample=" + std::to_string(per_sample));
+        }
+        lipforcing::DenoiseUpdateParams p;
+        p.x_t = reinterpret_cast<const void*>(x_t);
+        p.flow = reinterpret_cast<const void*>(flow);
+        p.noise = reinterpret_cast<const void*>(noise);
+        p.x0_out = reinterpret_cast<void*>(x0_out);
+        p.x_next_out = reinterpret_cast<void*>(x_next_out);
+        p.x_dtype = dtype(x_dtype, "x_t");
+        p.noise_dtype = dtype(noise_dtype, "noise");
+        p.x0_dtype = dtype(x0_dtype, "x0_out");
+        p.x_next_dtype = dtype(x_next_dtype, "x_next_out");
+        p.t_mode = mode(t_mode, t, "t");
+        p.t = reinterpret_cast<const void*>(t);
+        p.t_dtype = dtype(t_dtype, "t");
+        p.t_value = static_cast<float>(t_value);
+        p.t_next_mode = mode(t_next_mode, t_next, "t_next");
+        p.t_next = reinterpret_cast<const void*>(t_next);
+        p.t_next_dtype = dtype(t_next_dtype, "t_next");
+        p.t_next_value = static_cast<float>(t_next_value);
+        p.one_minus_t_next_value = static_cast<float>(1.0 - t_next_value);  // rounded once, like the reference
+        p.seed = reinterpret_cast<const int64_t*>(seed);
+        p.seed_value = static_cast<uint64_t>(seed_value);
+        p.offset = reinterpret_cast<const int64_t*>(offset);
+        p.offset_value = static_cast<uint64_t>(offset_value);
+        p.numel = numel;
+        p.per_sample = per_sample;
+        if (numel == 0) return;
+        require_device("denoise_update");
+        check_cuda(lipforcing::launch_denoise_update(p, reinterpret_cast<cudaStream_t>(stream)), "denoise_update");
+      },
+      py::arg("x_t"), py::arg("flow"), py::arg("noise"), py::arg("x0_out"), py::arg("x_next_out"),
+      py::arg("x_dtype"), py::arg("noise_dtype"), py::arg("x0_dtype"), py::arg("x_next_dtype"), py::arg("t_mode"),
+      py::arg("t"), py::arg("t_dtype"), py::arg("t_value"), py::arg("t_next_mode"), py::arg("t_next"),
+      py::arg("t_next_dtype"), py::arg("t_next_value"), py::arg("seed"), py::arg("seed_value"), py::arg("offset"),
+      py::arg("offset_value"), py::arg("numel"), py::arg("per_sample"), py::arg("stream"),
+      "Fused denoise step: fills x0_out and x_next_out (see csrc/include/lipforcing/denoise_update.h).");
+  // --- end denoise_update ---
+  // audio_cross_attention: fused text + per-frame audio cross-attention forward (csrc/audio_cross_attention.cu).
+  // Pointers as integers, strides in elements: q/text/out (batch, token, head), audio (batch, frame, token, head).
+  m.def(
+      "audio_cross_attention",
+      [](uintptr_t q, uintptr_t text_k, uintptr_t text_v, uintptr_t audio_k, uintptr_t audio_v, uintptr_t out,
+         uintptr_t lse_text, uintptr_t lse_audio, int64_t batch, int64_t q_len, int64_t heads, int64_t head_dim,
+         int64_t text_len, int64_t frames, int64_t audio_window, int64_t tokens_per_frame,
+         const py::sequence& q_strides, const py::sequence& text_k_strides, const py::sequence& text_v_strides,
+         const py::sequence& audio_k_strides, const py::sequence& audio_v_strides, const py::sequence& out_strides,
+         double scale, double audio_scale, int dtype, uintptr_t stream) {
+        auto copy_strides = [](const py::sequence& src, int64_t* dst, size_t n, const char* name) {
+          if (src.size() != n) {
+            throw std::invalid_argument(std::string("audio_cross_attention: ") + name + " must have " +
+                                        std::to_string(n) + " entries, got " + std::to_string(src.size()));
+          }
+          for (size_t i = 0; i < n; ++i) dst[i] = src[i].cast<int64_t>();
+        };
+        if (dtype < 0 || dtype > 2) {
+          throw std::invalid_argument("audio_cross_attention: dtype code must be 0, 1 or 2, got " +
+                                      std::to_string(dtype));
+        }
+        lipforcing::AudioCrossAttentionParams p;
+        p.q = reinterpret_cast<const void*>(q);
+        p.text_k = reinterpret_cast<const void*>(text_k);
+        p.text_v = reinterpret_cast<const void*>(text_v);
+        p.audio_k = reinterpret_cast<const void*>(audio_k);
+        p.audio_v = reinterpret_cast<const void*>(audio_v);
+        p.out = reinterpret_cast<void*>(out);
+        p.lse_text = reinterpret_cast<float*>(lse_text);
+        p.lse_audio = reinterpret_cast<float*>(lse_audio);
+        p.batch = batch;
+        p.q_len = q_len;
+        p.heads = heads;
+        p.head_dim = head_dim;
+        p.text_len = text_len;
+        p.frames = frames;
+        p.audio_window = audio_window;
+        p.tokens_per_frame = tokens_per_frame;
+        copy_strides(q_strides, p.q_stride, 3, "q_strides");
+        copy_strides(text_k_strides, p.text_k_stride, 3, "text_k_strides");
+        copy_strides(text_v_strides, p.text_v_stride, 3, "text_v_strides");
+        copy_strides(audio_k_strides, p.audio_k_stride, 4, "audio_k_strides");
+        copy_strides(audio_v_strides, p.audio_v_stride, 4, "audio_v_strides");
+        copy_strides(out_strides, p.out_stride, 3, "out_strides");
+        p.scale = static_cast<float>(scale);
+        p.audio_scale = static_cast<float>(audio_scale);
+        p.dtype = static_cast<lipforcing::DType>(dtype);
+        if (const char* why = lipforcing::check_audio_cross_attention(p)) {
+          throw std::invalid_argument(std::string("audio_cross_attention: ") + why);
+        }
+        require_device("audio_cross_attention");
+        check_cuda(lipforcing::launch_audio_cross_attention(p, reinterpret_cast<cudaStream_t>(stream)),
+                   "audio_cross_attention");
+      },
+      py::arg("q"), py::arg("text_k"), py::arg("text_v"), py::arg("audio_k"), py::arg("audio_v"), py::arg("out"),
+      py::arg("lse_text"), py::arg("lse_audio"), py::arg("batch"), py::arg("q_len"), py::arg("heads"),
+      py::arg("head_dim"), py::arg("text_len"), py::arg("frames"), py::arg("audio_window"),
+      py::arg("tokens_per_frame"), py::arg("q_strides"), py::arg("text_k_strides"), py::arg("text_v_strides"),
+      py::arg("audio_k_strides"), py::arg("audio_v_strides"), py::arg("out_strides"), py::arg("scale"),
+      py::arg("audio_scale"), py::arg("dtype"), py::arg("stream"),
+      "Fused audio cross-attention forward: fills out, lse_text, lse_audio "
+      "(see csrc/include/lipforcing/audio_cross_attention.h).");
+  // --- end audio_cross_attention ---
 }
