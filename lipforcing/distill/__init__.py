@@ -8,7 +8,13 @@ import importlib
 
 _LAZY = {
     "SyncNet": "lipforcing.distill.syncnet",
-    "mfcc": "lipforcing.distill.mfcc",
+    "mfcc": "lipforcing.distill.mfcc_frontend",
+    "SyncScore": "lipforcing.distill.syncnet",
+    "sync_confidence": "lipforcing.distill.syncnet",
+    "sync_reward_weight": "lipforcing.distill.syncnet",
+    "sync_embeddings": "lipforcing.distill.syncnet",
+    "score_embeddings": "lipforcing.distill.syncnet",
+    "offset_distances": "lipforcing.distill.syncnet",
     "guidance_scale": "lipforcing.distill.losses",
 }
 
