@@ -1,41 +1,26 @@
 """Compile tier: the CUDA extension builds with nvcc (LIPFORCING_CUDA=ON) into a fresh build dir and imports
 without a GPU; LIPFORCING_CUDA=OFF gives a pure-Python wheel that still ships lipforcing.kernels."""
 import glob
-import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.compile.conftest import ROOT, pybind11_dir
+
 pytestmark = pytest.mark.compile
 
 
-def _pybind11_dir() -> str:
-    return subprocess.run([sys.executable, "-m", "pybind11", "--cmakedir"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_cuda_extension_builds_and_imports(tmp_path):
-    build = tmp_path / "build"
-    subprocess.run(["cmake", "-S", ROOT, "-B", str(build), "-DLIPFORCING_CUDA=ON",
-                    "-DCMAKE_CUDA_ARCHITECTURES=80;90", f"-Dpybind11_DIR={_pybind11_dir()}",
-                    f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release"], check=True,
-                   capture_output=True)
-    result = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    (so,) = glob.glob(str(build / "_C*.so"))
+def test_cuda_extension_builds_and_imports(built_extension):
     # static CUDA runtime, no libtorch: only system libraries are linked
-    ldd = subprocess.run(["ldd", so], capture_output=True, text=True).stdout
+    ldd = subprocess.run(["ldd", built_extension.so_path], capture_output=True, text=True).stdout
     assert "libcudart" not in ldd and "libtorch" not in ldd and "libc10" not in ldd, ldd
-    spec = importlib.util.spec_from_file_location("_C", so)
-    ext = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ext)
+    ext = built_extension.module
     assert ext.runtime_version() >= 12000
+    for op in ("chunk_attention", "audio_cross_attention", "denoise_update"):
+        assert hasattr(ext, op), op
     if ext.device_count() == 0:
         with pytest.raises(RuntimeError, match="CUDA"):
             ext.require_device("test")
@@ -44,7 +29,7 @@ def test_cuda_extension_builds_and_imports(tmp_path):
 def test_cuda_on_without_compiler_fails_clearly(tmp_path):
     env = dict(os.environ, CUDACXX="/nonexistent/nvcc", PATH="/usr/bin:/bin")
     result = subprocess.run(["cmake", "-S", ROOT, "-B", str(tmp_path / "b"), "-DLIPFORCING_CUDA=ON",
-                             f"-Dpybind11_DIR={_pybind11_dir()}"], capture_output=True, text=True, env=env)
+                             f"-Dpybind11_DIR={pybind11_dir()}"], capture_output=True, text=True, env=env)
     assert result.returncode != 0
     assert "LIPFORCING_CUDA=ON but no CUDA compiler was found" in result.stdout + result.stderr
 

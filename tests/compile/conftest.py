@@ -1,0 +1,63 @@
+"""Compile tier: one build of the CUDA extension shared by every compile test (nvcc is slow on 2 cores)."""
+import glob
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ARCHS = (80, 90)
+
+
+def pybind11_dir() -> str:
+    return subprocess.run([sys.executable, "-m", "pybind11", "--cmakedir"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@dataclass
+class BuiltExtension:
+    module: ModuleType  # lipforcing._C loaded from the build dir
+    so_path: str
+    log: str  # compiler output, including ptxas -v resource usage per kernel and arch
+
+    def binary(self) -> bytes:
+        return open(self.so_path, "rb").read()
+
+    def spill_bytes(self, kernel_substring: str) -> dict[int, int]:
+        """Max spill-store bytes reported by ptxas per sm arch for functions whose name contains the substring."""
+        out: dict[int, int] = {}
+        current = None
+        for line in self.log.splitlines():
+            if "Compiling entry function" in line:
+                current = line if kernel_substring in line else None
+            elif current is not None and "bytes spill stores" in line:
+                arch = int(current.split("for 'sm_")[1][:2]) if "for 'sm_" in current else -1
+                spill = int(line.split("bytes spill stores")[0].split()[-1])
+                out[arch] = max(out.get(arch, 0), spill)
+        return out
+
+
+@pytest.fixture(scope="session")
+def built_extension(tmp_path_factory) -> BuiltExtension:
+    """lipforcing._C built from this checkout with LIPFORCING_CUDA=ON for sm_80 and sm_90 (once per session)."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    build = tmp_path_factory.mktemp("ext_build")
+    arch = ";".join(str(a) for a in ARCHS)
+    subprocess.run(["cmake", "-S", ROOT, "-B", str(build), "-DLIPFORCING_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}",
+                    "-DCMAKE_CUDA_FLAGS=-Xptxas=-v", f"-Dpybind11_DIR={pybind11_dir()}",
+                    f"-DPython_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release"], check=True,
+                   capture_output=True)
+    result = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-6000:]
+    (so,) = glob.glob(str(build / "_C*.so"))
+    spec = importlib.util.spec_from_file_location("_C", so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return BuiltExtension(module, so, log)
