@@ -16,6 +16,21 @@ _LAZY = {
     "score_embeddings": "lipforcing.distill.syncnet",
     "offset_distances": "lipforcing.distill.syncnet",
     "guidance_scale": "lipforcing.distill.losses",
+    "sync_window_target": "lipforcing.distill.losses",
+    "dmd_gradient": "lipforcing.distill.losses",
+    "dmd_loss": "lipforcing.distill.losses",
+    "sw_dmd_loss": "lipforcing.distill.losses",
+    "critic_loss": "lipforcing.distill.losses",
+    "df_loss": "lipforcing.distill.losses",
+    "self_forcing_rollout": "lipforcing.distill.rollout",
+    "sample_trajectory": "lipforcing.distill.teacher",
+    "euler_jump": "lipforcing.distill.teacher",
+    "euler_jump_grid": "lipforcing.distill.teacher",
+    "SyncReward": "lipforcing.distill.reward",
+    "TrainConfig": "lipforcing.distill.trainer",
+    "Trainer": "lipforcing.distill.trainer",
+    "SyntheticLatentDataset": "lipforcing.distill.data",
+    "LatentFileDataset": "lipforcing.distill.data",
 }
 
 __all__ = list(_LAZY)

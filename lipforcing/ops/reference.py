@@ -5,11 +5,24 @@ backends and the last-resort backend.  Names follow the ops: ``<op>_ref``.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from lipforcing.ops.rope import RopeSpec, rotate
+
+
+def _fp32(fn):
+    """Run a reference in float32 even under autocast (autocast would silently turn its math into bf16/fp16)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
 
 # ---------------------------------------------------------------------------------------------- block-causal mask
 
@@ -56,6 +69,7 @@ def _softmax_attention_backward(q, k, v, mask, scale, grad_out):
     return dq, dk, dv
 
 
+@_fp32
 def block_causal_attention_ref(q, k, v, chunk_size: int, window: int | None, sink: int, scale: float):
     """Reference of ``lipforcing.ops.block_causal_attention``: returns (out in q.dtype, lse (B, H, L) fp32)."""
     mask = block_causal_mask(q.shape[1], k.shape[1], chunk_size, window, sink, q.device)
@@ -63,6 +77,7 @@ def block_causal_attention_ref(q, k, v, chunk_size: int, window: int | None, sin
     return out.to(q.dtype), lse
 
 
+@_fp32
 def block_causal_attention_backward_ref(grad_out, q, k, v, chunk_size: int, window: int | None, sink: int,
                                         scale: float):
     """Gradients (dq, dk, dv), float32, of block_causal_attention_ref's output."""
@@ -123,6 +138,7 @@ def cache_write_ref(k, v, k_cache, v_cache, pos, *, sink: int) -> None:
     pos.add_(n)
 
 
+@_fp32
 def chunk_attention_ref(q, k, v, k_cache, v_cache, pos, *, chunk_size: int, window: int, sink: int,
                         write: bool, scale: float, rope: RopeSpec | None = None):
     """Reference of ``lipforcing.ops.chunk_attention`` (one layer, one chunk).  Returns out in q.dtype.
@@ -155,6 +171,7 @@ def chunk_attention_ref(q, k, v, k_cache, v_cache, pos, *, chunk_size: int, wind
 # ------------------------------------------------------------------------------------------ audio cross-attention
 
 
+@_fp32
 def audio_cross_attention_ref(q, text_k, text_v, audio_k, audio_v, tokens_per_frame: int, audio_scale: float,
                               scale: float):
     """Reference of ``lipforcing.ops.audio_cross_attention``.
@@ -179,6 +196,7 @@ def audio_cross_attention_ref(q, text_k, text_v, audio_k, audio_v, tokens_per_fr
     return (out_t + audio_scale * out_a).to(q.dtype), lse_t, lse_a
 
 
+@_fp32
 def audio_cross_attention_backward_ref(grad_out, q, text_k, text_v, audio_k, audio_v, tokens_per_frame: int,
                                        audio_scale: float, scale: float):
     """Gradients (dq, dtext_k, dtext_v, daudio_k, daudio_v), float32, of audio_cross_attention_ref's output."""
@@ -254,6 +272,7 @@ def _per_sample(t, value: float, x: torch.Tensor) -> torch.Tensor | float:
     return t.reshape(-1, *([1] * (x.dim() - 1))) if t.dim() == 1 else t
 
 
+@_fp32
 def denoise_update_ref(x_t, flow, t, t_value: float, t_next, t_next_value: float, noise, seed, offset):
     """Reference of ``lipforcing.ops.denoise_update``: returns float32 (x0, x_next).
 

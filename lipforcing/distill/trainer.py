@@ -1,0 +1,741 @@
+"""The distillation trainer: one loop for stage 1 (diffusion forcing, ``df``) and stage 2 (Self-Forcing with
+Sync-Window DMD and the SyncNet reward, ``sf``).
+
+Run it with ``lipforcing train --stage df|sf --config run.yaml`` (single process: CPU or one GPU), or under
+``torchrun --nproc_per_node N -m lipforcing train ...`` for PyTorch FSDP2 (``fully_shard``; NCCL on GPUs, gloo on
+CPUs).  The YAML holds the fields of :class:`TrainConfig` (nested ``data:`` and ``reward:`` sections)::
+
+    model: 1.3b                 # student preset (+ model_overrides: {...})
+    teacher_model: 14b          # teacher / critic preset (default: the student's)
+    teacher_path: ckpt/omniavatar_ls_14b.safetensors
+    student_init: runs/df/      # sf: the stage-1 output (directory or .safetensors)
+    data: {kind: files, path: data/latents/}
+    batch_size: 1
+    iterations: 600
+    reward: {enabled: true, syncnet_path: syncnet_v2.model, decoder: vae, vae_path: Wan2.1_VAE.pth}
+    precision: bf16
+    output_dir: runs/sf
+
+Per iteration k (every random draw is a function of (seed, k, global sample index), so a run resumes exactly
+and gives the same result for any number of ranks with the same global batch):
+
+* ``df``: per-chunk t from {0.999, 0.769, 0}, x_t per chunk, one block-causal pass with a random (window, sink)
+  from ``df_attention_configs``, loss 0.5 * MSE(x0_pred, x0); AdamW(1e-5, betas (0.9, 0.999)), clip 10.
+* ``sf``: when ``k % critic_updates_per_student == 0`` a student update: Self-Forcing rollout (one shared exit
+  step), SW-DMD per-sample loss, optional reward weights exp(2 LSE-C), ``mean(w * L)``; then, every iteration, a
+  critic update: a fresh no-grad rollout and the x0 denoising loss.  AdamW(2e-6, betas (0, 0.999)) for both,
+  grad clip 10 on the student.
+
+Checkpoints (``output_dir/ckpt-<iteration>/``): ``student.safetensors`` (Wan-native names plus the model config in
+the metadata: loadable by ``lipforcing.load_model``), ``critic.safetensors`` (sf), ``optim_student.safetensors``,
+``optim_critic.safetensors`` and ``trainer.json``; ``output_dir/latest`` names the newest.  Metrics go to the log
+and to ``output_dir/metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lipforcing import schedule
+from lipforcing.cli import UserError, command
+from lipforcing.config import ModelConfig
+
+log = logging.getLogger("lipforcing.train")
+
+STAGES = ("df", "sf")
+# (window_frames, sink_frames) in ModelConfig semantics: the window counts the frames a chunk attends to
+# *including itself* and *excluding* the sink.  The reference's local_attn_size includes the sink, so its
+# (7,1) (10,1) (13,1) (9,3) (12,3) are (6,1) (9,1) (12,1) (6,3) (9,3) here.
+DF_ATTENTION_CONFIGS = ((6, 1), (9, 1), (12, 1), (6, 3), (9, 3))
+_SAMPLE_METRICS = ("df_loss", "dmd_loss", "student_loss", "critic_loss", "dmd_grad_mean_abs", "dmd_t_mean",
+                   "sync_confidence", "reward_weight_mean")
+STAGE_DEFAULTS = {
+    "df": {"lr": 1e-5, "betas": (0.9, 0.999)},
+    "sf": {"lr": 2e-6, "betas": (0.0, 0.999)},
+}
+
+
+# --------------------------------------------------------------------------------------------------- config
+@dataclass
+class DataConfig:
+    """``kind="synthetic"``: random clips of the given shape (:class:`~lipforcing.distill.data.SyntheticLatentDataset`);
+    ``kind="files"``: precomputed clips under ``path`` (:class:`~lipforcing.distill.data.LatentFileDataset`)."""
+
+    kind: str = "synthetic"
+    path: Optional[str] = None
+    num_samples: int = 8
+    frames: int = 6
+    height: int = 8
+    width: int = 8
+    text_len: int = 8
+
+
+@dataclass
+class RewardConfig:
+    """SyncNet reward (stage 2).  ``decoder``: ``"vae"`` (``lipforcing.load_vae(vae_path)``) or ``"latent_rgb"``
+    (a fixed linear preview, for smoke tests).  ``syncnet_path``: SyncNet v2 weights (None: random weights, only
+    for tests)."""
+
+    enabled: bool = False
+    beta: float = 2.0
+    vshift: int = 15
+    padding: str = "overlap"
+    decoder: str = "vae"
+    vae_path: Optional[str] = None
+    decoder_scale: int = 8
+    syncnet_path: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    """Everything a distillation run needs (see the module docstring for the YAML form)."""
+
+    stage: str = "df"
+    model: str = "tiny"
+    model_overrides: dict = field(default_factory=dict)
+    teacher_model: Optional[str] = None
+    teacher_path: Optional[str] = None
+    critic_path: Optional[str] = None
+    student_init: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    batch_size: int = 1
+    iterations: int = 10
+    lr: Optional[float] = None
+    betas: Optional[tuple] = None
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-8
+    grad_clip: Optional[float] = 10.0
+    critic_lr: Optional[float] = None
+    critic_betas: Optional[tuple] = None
+    critic_grad_clip: Optional[float] = None
+    critic_updates_per_student: int = 5
+    timesteps: tuple = schedule.STUDENT_TIMESTEPS
+    df_random_attention: bool = True
+    df_attention_configs: tuple = DF_ATTENTION_CONFIGS
+    guidance_band: tuple = (0.556, 0.882)
+    guidance_scale: float = 4.5
+    guidance_inverted: bool = False
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    precision: str = "fp32"
+    attn_backend: str = "auto"
+    gradient_checkpointing: bool = False
+    fsdp: str = "auto"
+    fsdp_per_block: bool = True
+    device: str = "auto"
+    seed: int = 0
+    output_dir: str = "runs/distill"
+    save_every: int = 0
+    log_every: int = 1
+    resume: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.data, dict):
+            self.data = _from_dict(DataConfig, self.data, "data")
+        if isinstance(self.reward, dict):
+            self.reward = _from_dict(RewardConfig, self.reward, "reward")
+        for name in ("betas", "critic_betas", "timesteps", "guidance_band"):
+            v = getattr(self, name)
+            if isinstance(v, list):
+                setattr(self, name, tuple(v))
+        self.df_attention_configs = tuple(tuple(c) for c in self.df_attention_configs)
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.fsdp not in ("auto", "on", "off"):
+            raise ValueError(f"fsdp must be 'auto', 'on' or 'off', got {self.fsdp!r}")
+        for name in ("batch_size", "critic_updates_per_student"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"iterations must be an int >= 0, got {self.iterations!r}")
+        if self.data.kind not in ("synthetic", "files"):
+            raise ValueError(f"data.kind must be 'synthetic' or 'files', got {self.data.kind!r}")
+        if self.data.kind == "files" and not self.data.path:
+            raise ValueError("data.kind='files' needs data.path")
+        if self.attn_backend not in ("auto", "cuda", "triton", "reference"):
+            raise ValueError(f"attn_backend must be auto, cuda, triton or reference, got {self.attn_backend!r}")
+        if self.reward.decoder not in ("vae", "latent_rgb"):
+            raise ValueError(f"reward.decoder must be 'vae' or 'latent_rgb', got {self.reward.decoder!r}")
+
+    # stage defaults
+    @property
+    def student_lr(self) -> float:
+        return STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else float(self.lr)
+
+    @property
+    def student_betas(self) -> tuple:
+        return STAGE_DEFAULTS[self.stage]["betas"] if self.betas is None else tuple(self.betas)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_name(self.model, **dict(self.model_overrides))
+
+    def teacher_config(self) -> ModelConfig:
+        if self.teacher_model is None:
+            return self.model_config()
+        return ModelConfig.from_name(self.teacher_model)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return _from_dict(cls, d, "config")
+
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> "TrainConfig":
+        """Read a YAML file (keys = field names; nested ``data:`` / ``reward:``); ``overrides`` win."""
+        import yaml
+
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(d)
+
+
+def _from_dict(cls, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {where} fields {unknown}; known: {sorted(names)}")
+    return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) without torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str = "auto") -> torch.device:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1; return this rank's
+    device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = torch.device("cuda", local) if world > 1 or device == "auto" else torch.device(device)
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def shard_model(model: torch.nn.Module, *, per_block: bool = True) -> torch.nn.Module:
+    """Apply FSDP2 (``torch.distributed.fsdp.fully_shard``) to a LipSyncDiT in place.
+
+    per_block: each block is its own unit (its text cross-attention another, because the model computes the text
+    K/V outside the block's forward) and the root holds the embeddings and the head; otherwise one unit.  The
+    methods the trainer calls besides ``forward`` (``init_stream``, ``forward_chunk`` and the rollout's
+    differentiable ``forward_chunk_train``) are registered so that they gather the parameters too."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from lipforcing.distill.rollout import forward_chunk_train
+
+    if per_block:
+        for block in model.blocks:
+            fully_shard(block.cross_attn)
+            for name in ("text_kv", "audio_kv"):
+                register_fsdp_forward_method(block.cross_attn, name)
+            fully_shard(block)
+    fully_shard(model)
+    if getattr(model, "causal", False):
+        model.forward_chunk_train = types.MethodType(forward_chunk_train, model)
+        for name in ("init_stream", "forward_chunk", "forward_chunk_train"):
+            register_fsdp_forward_method(model, name)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+def _save_state_dict(sd: dict, path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    flat = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    save_file(flat, os.fspath(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+def _flatten_optim(osd: dict) -> tuple[dict, dict]:
+    tensors = {}
+    for fqn, st in osd["state"].items():
+        for key, val in st.items():
+            tensors[f"state.{fqn}.{key}"] = val if isinstance(val, torch.Tensor) else torch.tensor(val)
+    return tensors, {"param_groups": json.dumps(osd["param_groups"])}
+
+
+def _unflatten_optim(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for k, v in tensors.items():
+        _, rest = k.split(".", 1)
+        fqn, key = rest.rsplit(".", 1)
+        state.setdefault(fqn, {})[key] = v
+    groups = json.loads(meta["param_groups"])
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint directory from a run directory (its ``latest``), a ``ckpt-*`` directory, or a file."""
+    p = Path(path)
+    if p.is_dir() and (p / "latest").is_file():
+        p = p / (p / "latest").read_text().strip()
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """One training run (see the module docstring).
+
+    Parameters
+    ----------
+    config : TrainConfig.
+    dataset : optional dataset of samples (overrides ``config.data``); see :mod:`lipforcing.distill.data`.
+    reward : optional callable ``(latents, waveform) -> (weights (B,), confidence (B,))`` (overrides
+        ``config.reward``), e.g. a :class:`lipforcing.distill.reward.SyncReward`.
+    """
+
+    def __init__(self, config: TrainConfig, *, dataset=None, reward=None):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.cfg = cfg = config
+        self.device = init_distributed(cfg.device)
+        self.rank, self.world = dist_info()
+        self.use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and self.world > 1)
+        if self.use_fsdp and not torch.distributed.is_initialized():
+            raise RuntimeError("fsdp='on' needs torch.distributed (run under torchrun)")
+        self.out = Path(cfg.output_dir)
+        self.iteration = 0
+        self.history: list[dict] = []
+        self.model_cfg = cfg.model_config()
+        self.dataset = dataset if dataset is not None else self._build_dataset()
+        if len(self.dataset) < 1:
+            raise ValueError("the dataset is empty")
+        self._build_models()
+        self.reward = reward if reward is not None else self._build_reward()
+        if cfg.resume and (self.out / "latest").is_file():
+            self.load(self.out)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _build_dataset(self):
+        from lipforcing.distill.data import LatentFileDataset, SyntheticLatentDataset
+
+        d = self.cfg.data
+        if d.kind == "files":
+            return LatentFileDataset(d.path, self.model_cfg)
+        return SyntheticLatentDataset(self.model_cfg, num_samples=d.num_samples, frames=d.frames, height=d.height,
+                                      width=d.width, text_len=d.text_len, seed=self.cfg.seed)
+
+    def _load_or_build(self, path, config: ModelConfig, causal: bool):
+        from lipforcing.model import build_model, load_model
+
+        if path:
+            p = Path(path)
+            if p.is_dir():
+                ck = resolve_checkpoint(p)
+                name = "student.safetensors" if causal else "critic.safetensors"
+                if (ck / name).is_file():
+                    p = ck / name
+                elif (ck / "student.safetensors").is_file():
+                    p = ck / "student.safetensors"
+            return load_model(p, config=config, causal=causal, device=self.device)
+        return build_model(config, causal=causal, device=self.device)
+
+    def _build_models(self):
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # identical random init on every rank
+        scfg = self.model_cfg
+        self.teacher = self.critic = self.critic_opt = None
+        if cfg.stage == "sf" or cfg.teacher_path:
+            tcfg = cfg.teacher_config()
+            if not cfg.teacher_path:
+                log.warning("no teacher_path: the teacher has random weights (tests / smoke runs only)")
+            teacher = self._load_or_build(cfg.teacher_path, tcfg, causal=False)
+            teacher.requires_grad_(False).eval()
+        else:
+            teacher = None
+        if cfg.student_init:
+            student = self._load_or_build(cfg.student_init, scfg, causal=True)
+        else:
+            from lipforcing.model import build_model
+
+            student = build_model(scfg, causal=True, device=self.device)
+            if teacher is not None and teacher.config == scfg:
+                student.load_state_dict(teacher.state_dict())  # the student starts from the teacher (paper)
+            elif cfg.stage == "sf":
+                log.warning("stage sf without student_init: the student starts from random weights (normally the "
+                            "stage-1 diffusion-forcing checkpoint)")
+        student.train()
+        student.gradient_checkpointing = cfg.gradient_checkpointing
+        if cfg.stage == "sf":
+            if cfg.critic_path:
+                critic = self._load_or_build(cfg.critic_path, teacher.config, causal=False)
+            else:
+                from lipforcing.model import build_model
+
+                critic = build_model(teacher.config, causal=False, device=self.device)
+                critic.load_state_dict(teacher.state_dict())  # the fake score starts from the teacher
+            critic.train()
+            critic.gradient_checkpointing = cfg.gradient_checkpointing
+        else:
+            critic = None
+            teacher = None if cfg.stage == "df" else teacher
+        for m in (student, critic, teacher):
+            if m is not None:
+                m.attn_backend = cfg.attn_backend
+        if self.use_fsdp:
+            for m in (student, critic, teacher):
+                if m is not None:
+                    shard_model(m, per_block=cfg.fsdp_per_block)
+        self.student, self.critic, self.teacher = student, critic, teacher
+        self.student_opt = torch.optim.AdamW(student.parameters(), lr=cfg.student_lr, betas=cfg.student_betas,
+                                             weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        if critic is not None:
+            clr = cfg.student_lr if cfg.critic_lr is None else float(cfg.critic_lr)
+            cb = cfg.student_betas if cfg.critic_betas is None else tuple(cfg.critic_betas)
+            self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=clr, betas=cb,
+                                                weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+
+    def _build_reward(self):
+        r = self.cfg.reward
+        if self.cfg.stage != "sf" or not r.enabled:
+            return None
+        from lipforcing.distill.reward import LatentRGBDecoder, SyncReward
+        from lipforcing.distill.syncnet import SyncNet
+
+        if r.decoder == "vae":
+            if not r.vae_path:
+                raise UserError("reward.decoder='vae' needs reward.vae_path (the Wan2.1 VAE weights)")
+            import lipforcing
+
+            vae = lipforcing.load_vae(r.vae_path, device=self.device)
+            vae.requires_grad_(False)
+
+            def decoder(z):
+                return vae.decode(z)
+        else:
+            decoder = LatentRGBDecoder(self.model_cfg.out_dim, scale=r.decoder_scale)
+        if r.syncnet_path:
+            syncnet = SyncNet.from_file(r.syncnet_path)
+        else:
+            log.warning("no reward.syncnet_path: SyncNet has random weights (tests / smoke runs only)")
+            torch.manual_seed(self.cfg.seed)
+            syncnet = SyncNet()
+        return SyncReward(decoder, syncnet.to(self.device).eval(), beta=r.beta, vshift=r.vshift, padding=r.padding)
+
+    # ------------------------------------------------------------------------------------------------ randomness
+    def generator(self, *tags) -> torch.Generator:
+        """A CPU generator determined by (seed, tags) only: identical across ranks, runs and resumes."""
+        h = hashlib.sha256(repr((self.cfg.seed,) + tags).encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+
+    def sample_gens(self, k: int, tag: str) -> list[torch.Generator]:
+        """One generator per local sample of iteration k (keyed by the *global* sample index)."""
+        B = self.cfg.batch_size
+        return [self.generator(k, tag, self.rank * B + b) for b in range(B)]
+
+    def batch(self, k: int) -> dict:
+        """This rank's slice of the global batch of iteration k."""
+        from lipforcing.distill.data import collate
+
+        B = self.cfg.batch_size
+        idx = torch.randint(len(self.dataset), (B * self.world,), generator=self.generator(k, "data"))
+        return collate([self.dataset[int(i)] for i in idx[self.rank * B:(self.rank + 1) * B]])
+
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def df_losses(self, k: int, batch: dict, *, attention=None) -> torch.Tensor:
+        """Per-sample diffusion-forcing losses of iteration k (with gradient)."""
+        from lipforcing.distill.data import batch_condition
+        from lipforcing.distill.losses import df_loss
+        from lipforcing.distill.rollout import chunk_bounds
+
+        x0, cond = batch_condition(batch, self.device)
+        B, _, Fr = x0.shape[:3]
+        bounds = chunk_bounds(Fr, self.model_cfg.chunk_frames)
+        gens = self.sample_gens(k, "df")
+        t_chunk = torch.cat([schedule.sample_chunk_timesteps(1, len(bounds), timesteps=self.cfg.timesteps,
+                                                             generator=g) for g in gens])
+        sizes = torch.tensor([b - a for a, b in bounds])
+        t = t_chunk.repeat_interleave(sizes, dim=1).to(self.device)           # (B, F)
+        eps = torch.stack([torch.randn(tuple(x0.shape[1:]), generator=g) for g in gens]).to(self.device)
+        x_t = schedule.add_noise(x0, eps, t)
+        with self.autocast():
+            v = self.student(cond.model_input(x_t), schedule.timestep_input(t), cond.context, cond.audio,
+                             attention=attention)
+        x0_pred = schedule.x0_from_velocity(x_t, v.float(), t)
+        return df_loss(x0_pred, x0)
+
+    def df_attention(self, k: int):
+        if not self.cfg.df_random_attention:
+            return None
+        configs = self.cfg.df_attention_configs
+        i = int(torch.randint(len(configs), (1,), generator=self.generator(k, "attention")))
+        return tuple(configs[i])
+
+    def df_step(self, k: int) -> dict:
+        batch = self.batch(k)
+        attention = self.df_attention(k)
+        loss = self.df_losses(k, batch, attention=attention).mean()
+        self.student_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = self._clip(self.student, self.cfg.grad_clip)
+        self.student_opt.step()
+        m = {"df_loss": loss.item(), "student_grad_norm": gnorm}
+        if attention is not None:
+            m["window"], m["sink"] = attention
+        return m
+
+    def rollout(self, k: int, cond, shape, tag: str, *, grad: bool):
+        from lipforcing.distill.rollout import draw_exit_step, self_forcing_rollout
+
+        gens = self.sample_gens(k, tag + "/noise")
+        noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gens]).to(self.device)
+        exit_step = draw_exit_step(len(self.cfg.timesteps) - 1, generator=self.generator(k, tag + "/exit"),
+                                   device=self.device)
+        with self.autocast():
+            return self_forcing_rollout(self.student, noise, cond, timesteps=self.cfg.timesteps,
+                                        exit_step=exit_step, grad=grad,
+                                        generator=self.sample_gens(k, tag + "/steps"))
+
+    def _dmd_noise(self, k: int, tag: str, shape):
+        gens = self.sample_gens(k, tag)
+        t = torch.cat([schedule.sample_dmd_timesteps(1, generator=g) for g in gens]).to(self.device)
+        eps = torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gens]).to(self.device)
+        return t, eps
+
+    def student_update(self, k: int, batch: dict) -> dict:
+        from lipforcing.distill.data import batch_condition
+        from lipforcing.distill.losses import sw_dmd_loss, weighted_mean
+
+        x0, cond = batch_condition(batch, self.device)
+        gen, info = self.rollout(k, cond, x0.shape, "student", grad=True)
+        t, eps = self._dmd_noise(k, "dmd", x0.shape)
+        with self.autocast():
+            losses, dinfo = sw_dmd_loss(gen, self.teacher, self.critic, cond, t=t, eps=eps,
+                                        band=self.cfg.guidance_band, scale=self.cfg.guidance_scale,
+                                        inverted=self.cfg.guidance_inverted)
+        m = {"exit_step": info["exit_step"], "dmd_loss": losses.mean().item(),
+             "dmd_grad_mean_abs": dinfo["grad_norm"].mean().item(), "dmd_t_mean": t.mean().item()}
+        weights = None
+        if self.reward is not None:
+            if "waveform" not in batch:
+                raise ValueError("the reward needs a 'waveform' in every sample")
+            weights, conf = self.reward(gen, batch["waveform"])
+            m["sync_confidence"] = conf.float().mean().item()
+            m["reward_weight_mean"] = weights.float().mean().item()
+        total = weighted_mean(losses, weights)
+        self.student_opt.zero_grad(set_to_none=True)
+        total.backward()
+        m["student_grad_norm"] = self._clip(self.student, self.cfg.grad_clip)
+        self.student_opt.step()
+        self.student_opt.zero_grad(set_to_none=True)
+        m["student_loss"] = total.item()
+        return m
+
+    def critic_losses(self, k: int, batch: dict) -> torch.Tensor:
+        from lipforcing.distill.data import batch_condition
+        from lipforcing.distill.losses import critic_loss
+
+        x0, cond = batch_condition(batch, self.device)
+        with torch.no_grad():
+            gen, _ = self.rollout(k, cond, x0.shape, "critic", grad=False)
+        t, eps = self._dmd_noise(k, "critic/dsm", x0.shape)
+        with self.autocast():
+            return critic_loss(self.critic, gen, cond, t=t, eps=eps)
+
+    def critic_update(self, k: int, batch: dict) -> dict:
+        loss = self.critic_losses(k, batch).mean()
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = self._clip(self.critic, self.cfg.critic_grad_clip)
+        self.critic_opt.step()
+        self.critic_opt.zero_grad(set_to_none=True)
+        return {"critic_loss": loss.item(), "critic_grad_norm": gnorm}
+
+    def sf_step(self, k: int) -> dict:
+        batch = self.batch(k)
+        m = {}
+        if k % self.cfg.critic_updates_per_student == 0:
+            m.update(self.student_update(k, batch))
+        m.update(self.critic_update(k, batch))
+        return m
+
+    def _clip(self, model, max_norm) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        if max_norm is None:
+            max_norm = float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, float(max_norm))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def step(self) -> dict:
+        """Run iteration ``self.iteration`` and advance."""
+        k = self.iteration
+        t0 = time.perf_counter()
+        m = self.df_step(k) if self.cfg.stage == "df" else self.sf_step(k)
+        m = self._global_metrics(m)
+        self.iteration = k + 1
+        m = {"iteration": k, **m, "seconds": time.perf_counter() - t0}
+        self.history.append(m)
+        return m
+
+    def _global_metrics(self, m: dict) -> dict:
+        """Average the per-rank sample statistics over ranks (grad norms are already global)."""
+        keys = [k for k in m if k in _SAMPLE_METRICS]
+        if self.world == 1 or not keys:
+            return m
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        vals = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64, device=dev)
+        torch.distributed.all_reduce(vals)
+        return {**m, **{k: v / self.world for k, v in zip(keys, vals.tolist())}}
+
+    def train(self, iterations: int | None = None) -> list[dict]:
+        """Run until ``iterations`` (default ``config.iterations``) total iterations are done; save at
+        ``save_every`` and at the end.  Returns the metrics of the iterations run."""
+        total = self.cfg.iterations if iterations is None else int(iterations)
+        ran = []
+        while self.iteration < total:
+            m = self.step()
+            ran.append(m)
+            if self.rank == 0 and self.cfg.log_every and (m["iteration"] % self.cfg.log_every == 0):
+                self._log(m)
+            if self.cfg.save_every and self.iteration % self.cfg.save_every == 0:
+                self.save()
+        if ran and not (self.cfg.save_every and self.iteration % self.cfg.save_every == 0):
+            self.save()
+        return ran
+
+    def _log(self, m: dict) -> None:
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+        log.info("train %s: %s", self.cfg.stage, text)
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"stage": self.cfg.stage, **m}) + "\n")
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def _models(self) -> dict:
+        d = {"student": (self.student, self.student_opt)}
+        if self.critic is not None:
+            d["critic"] = (self.critic, self.critic_opt)
+        return d
+
+    def save(self, path=None) -> Path:
+        """Write a checkpoint (all ranks must call; rank 0 writes).  Returns its directory."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        from lipforcing.model.loading import CONFIG_METADATA_KEY
+
+        ck = Path(path) if path is not None else self.out / f"ckpt-{self.iteration:06d}"
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        payload = {}
+        for name, (model, opt) in self._models().items():
+            payload[name] = (get_model_state_dict(model, options=opts),
+                             get_optimizer_state_dict(model, opt, options=opts), model.config)
+        if self.rank == 0:
+            ck.mkdir(parents=True, exist_ok=True)
+            for name, (msd, osd, mcfg) in payload.items():
+                _save_state_dict(msd, ck / f"{name}.safetensors",
+                                 {CONFIG_METADATA_KEY: json.dumps(mcfg.to_dict()), "causal": str(name == "student")})
+                tensors, meta = _flatten_optim(osd)
+                _save_state_dict(tensors, ck / f"optim_{name}.safetensors", meta)
+            (ck / "trainer.json").write_text(json.dumps({"iteration": self.iteration, "stage": self.cfg.stage,
+                                                         "config": self.cfg.to_dict()}, indent=1))
+            if path is None:
+                (self.out / "latest").write_text(ck.name)
+        self._barrier()
+        return ck
+
+    def load(self, path) -> None:
+        """Resume from a checkpoint directory (or a run directory's ``latest``): weights, optimiser states and
+        the iteration counter."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        ck = resolve_checkpoint(path)
+        meta = json.loads((ck / "trainer.json").read_text())
+        if meta["stage"] != self.cfg.stage:
+            raise ValueError(f"checkpoint {ck} is from stage {meta['stage']!r}, this run is {self.cfg.stage!r}")
+        opts = StateDictOptions(full_state_dict=True)
+        for name, (model, opt) in self._models().items():
+            set_model_state_dict(model, load_file(os.fspath(ck / f"{name}.safetensors")), options=opts)
+            f = ck / f"optim_{name}.safetensors"
+            with safe_open(os.fspath(f), "pt") as h:
+                ometa = h.metadata() or {}
+            osd = _unflatten_optim(load_file(os.fspath(f)), ometa)
+            if osd["state"]:
+                set_optimizer_state_dict(model, opt, optim_state_dict=osd, options=opts)
+        self.iteration = int(meta["iteration"])
+        log.info("resumed %s from %s at iteration %d", self.cfg.stage, ck, self.iteration)
+
+    def _barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def _train_args(p) -> None:
+    p.add_argument("--stage", required=True, choices=STAGES,
+                   help="df: stage 1 diffusion-forcing init; sf: stage 2 Self-Forcing with Sync-Window DMD")
+    p.add_argument("--config", required=True, help="YAML file with the TrainConfig fields")
+    p.add_argument("--output-dir", default=None, help="override output_dir")
+    p.add_argument("--iterations", type=int, default=None, help="override iterations")
+    p.add_argument("--device", default=None, help="override device (auto, cpu, cuda)")
+    p.add_argument("--no-resume", action="store_true", help="start fresh even if output_dir has a checkpoint")
+
+
+@command("train", "distil a student: stage 1 diffusion forcing (df) or stage 2 Self-Forcing DMD (sf)")(_train_args)
+def _train(args) -> int:
+    path = Path(args.config)
+    if not path.is_file():
+        raise UserError(f"--config {args.config!r}: no such file")
+    overrides = {"stage": args.stage, "output_dir": args.output_dir, "iterations": args.iterations,
+                 "device": args.device}
+    if args.no_resume:
+        overrides["resume"] = False
+    try:
+        cfg = TrainConfig.from_yaml(path, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{args.config}: {exc}") from None
+    logging.getLogger("lipforcing").setLevel(logging.INFO)
+    trainer = Trainer(cfg)
+    start = trainer.iteration
+    ran = trainer.train()
+    if trainer.rank == 0:
+        last = ran[-1] if ran else {}
+        keys = [k for k in last if k.endswith("loss")]
+        summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys)
+        print(f"lipforcing train {cfg.stage}: iterations {start} -> {trainer.iteration}"
+              + (f"; last {summary}" if summary else "") + f"; checkpoints in {cfg.output_dir}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
