@@ -13,6 +13,9 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every CPU test uses tiny shapes: intra-op threads only add overhead (up to 10x on a busy 2-core machine).
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
