@@ -62,8 +62,8 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _applicable(name: str, device: torch.device) -> str | None:
-    """Why backend ``name`` cannot run on ``device`` at all, or None."""
+def _applicable(name: str, device: torch.device, explicit: bool) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` at all, or None (``explicit``: the caller asked for it)."""
     if name == "reference":
         return None
     if name == "cuda":
@@ -80,7 +80,8 @@ def _applicable(name: str, device: torch.device) -> str | None:
         if device.type == "cuda":
             return None if not _interpreting() else "TRITON_INTERPRET=1 is set, which runs Triton on the CPU only"
         if device.type == "cpu" and _interpreting():
-            return None
+            # the interpreter is a debugging tool: it runs only when asked for by name
+            return None if explicit else "the Triton interpreter runs only with backend='triton' asked for by name"
         return f"the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
     raise AssertionError(name)
 
@@ -97,7 +98,7 @@ def resolve(op: str, impls: Mapping[str, Impl], backend: str, device: torch.devi
     order = BACKENDS if want == "auto" else (want,)
     reasons = []
     for name in order:
-        reason = _applicable(name, device)
+        reason = _applicable(name, device, explicit=want != "auto")
         if reason is None and name not in impls:
             reason = f"{op} has no {name} implementation yet"
         if reason is None:

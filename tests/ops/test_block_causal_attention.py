@@ -106,3 +106,14 @@ def test_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         ops.block_causal_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args, backend="reference")
+
+
+def test_auto_on_cpu_uses_the_reference_even_under_the_interpreter(monkeypatch):
+    # TRITON_INTERPRET=1 is a debugging mode: "auto" must not route CPU tensors through it
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from lipforcing.ops import _dispatch
+    from lipforcing.ops.block_causal_attention import _FWD
+
+    q = torch.randn(1, 8, 1, 8)
+    args = (q, q, q, 4, None, 0, 0.3)
+    assert _dispatch.resolve("block_causal_attention", _FWD, "auto", q.device, args, {}) == "reference"
