@@ -1,0 +1,164 @@
+"""Checkpoint loading: Wan-native keys round trip (safetensors, sharded, .pt), clear errors, pickled objects
+refused, LoRA merge, 16 -> 65 patch-embedding expansion, missing audio modules."""
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lipforcing
+from lipforcing.config import ModelConfig
+from lipforcing.model import build_model
+from lipforcing.model.loading import CheckpointError, load_model, save_model
+from tests.model.helpers import make_inputs
+
+WAN_KEYS = ["patch_embedding.weight", "patch_embedding.bias", "text_embedding.0.weight", "text_embedding.2.weight",
+            "time_embedding.0.weight", "time_embedding.2.weight", "time_projection.1.weight",
+            "blocks.0.self_attn.q.weight", "blocks.0.self_attn.norm_q.weight", "blocks.0.self_attn.norm_k.weight",
+            "blocks.0.norm3.weight", "blocks.0.norm3.bias", "blocks.0.cross_attn.o.weight",
+            "blocks.0.cross_attn.norm_k.weight", "blocks.3.ffn.0.weight", "blocks.3.ffn.2.bias",
+            "blocks.0.modulation", "head.head.weight", "head.modulation", "audio_proj.proj.weight",
+            "audio_proj.norm_out.weight", "audio_cond_projs.0.weight"]
+
+
+def _outputs(model, inputs):
+    with torch.no_grad():
+        return model(*inputs)
+
+
+@pytest.fixture
+def tiny_model():
+    return build_model(ModelConfig.from_name("tiny"), causal=True).eval()
+
+
+def test_key_names_are_wan_native(tiny_model):
+    keys = set(tiny_model.state_dict())
+    assert set(WAN_KEYS) <= keys
+    assert "audio_cond_projs.1.weight" not in keys  # tiny: one projection (block 2)
+    assert tuple(tiny_model.state_dict()["patch_embedding.weight"].shape) == (64, 65, 1, 2, 2)
+    assert tuple(tiny_model.state_dict()["blocks.0.modulation"].shape) == (1, 6, 64)
+
+
+def test_round_trip_safetensors_with_config_metadata(tiny_model, tmp_path):
+    path = tmp_path / "student.safetensors"
+    save_model(tiny_model, path)
+    inputs = make_inputs(tiny_model.config, frames=3)
+    loaded = lipforcing.load_model(path)  # config from the metadata
+    assert loaded.config == tiny_model.config and loaded.causal
+    for (k, a), (k2, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert all(p.requires_grad and not p.is_meta for p in loaded.parameters())
+    torch.testing.assert_close(_outputs(loaded.eval(), inputs), _outputs(tiny_model, inputs), rtol=0, atol=0)
+    teacher = load_model(path, causal=False, dtype=torch.bfloat16)
+    assert not teacher.causal and {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+
+
+def test_sharded_index_and_pt_and_prefixes(tiny_model, tmp_path):
+    sd = tiny_model.state_dict()
+    keys = list(sd)
+    shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2:]}
+    weight_map = {}
+    for name, ks in shards.items():
+        save_file({k: sd[k].contiguous() for k in ks}, tmp_path / name)
+        weight_map.update({k: name for k in ks})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    from_dir = load_model(tmp_path, config="tiny")  # config inferred is also possible; here given by name
+    from_index = load_model(tmp_path / "model.safetensors.index.json")  # config inferred from the shapes
+    assert from_index.config == tiny_model.config
+    pt = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, pt)  # wrapped and prefixed
+    from_pt = load_model(pt, config=tiny_model.config)
+    for m in (from_dir, from_index, from_pt):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, sd[k]), k
+
+
+def test_missing_unexpected_and_shape_errors_are_listed(tiny_model, tmp_path):
+    sd = dict(tiny_model.state_dict())
+    # truncated: block 3 removed entirely
+    trunc = {k: v for k, v in sd.items() if not k.startswith("blocks.3.")}
+    save_file(trunc, tmp_path / "trunc.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "trunc.safetensors", config="tiny")
+    msg = str(info.value)
+    assert "missing keys (27)" in msg and "blocks.3.ffn.0.weight" in msg and "... and 15 more" in msg
+    assert len(msg) < 2500
+    # renamed key and a wrong shape
+    bad = dict(sd)
+    bad["blocks.1.ffn.zero.weight"] = bad.pop("blocks.1.ffn.0.weight")
+    bad["head.head.weight"] = torch.zeros(3, 64)
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_model(tmp_path / "bad.safetensors", config="tiny")
+    msg = str(info.value)
+    assert "missing keys (1): blocks.1.ffn.0.weight" in msg
+    assert "unexpected keys (1): blocks.1.ffn.zero.weight" in msg
+    assert "head.head.weight: checkpoint (3, 64) vs model (64, 64)" in msg
+
+
+def test_pickled_object_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"weights": torch.zeros(1), "obj": argparse.Namespace(cmd="echo")}, path)  # not a tensor type
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_model(path, config="tiny")
+    with pytest.raises(CheckpointError, match="unknown checkpoint format"):
+        (tmp_path / "x.npz").write_bytes(b"0")
+        load_model(tmp_path / "x.npz", config="tiny")
+
+
+def test_lora_merge(tiny_model, tmp_path):
+    sd = tiny_model.state_dict()
+    save_file(sd, tmp_path / "base.safetensors")
+    r = 4
+    lora = {}
+    expected = {k: v.clone() for k, v in sd.items()}
+    for name, alpha in (("blocks.0.self_attn.q", 2.0), ("blocks.1.ffn.2", None)):
+        w = sd[name + ".weight"]
+        A, B = torch.randn(r, w.shape[1]), torch.randn(w.shape[0], r)
+        lora[f"base_model.model.{name}.lora_A.default.weight"] = A
+        lora[f"base_model.model.{name}.lora_B.default.weight"] = B
+        if alpha is not None:
+            lora[f"{name}.alpha"] = torch.tensor(alpha)
+        expected[name + ".weight"] = w + ((alpha or 8.0) / r) * (B @ A)
+    save_file(lora, tmp_path / "lora.safetensors")
+    merged = load_model([tmp_path / "base.safetensors", tmp_path / "lora.safetensors"], config="tiny",
+                        lora_alpha=8.0)
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, expected[k], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(merged.state_dict()["blocks.0.self_attn.q.weight"], sd["blocks.0.self_attn.q.weight"])
+    with pytest.raises(CheckpointError, match="lora_alpha"):
+        load_model([tmp_path / "base.safetensors", tmp_path / "lora.safetensors"], config="tiny")
+    with pytest.raises(CheckpointError, match="base weight"):
+        load_model(tmp_path / "lora.safetensors", config="tiny", lora_alpha=8.0)
+
+
+def test_plain_wan_t2v_checkpoint_expands_and_zero_inits_audio(tiny_model, tmp_path):
+    """A 16-channel Wan T2V state dict without audio modules: conditioning channels and audio contribute 0."""
+    sd = {k: v for k, v in tiny_model.state_dict().items() if not k.startswith("audio_")}
+    sd["patch_embedding.weight"] = sd["patch_embedding.weight"][:, :16].clone()
+    save_file(sd, tmp_path / "wan_t2v.safetensors")
+    model = load_model(tmp_path / "wan_t2v.safetensors", causal=False)  # config inferred (in_dim 65)
+    assert model.config.in_dim == 65
+    pe = model.state_dict()["patch_embedding.weight"]
+    assert torch.equal(pe[:, :16], sd["patch_embedding.weight"]) and not pe[:, 16:].any()
+    x, t, ctx, audio = make_inputs(model.config, frames=3)
+    x2 = x.clone()
+    x2[:, 16:] = torch.randn_like(x2[:, 16:])
+    with torch.no_grad():
+        base = model(x, t, ctx, None)
+        torch.testing.assert_close(model(x2, t, ctx, audio), base, rtol=1e-6, atol=1e-6)
+    # a partial set of audio keys is an error, not a silent zero-fill
+    partial = dict(tiny_model.state_dict())
+    del partial["audio_cond_projs.0.weight"]
+    save_file(partial, tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError, match="audio_cond_projs.0.weight"):
+        load_model(tmp_path / "partial.safetensors", config="tiny")
+
+
+def test_cross_attn_checkpoint_infers_mode(tmp_path):
+    cfg = ModelConfig.from_name("tiny", audio_injection="cross_attn", audio_window=3)
+    model = build_model(cfg, causal=True)
+    save_file(model.state_dict(), tmp_path / "x.safetensors")  # no metadata: infer from shapes
+    loaded = load_model(tmp_path / "x.safetensors")
+    assert loaded.config.audio_injection == "cross_attn" and loaded.config.audio_window == 3
