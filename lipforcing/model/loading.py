@@ -150,9 +150,8 @@ def read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                 cls = json.loads(cfg.read_text()).get("_class_name", "")
             except json.JSONDecodeError:
                 cls = ""
-            if cls.startswith("Wan"):
-                raise CheckpointError(f"{p} is a diffusers-format folder ({cls}); pass it alone to load_model "
-                                      f"(it cannot be merged with Wan-native checkpoints in a list)")
+            if cls.startswith("Wan") and cls != "WanModel":  # WanModel: the official (native-key) Wan2.1 folder
+                raise CheckpointError(f"{p} is a diffusers-format folder ({cls}); load it with load_model")
         indexes = sorted(p.glob("*.safetensors.index.json"))
         if len(indexes) == 1:
             return _load_index(indexes[0])
@@ -352,24 +351,20 @@ def load_model(path, *, config: ModelConfig | str | None = None, causal: bool = 
         ``patch_embedding.weight`` dtype).
     lora_alpha : LoRA alpha for checkpoints that do not store it (OmniAvatar: 64 for rank 128).
     """
-    from lipforcing.model import build_model
+    from lipforcing.model import build_model, diffusers_format
 
     paths = list(path) if isinstance(path, (list, tuple)) else [path]
     if not paths:
         raise ValueError("path must name at least one checkpoint")
-    if len(paths) == 1:
-        try:
-            from lipforcing.model import diffusers_format
-        except ImportError:  # pragma: no cover - optional module
-            diffusers_format = None
-        if diffusers_format is not None and diffusers_format.is_diffusers_transformer(paths[0]):
-            if lora_alpha is not None:
-                raise ValueError("lora_alpha applies to Wan-native LoRA checkpoints, not to diffusers folders")
-            return diffusers_format.load_diffusers_transformer(paths[0], config=config, causal=causal,
-                                                               device=device, dtype=dtype)
     sd, meta = {}, {}
     for p in paths:
-        part, m = read_state_dict(p)
+        if diffusers_format.is_diffusers_transformer(p):
+            # diffusers WanTransformer3DModel: converted to Wan-native keys, checked against its config.json (the
+            # config is derived from it when none is given); later paths (e.g. an OmniAvatar LoRA) merge on top
+            part, config = diffusers_format.load(p, config=config)
+            m = {}
+        else:
+            part, m = read_state_dict(p)
         sd.update(part)
         meta.update(m)
     if isinstance(config, str):

@@ -54,6 +54,17 @@ def test_round_trip_safetensors_with_config_metadata(tiny_model, tmp_path):
     assert not teacher.causal and {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
 
 
+def test_official_wan_folder_with_wanmodel_config_loads(tiny_model, tmp_path):
+    # the official Wan2.1 release folders carry a config.json with "_class_name": "WanModel" next to native keys
+    folder = tmp_path / "Wan2.1-official"
+    folder.mkdir()
+    save_model(tiny_model, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "t2v"}))
+    loaded = load_model(folder)
+    inputs = make_inputs(tiny_model.config, frames=3)
+    torch.testing.assert_close(_outputs(loaded.eval(), inputs), _outputs(tiny_model, inputs), rtol=0, atol=0)
+
+
 def test_sharded_index_and_pt_and_prefixes(tiny_model, tmp_path):
     sd = tiny_model.state_dict()
     keys = list(sd)
