@@ -6,7 +6,8 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def tensor(name: str, x, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, layout: str | None = None) -> None:
+def tensor(name: str, x, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, layout: str | None = None,
+           contiguous_last: bool = True) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if ndim is not None and x.dim() != ndim:
@@ -15,7 +16,7 @@ def tensor(name: str, x, *, ndim: int | None = None, dtypes=FLOAT_DTYPES, layout
     if dtypes is not None and x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise ValueError(f"{name} must have dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
-    if x.dim() > 0 and x.numel() > 0 and x.stride(-1) != 1:
+    if contiguous_last and x.dim() > 0 and x.numel() > 0 and x.stride(-1) != 1:
         raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {tuple(x.stride())}")
 
 

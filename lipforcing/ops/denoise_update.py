@@ -105,8 +105,9 @@ def denoise_update(x_t: torch.Tensor, flow: torch.Tensor, t, t_next, *, noise: t
     -------
     (x0, x_next), in x_t's dtype unless ``out`` is given.
     """
-    _checks.tensor("x_t", x_t, dtypes=_checks.FLOAT_DTYPES)
-    _checks.tensor("flow", flow, dtypes=_checks.FLOAT_DTYPES)
+    # elementwise: any strides are accepted (inputs are made contiguous below)
+    _checks.tensor("x_t", x_t, contiguous_last=False)
+    _checks.tensor("flow", flow, contiguous_last=False)
     _checks.same("x_t", x_t, "flow", flow)
     if flow.shape != x_t.shape:
         raise ValueError(f"flow must have the shape of x_t {tuple(x_t.shape)}, got {tuple(flow.shape)}")
@@ -115,7 +116,7 @@ def denoise_update(x_t: torch.Tensor, flow: torch.Tensor, t, t_next, *, noise: t
     t_tensor, t_value = _time("t", t, x_t)
     tn_tensor, tn_value = _time("t_next", t_next, x_t)
     if noise is not None:
-        _checks.tensor("noise", noise, dtypes=_checks.FLOAT_DTYPES)
+        _checks.tensor("noise", noise, contiguous_last=False)
         _checks.same("x_t", x_t, "noise", noise, dtype=False)
         if noise.shape != x_t.shape:
             raise ValueError(f"noise must have the shape of x_t {tuple(x_t.shape)}, got {tuple(noise.shape)}")

@@ -38,6 +38,15 @@ def test_per_sample_and_tensor_times():
         torch.testing.assert_close(xn[b], (1 - 0.769) * e0 + 0.769 * eps[b])
 
 
+def test_any_input_strides():
+    x, f, eps = (torch.randn(2, 5, 3, 4) for _ in range(3))
+    expected = ops.denoise_update(x, f, 0.9, 0.3, noise=eps, backend="reference")
+    xp, fp, ep = (t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for t in (x, f, eps))
+    assert xp.stride(-1) != 1
+    got = ops.denoise_update(xp, fp, 0.9, 0.3, noise=ep, backend="reference")
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
 def test_out_in_place_aliasing_input():
     x, f, eps = (torch.randn(2, 3, 4) for _ in range(3))
     expected = ops.denoise_update(x, f, 0.9, 0.3, noise=eps, backend="reference")
