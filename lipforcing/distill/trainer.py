@@ -241,9 +241,9 @@ def init_distributed(device: str = "auto") -> torch.device:
 def shard_model(model: torch.nn.Module, *, per_block: bool = True) -> torch.nn.Module:
     """Apply FSDP2 (``torch.distributed.fsdp.fully_shard``) to a LipSyncDiT in place.
 
-    per_block: each block is its own unit (its text cross-attention another, because the model computes the text
-    K/V outside the block's forward) and the root holds the embeddings and the head; otherwise one unit.  The
-    methods the trainer calls besides ``forward`` (``init_stream``, ``forward_chunk`` and the rollout's
+    per_block: each block is its own unit (with ``text_kv`` / ``audio_kv`` registered, because the model computes
+    those K/V outside the block's forward) and the root holds the embeddings and the head; otherwise one unit.
+    The methods the trainer calls besides ``forward`` (``init_stream``, ``forward_chunk`` and the rollout's
     differentiable ``forward_chunk_train``) are registered so that they gather the parameters too."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -251,10 +251,9 @@ def shard_model(model: torch.nn.Module, *, per_block: bool = True) -> torch.nn.M
 
     if per_block:
         for block in model.blocks:
-            fully_shard(block.cross_attn)
-            for name in ("text_kv", "audio_kv"):
-                register_fsdp_forward_method(block.cross_attn, name)
             fully_shard(block)
+            for name in ("text_kv", "audio_kv"):  # called outside the block's forward (K/V computed once)
+                register_fsdp_forward_method(block, name)
     fully_shard(model)
     if getattr(model, "causal", False):
         model.forward_chunk_train = types.MethodType(forward_chunk_train, model)

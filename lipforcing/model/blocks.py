@@ -155,6 +155,14 @@ class WanBlock(nn.Module):
                                  nn.Linear(config.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.empty(1, 6, dim))
 
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's text K/V (computed once per clip; a block method so FSDP gathers its weights)."""
+        return self.cross_attn.text_kv(context)
+
+    def audio_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's audio K/V in ``"cross_attn"`` mode."""
+        return self.cross_attn.audio_kv(tokens)
+
     def forward(self, x: torch.Tensor, e: torch.Tensor, attend: AttendFn, text_kv, audio_kv, *,
                 tokens_per_frame: int, audio_scale: float, backend: str) -> torch.Tensor:
         """

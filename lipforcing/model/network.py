@@ -160,12 +160,12 @@ class LipSyncDiT(nn.Module):
                 Fr = a.shape[1]
                 x = (x.view(B, Fr, L // Fr, D) + a[:, :, None]).view(B, L, D)
             if isinstance(text_kvs, torch.Tensor):
-                text_kv = block.cross_attn.text_kv(text_kvs)
+                text_kv = block.text_kv(text_kvs)
             else:
                 text_kv = text_kvs[i]
             audio_kv = None
             if audio_tok is not None and block.cross_attn.has_audio:
-                audio_kv = block.cross_attn.audio_kv(audio_tok)
+                audio_kv = block.audio_kv(audio_tok)
             kwargs = dict(tokens_per_frame=tokens_per_frame, audio_scale=audio_scale, backend=self.attn_backend)
             if ckpt:
                 x = torch.utils.checkpoint.checkpoint(block, x, e0, attend_for(i), text_kv, audio_kv,

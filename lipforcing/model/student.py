@@ -113,7 +113,7 @@ class CausalLipSyncDiT(LipSyncDiT):
         if ctx.shape[0] not in (1, batch):
             raise ValueError(f"context has batch {ctx.shape[0]}; expected 1 or batch={batch}")
         ctx = ctx.expand(batch, *ctx.shape[1:])
-        text_kv = [block.cross_attn.text_kv(ctx) for block in self.blocks]
+        text_kv = [block.text_kv(ctx) for block in self.blocks]
         window = c.window_frames
         if window is None:
             if max_frames is None:
