@@ -1,6 +1,5 @@
 """Fixtures for the streaming-engine tests: small engines with random weights (CPU)."""
 import pytest
-import torch
 
 import lipforcing
 from tests.stream.helpers import RES, SMALL_VAE, small_config
@@ -16,12 +15,3 @@ def engine():
 def small_engine():
     """An even smaller engine for long streams."""
     return lipforcing.Engine.load(model=small_config(), vae=SMALL_VAE, resolution=RES, seed=1, backend="reference")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the tests time nothing, but single-threaded CPU kernels keep them fast next to other test processes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

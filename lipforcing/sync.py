@@ -1,0 +1,194 @@
+"""``lipforcing sync``: offline lip sync of a video + audio file pair through the streaming session API.
+
+The video must already be aligned face crops at the model's resolution (512x512 for the real presets); the
+audio is any file FFmpeg reads (wav preferred), at any rate from 8 to 192 kHz (resampled to 16 kHz by the
+session), or raw 16-bit PCM with ``--sample-rate``.  Without ``--audio`` the video's own audio track is used.
+The audio is pushed in 20 ms pieces and the frames drained as they come, exactly as a real-time host would;
+the output mp4 holds one frame per 40 ms of audio (the reference video is ping-ponged when shorter) and the
+audio each frame covers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from lipforcing.cli import UserError, command
+from lipforcing.profile import DTYPES, PRESETS
+
+_RAW_EXTENSIONS = (".pcm", ".raw", ".s16le")
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--video", required=True, help="reference video: aligned face crops (e.g. 512x512 mp4)")
+    p.add_argument("--audio", help="speech to lip-sync to (wav/flac/mp3/m4a, or raw int16 mono with --sample-rate); "
+                                   "default: the video's own audio track")
+    p.add_argument("-o", "--output", required=True, help="output video (.mp4)")
+    p.add_argument("--model", default="tiny", choices=PRESETS,
+                   help="model preset (default tiny; with --checkpoint the config is read from it when possible)")
+    p.add_argument("--checkpoint", help="student weights (default: random weights, i.e. NOT real lip sync)")
+    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="face-crop size the model runs at (default: 512; 32 for the tiny preset); the video must "
+                        "match it")
+    p.add_argument("--sample-rate", type=int, default=None,
+                   help="sample rate of --audio: required for raw PCM, checked against the file otherwise")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the DiT passes as CUDA graphs")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 for tiny on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+
+
+def _read_raw_pcm(path: str, sample_rate: int | None) -> tuple[np.ndarray, int]:
+    if sample_rate is None:
+        raise UserError(f"{path}: raw PCM has no header; pass --sample-rate (e.g. --sample-rate 16000), or give a "
+                        "wav file")
+    data = np.fromfile(path, dtype="<i2")
+    if data.size == 0:
+        raise UserError(f"{path}: the file is empty")
+    return data.astype(np.float32) / 32768.0, sample_rate
+
+
+def _load_audio(args) -> tuple[np.ndarray, int, str]:
+    from lipforcing.media import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, MediaError, read_audio
+
+    if args.sample_rate is not None and not MIN_SAMPLE_RATE <= args.sample_rate <= MAX_SAMPLE_RATE:
+        raise UserError(f"--sample-rate {args.sample_rate} is not supported (need {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} "
+                        "Hz)")
+    src = args.audio if args.audio is not None else args.video
+    try:
+        if args.audio is not None and args.audio.lower().endswith(_RAW_EXTENSIONS):
+            if not os.path.isfile(args.audio):
+                raise UserError(f"{args.audio}: no such file (check the --audio path)")
+            pcm, rate = _read_raw_pcm(args.audio, args.sample_rate)
+        else:
+            pcm, rate = read_audio(src)
+    except MediaError as exc:
+        if args.audio is None and "no audio stream" in str(exc):
+            raise UserError(f"{args.video}: the video has no audio track; pass the speech with --audio speech.wav") \
+                from exc
+        raise UserError(str(exc)) from exc
+    if args.sample_rate is not None and rate != args.sample_rate:
+        raise UserError(f"{src}: the file's sample rate is {rate} Hz but --sample-rate says {args.sample_rate} Hz; "
+                        "drop --sample-rate (the file's own rate is used and resampled to 16 kHz) or fix it")
+    if len(pcm) * 25 < rate:   # shorter than one video frame
+        raise UserError(f"{src}: the audio is {1e3 * len(pcm) / rate:.1f} ms long, shorter than one video frame "
+                        "(40 ms)")
+    return pcm, rate, src
+
+
+def _resample_fps(frames: np.ndarray, fps: float) -> np.ndarray:
+    """Nearest-frame conversion of a reference clip to 25 fps (the model's rate)."""
+    n_out = max(1, int(round(len(frames) * 25.0 / fps)))
+    idx = np.minimum((np.arange(n_out) * fps / 25.0).round().astype(np.int64), len(frames) - 1)
+    return frames[idx]
+
+
+@command("sync", "lip-sync a face video to an audio file (offline, through the streaming session API)")(_add_args)
+def _run(args) -> int:
+    import torch
+
+    from lipforcing.media import MediaError, VideoWriter, read_video
+    from lipforcing.profile import StageTimer, check_checkpoint, check_device, load_engine, summarize_chunks
+
+    # cheap checks first: files, options, output folder
+    if not os.path.exists(args.video):
+        raise UserError(f"{args.video}: no such file (check the --video path)")
+    if args.audio is not None and not os.path.exists(args.audio):
+        raise UserError(f"{args.audio}: no such file (check the --audio path)")
+    out = os.path.abspath(args.output)
+    if not os.path.isdir(os.path.dirname(out)):
+        raise UserError(f"-o {args.output}: the folder {os.path.dirname(out)} does not exist")
+    if not out.lower().endswith((".mp4", ".mov", ".mkv")):
+        raise UserError(f"-o {args.output}: the output must be an .mp4 (or .mov/.mkv) file")
+    if os.path.abspath(args.video) == out or (args.audio and os.path.abspath(args.audio) == out):
+        raise UserError(f"-o {args.output}: would overwrite an input file; choose another output path")
+    dev = check_device(args.device)
+    check_checkpoint(args.checkpoint)
+    if args.model != "tiny" and dev.type == "cpu":
+        print(f"note: the {args.model} model on the CPU takes minutes per chunk; use a GPU (--device cuda)",
+              file=sys.stderr)
+    threads = args.threads if args.threads is not None else (1 if args.model == "tiny" and dev.type == "cpu"
+                                                               else None)
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+    pcm, rate, audio_src = _load_audio(args)
+    n_out = -(-int(round(len(pcm) * 16000 / rate)) // 640)     # about one frame per 40 ms of audio
+    try:
+        # only the frames the audio covers are needed (a reference of 25 fps or up to 4x faster)
+        frames, fps = read_video(args.video, max_frames=4 * n_out + 1)
+    except MediaError as exc:
+        raise UserError(str(exc)) from exc
+    if args.checkpoint is None:
+        expected = args.resolution or (32 if args.model == "tiny" else 512)
+        h, w = frames.shape[1:3]
+        if (h, w) != (expected, expected):
+            hint = f" or pass --resolution {h}" if h == w and h % 16 == 0 and args.model == "tiny" else ""
+            raise UserError(f"{args.video}: frames are {w}x{h} but the {args.model} model takes {expected}x{expected} "
+                            f"aligned face crops; crop/resize the video (e.g. ffmpeg -i in.mp4 -vf "
+                            f"scale={expected}:{expected} out.mp4){hint}")
+
+    engine, load_s = load_engine(model=args.model, checkpoint=args.checkpoint, device=dev, dtype=args.dtype,
+                                 seed=0, resolution=args.resolution, cuda_graphs=args.cuda_graphs, debug=args.debug)
+    H, W = engine.resolution
+    if tuple(frames.shape[1:3]) != (H, W):
+        raise UserError(f"{args.video}: frames are {frames.shape[2]}x{frames.shape[1]} but the model takes {W}x{H} "
+                        f"aligned face crops; crop/resize the video (e.g. ffmpeg -i in.mp4 -vf scale={W}:{H} "
+                        "out.mp4)")
+    if abs(fps - 25.0) > 0.01:
+        print(f"note: {args.video} is {fps:.3g} fps; its frames are resampled to the model's 25 fps", file=sys.stderr)
+        frames = _resample_fps(frames, fps)
+    if args.checkpoint is None:
+        print(f"note: no --checkpoint: the {args.model} preset has random weights, so the output is NOT real lip "
+              "sync (it shows the pipeline)", file=sys.stderr)
+
+    timer = StageTimer(engine.device)
+    engine.stage = timer
+    piece = max(1, rate // 50)                                    # 20 ms
+    first_frame_s = None
+    try:
+        writer = VideoWriter(out, width=W, height=H, fps=25, sample_rate=16000)
+    except (MediaError, ValueError) as exc:
+        raise UserError(f"-o {args.output}: {exc}") from exc
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=n_out, unit="frame", desc="sync", file=sys.stderr, dynamic_ncols=True, leave=False) as bar, \
+                engine.session(frames, sample_rate=rate, seed=args.seed) as session:
+            def drain():
+                nonlocal first_frame_s
+                for frame in session.frames():
+                    if first_frame_s is None:
+                        first_frame_s = time.perf_counter() - t0
+                    writer.write(frame.image, audio=frame.audio)
+                    bar.update(1)
+
+            for i in range(0, len(pcm), piece):
+                session.push_audio(pcm[i:i + piece])
+                drain()
+            session.end_of_speech()
+            drain()
+    finally:
+        writer.close()
+        del engine.stage
+    wall = time.perf_counter() - t0
+    chunks = timer.chunks()
+    summary = summarize_chunks(engine, chunks) if chunks else None
+
+    print(f"wrote {args.output}: {writer.frames} frames ({writer.frames / 25:.2f} s at 25 fps, {W}x{H}) with "
+          f"{writer.samples / 16000:.2f} s of 16 kHz audio from {audio_src} ({rate} Hz)")
+    print(f"  {writer.frames / wall:.1f} FPS ({wall:.2f} s wall, decoding excluded, encoding included), time to first "
+          f"frame {first_frame_s if first_frame_s is not None else float('nan'):.3f} s, engine load {load_s:.2f} s")
+    if summary:
+        lat = summary["chunk_latency_ms"]
+        stages = ", ".join(f"{k} {v['mean_ms_per_chunk']:.1f}" for k, v in summary["stages"].items())
+        print(f"  {len(chunks)} chunks: latency p50 {lat['p50']:.1f} ms, p90 {lat['p90']:.1f}, p99 {lat['p99']:.1f}; "
+              f"ms per chunk: {stages}")
+    return 0
