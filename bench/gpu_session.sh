@@ -14,6 +14,10 @@ python -m pytest -m gpu -q -x --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -30 | 
 python -m pytest bench -q --bench-json "$OUT/bench.json" --benchmark-json "$OUT/pytest_benchmark.json" 2>&1 \
   | tail -30 | tee "$OUT/bench.txt"
 for model in 1.3b 14b; do
-  timeout 300 lipforcing profile --model "$model" --device cuda --dtype bf16 --chunks 12 --compile --cuda-graphs \
-    --json "$OUT/profile_$model.json" --plot "$OUT/profile_$model.png" 2>&1 | tail -25 | tee "$OUT/profile_$model.txt"
+  timeout 300 lipforcing profile --model "$model" --device cuda --dtype bf16 --chunks 12 --cuda-graphs \
+    --json "$OUT/profile_${model}_graphs.json" --plot "$OUT/profile_${model}_graphs.png" 2>&1 | tail -25 \
+    | tee "$OUT/profile_${model}_graphs.txt"
 done
+timeout 300 lipforcing profile --model 1.3b --device cuda --dtype bf16 --chunks 12 --compile \
+  --json "$OUT/profile_1.3b_compile.json" --plot "$OUT/profile_1.3b_compile.png" 2>&1 | tail -25 \
+  | tee "$OUT/profile_1.3b_compile.txt"

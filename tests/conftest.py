@@ -30,4 +30,5 @@ def _fresh_random_inputs():
     # can be reproduced with LIPFORCING_TEST_SEED.
     seed = int(os.environ.get("LIPFORCING_TEST_SEED", torch.seed() % (2**31)))
     torch.manual_seed(seed)
+    print(f"torch seed: LIPFORCING_TEST_SEED={seed}")  # shown with the output of a failing test
     yield seed
