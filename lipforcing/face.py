@@ -1,4 +1,4 @@
-"""Face-crop helpers for the streaming engine: the lower-face (mouth) mask, reference-video reading, ping-pong.
+"""Face-crop helpers for the streaming engine: the lower-face (mouth) mask and ping-pong indexing.
 
 The model regenerates the lower face of aligned face crops.  Lip Forcing uses LatentSync's fixed ``mask.png``
 (white = keep the upper face, black = mouth region, about 41 % of the crop, boundary about half-way down); that
@@ -21,13 +21,11 @@ The mask is applied in two places (as in the paper's reference code):
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mouth_mask", "keep_mask", "latent_mask", "read_video", "pingpong_index"]
+__all__ = ["mouth_mask", "keep_mask", "latent_mask", "pingpong_index"]
 
 
 def _positive_int(name: str, v) -> int:
@@ -82,30 +80,3 @@ def pingpong_index(i: int, n: int) -> int:
     period = 2 * n - 2
     r = i % period
     return r if r < n else period - r
-
-
-def read_video(path, *, max_frames: int | None = None) -> np.ndarray:
-    """Decode a video file with PyAV into RGB frames: (N, H, W, 3) uint8.
-
-    The file should already hold aligned face crops at 25 fps (no resampling of the frame rate is done).
-    ``max_frames`` stops decoding early.  Raises ImportError without PyAV, ValueError for a file without video.
-    """
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no video file at {os.fspath(path)!r}")
-    try:
-        import av
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("reading a reference video needs PyAV (pip install av)") from e
-    frames = []
-    with av.open(os.fspath(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{os.fspath(path)!r} has no video stream")
-        for frame in container.decode(container.streams.video[0]):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            if max_frames is not None and len(frames) >= max_frames:
-                break
-    if not frames:
-        raise ValueError(f"{os.fspath(path)!r} has no decodable video frames")
-    return np.stack(frames)

@@ -670,6 +670,16 @@ def check_checkpoint(path: str | None) -> None:
         raise UserError(f"--checkpoint {path}: no such file or folder")
 
 
+def set_threads(threads: int | None, model: str, device: torch.device) -> None:
+    """``--threads``: default 1 for the tiny preset on the CPU (its tensors are too small to split), else torch's."""
+    if threads is None:
+        threads = 1 if model == "tiny" and device.type == "cpu" else None
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def load_engine(*, model: str = "tiny", checkpoint: str | None = None, device=None, dtype: str | None = None,
                 seed: int = 0, resolution: int | None = None, cuda_graphs: bool = False, debug: bool = False):
     """``Engine.load`` for the commands: problems with the checkpoint, resolution or options become one-line
@@ -715,12 +725,7 @@ def _run(args) -> int:
     for p in (args.json, args.plot):
         if p and not os.path.isdir(os.path.dirname(os.path.abspath(p))):
             raise UserError(f"{p}: the folder {os.path.dirname(os.path.abspath(p))} does not exist")
-    threads = args.threads if args.threads is not None else (1 if args.model == "tiny" and dev.type == "cpu"
-                                                               else None)
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    set_threads(args.threads, args.model, dev)
     engine, load_s = load_engine(model=args.model, checkpoint=args.checkpoint, device=dev, dtype=args.dtype,
                                  seed=args.seed, resolution=args.resolution, cuda_graphs=args.cuda_graphs,
                                  debug=args.debug)

@@ -448,7 +448,9 @@ class Engine:
 
     def _reference_frames(self, reference) -> torch.Tensor:
         if isinstance(reference, (str, os.PathLike)):
-            reference = face.read_video(reference)
+            from lipforcing.media import read_video
+
+            reference = read_video(reference)[0]
         if isinstance(reference, np.ndarray):
             if reference.dtype != np.uint8:
                 raise TypeError(f"reference frames must be uint8 RGB (N, H, W, 3), got numpy {reference.dtype}; "

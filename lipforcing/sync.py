@@ -89,10 +89,9 @@ def _resample_fps(frames: np.ndarray, fps: float) -> np.ndarray:
 
 @command("sync", "lip-sync a face video to an audio file (offline, through the streaming session API)")(_add_args)
 def _run(args) -> int:
-    import torch
-
     from lipforcing.media import MediaError, VideoWriter, read_video
-    from lipforcing.profile import StageTimer, check_checkpoint, check_device, load_engine, summarize_chunks
+    from lipforcing.profile import (StageTimer, check_checkpoint, check_device, load_engine, set_threads,
+                                    summarize_chunks)
 
     # cheap checks first: files, options, output folder
     if not os.path.exists(args.video):
@@ -111,12 +110,7 @@ def _run(args) -> int:
     if args.model != "tiny" and dev.type == "cpu":
         print(f"note: the {args.model} model on the CPU takes minutes per chunk; use a GPU (--device cuda)",
               file=sys.stderr)
-    threads = args.threads if args.threads is not None else (1 if args.model == "tiny" and dev.type == "cpu"
-                                                               else None)
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    set_threads(args.threads, args.model, dev)
 
     pcm, rate, audio_src = _load_audio(args)
     n_out = -(-int(round(len(pcm) * 16000 / rate)) // 640)     # about one frame per 40 ms of audio

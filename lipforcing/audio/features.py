@@ -117,3 +117,19 @@ class SampleBuffer:
         """Append zeros so that ``end == n`` (no-op if already there)."""
         if n > self.end:
             self.append(self.data.new_zeros(n - self.end))
+
+
+class BufferedFeatureStream:
+    """State shared by the streaming front ends: the samples received so far and the frames already emitted."""
+
+    def __init__(self):
+        self._buf = SampleBuffer()
+        self.frames_emitted = 0
+
+    @property
+    def samples_received(self) -> int:
+        return self._buf.end
+
+    def reset(self) -> None:
+        self._buf.reset()
+        self.frames_emitted = 0

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from lipforcing.audio.features import SampleBuffer, as_pcm16k, num_frames
+from lipforcing.audio.features import BufferedFeatureStream, as_pcm16k, num_frames
 from lipforcing.audio.pcm import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 _WIN = 640
@@ -88,21 +88,12 @@ class MelFeatures:
         return MelStream(self)
 
 
-class MelStream:
+class MelStream(BufferedFeatureStream):
     """Exact incremental :class:`MelFeatures`: emits frame f once 640 (f + 1) + 160 samples have arrived."""
 
     def __init__(self, fe: MelFeatures):
+        super().__init__()
         self.fe = fe
-        self._buf = SampleBuffer()
-        self.frames_emitted = 0
-
-    @property
-    def samples_received(self) -> int:
-        return self._buf.end
-
-    def reset(self) -> None:
-        self._buf.reset()
-        self.frames_emitted = 0
 
     def _emit(self, end: int) -> torch.Tensor:
         f0, P = self.frames_emitted, SAMPLES_PER_FRAME

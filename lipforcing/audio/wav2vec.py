@@ -33,7 +33,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from lipforcing.audio.features import SampleBuffer, as_pcm16k, num_frames
+from lipforcing.audio.features import BufferedFeatureStream, as_pcm16k, num_frames
 from lipforcing.audio.pcm import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 _NORM_EPS = 1e-7
@@ -147,7 +147,7 @@ class Wav2VecFeatures:
         return Wav2VecStream(self, *args)
 
 
-class Wav2VecStream:
+class Wav2VecStream(BufferedFeatureStream):
     """Incremental :class:`Wav2VecFeatures` over a bounded window.
 
     Blocks of ``block_frames`` frames start at frame 0 (and again at the frame after each ``flush``).  The block
@@ -158,18 +158,9 @@ class Wav2VecStream:
     """
 
     def __init__(self, fe: Wav2VecFeatures, window_frames: int, lookahead_frames: int, block_frames: int):
+        super().__init__()
         self.fe = fe
         self.window_frames, self.lookahead_frames, self.block_frames = window_frames, lookahead_frames, block_frames
-        self._buf = SampleBuffer()
-        self.frames_emitted = 0
-
-    @property
-    def samples_received(self) -> int:
-        return self._buf.end
-
-    def reset(self) -> None:
-        self._buf.reset()
-        self.frames_emitted = 0
 
     def _window(self, u: int, limit: int | None = None):
         e = u + self.block_frames + self.lookahead_frames

@@ -62,8 +62,8 @@ class SelfAttention(nn.Module):
         self.norm_k.reset_parameters()
 
 
-class CrossAttention(nn.Module):
-    """Text cross-attention (Wan T2V) and, in ``"cross_attn"`` audio mode, the per-frame audio branch that shares
+class CrossAttention(SelfAttention):
+    """Text cross-attention (Wan T2V: the same q, k, v, o, norm_q, norm_k as self-attention) and, in ``"cross_attn"`` audio mode, the per-frame audio branch that shares
     the query: ``k_audio``, ``v_audio`` (Linear(audio_token_dim -> dim)) and ``norm_k_audio`` (RMSNorm).
 
     Both branches are computed by one ``ops.audio_cross_attention`` call::
@@ -73,12 +73,8 @@ class CrossAttention(nn.Module):
     Without audio the audio branch is a single zero token with ``audio_scale = 0`` (text attention only)."""
 
     def __init__(self, config: ModelConfig):
-        super().__init__()
+        super().__init__(config)
         dim = config.dim
-        self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, config.eps)
-        self.norm_k = RMSNorm(dim, config.eps)
         self.has_audio = config.audio_injection == "cross_attn"
         if self.has_audio:
             self.k_audio = nn.Linear(config.audio_token_dim, dim)
@@ -127,10 +123,7 @@ class CrossAttention(nn.Module):
         return self.o(out.flatten(2))
 
     def reset_parameters(self) -> None:
-        for lin in (self.q, self.k, self.v, self.o):
-            xavier_linear_(lin)
-        self.norm_q.reset_parameters()
-        self.norm_k.reset_parameters()
+        super().reset_parameters()
         if self.has_audio:
             xavier_linear_(self.k_audio)
             xavier_linear_(self.v_audio)

@@ -49,32 +49,17 @@ from typing import Mapping
 import torch
 
 from lipforcing.config import ModelConfig
+from lipforcing.model.loading import CheckpointError, _listing
 
 logger = logging.getLogger("lipforcing")
 
 DIFFUSERS_CLASS = "WanTransformer3DModel"
 WEIGHTS_NAME = "diffusion_pytorch_model"
-_MAX_LISTED = 12
 _UNSUPPORTED_FIELDS = {
     "image_dim": "image-conditioned (I2V/FLF2V) models: CLIP image embedder",
     "added_kv_proj_dim": "image-conditioned (I2V/FLF2V) models: added image K/V projections",
     "pos_embed_seq_len": "FLF2V models: image position embedding",
 }
-
-
-def _error_cls():
-    # the loader's error type, so callers catch one class for every checkpoint problem
-    from lipforcing.model.loading import CheckpointError
-
-    return CheckpointError
-
-
-def _listing(title: str, items: list[str]) -> str:
-    if not items:
-        return ""
-    shown = ", ".join(items[:_MAX_LISTED])
-    more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-    return f"\n  {title} ({len(items)}): {shown}{more}"
 
 
 # ---------------------------------------------------------------------------------------------------- detection
@@ -304,7 +289,7 @@ def convert_diffusers_state_dict(sd: Mapping[str, torch.Tensor], config: ModelCo
     diffusers name next to ours."""
     if not isinstance(config, ModelConfig):
         raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
-    err = _error_cls()
+    err = CheckpointError
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     unknown = []
@@ -377,9 +362,9 @@ def read_diffusers_config(path) -> dict:
     cfg_path, _ = _resolve(path)
     cfg = _read_json(cfg_path)
     if cfg is None:
-        raise _error_cls()(f"{cfg_path} is missing or not a JSON object")
+        raise CheckpointError(f"{cfg_path} is missing or not a JSON object")
     if not _is_wan_transformer_config(cfg):
-        raise _error_cls()(f"{cfg_path} is not a diffusers {DIFFUSERS_CLASS} config "
+        raise CheckpointError(f"{cfg_path} is not a diffusers {DIFFUSERS_CLASS} config "
                            f"(_class_name {cfg.get('_class_name')!r})")
     return cfg
 
@@ -397,7 +382,7 @@ def load(path, *, config: ModelConfig | str | None = None, **overrides) -> tuple
     zero-initialised); tensors keep the checkpoint dtype.  Errors: FileNotFoundError, ``CheckpointError``."""
     from lipforcing.model.loading import read_state_dict
 
-    err = _error_cls()
+    err = CheckpointError
     cfg_path, weights = _resolve(path)
     dcfg = read_diffusers_config(path)
     if weights is None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lipforcing import face
+from lipforcing.media import MediaError, read_video
 
 
 def test_mouth_mask_shape_and_area():
@@ -64,12 +65,13 @@ def test_read_video_roundtrip(tmp_path):
                 c.mux(pkt)
         for pkt in st.encode():
             c.mux(pkt)
-    got = face.read_video(path)
+    got, fps = read_video(path)
+    assert fps == 25
     assert got.shape == (6, 16, 16, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, frames)                       # ffv1 in bgr0 is lossless
-    assert face.read_video(path, max_frames=2).shape[0] == 2
-    with pytest.raises(FileNotFoundError):
-        face.read_video(tmp_path / "missing.mp4")
+    assert read_video(path, max_frames=2)[0].shape[0] == 2
+    with pytest.raises(MediaError, match="no such file"):
+        read_video(tmp_path / "missing.mp4")
 
 
 def test_session_from_video_path(tmp_path, engine):

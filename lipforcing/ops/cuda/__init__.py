@@ -49,3 +49,16 @@ def unavailable_reason() -> str | None:
 
 def stream_handle(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def tile_load_problem(name: str, t: torch.Tensor) -> str | None:
+    """Why the tensor-core kernels cannot load ``t`` with 16-byte vector loads (start address aligned to 16 bytes,
+    every stride but the last a multiple of 8 elements), or None.  Empty tensors are never read."""
+    if t.numel() == 0:
+        return None
+    if t.data_ptr() % 16:
+        return f"{name} must start at a 16-byte aligned address for the CUDA kernel (it is {t.data_ptr() % 16} mod 16)"
+    if any(s % 8 for s in t.stride()[:-1]):
+        return (f"{name} strides {tuple(t.stride())} must be multiples of 8 elements (except the last) for the "
+                "CUDA kernel")
+    return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lipforcing.ops.cuda import DTYPE_CODES, extension, stream_handle
+from lipforcing.ops.cuda import DTYPE_CODES, extension, stream_handle, tile_load_problem
 
 # Must match audio_cross_attention_supports_head_dim in csrc/include/lipforcing/audio_cross_attention.h.
 HEAD_DIMS = (32, 64, 96, 128)
@@ -27,13 +27,9 @@ def audio_cross_attention_cuda_unsupported(q, text_k, text_v, audio_k, audio_v, 
     if q.shape[-1] not in HEAD_DIMS:
         return f"the cuda audio_cross_attention kernel supports head_dim in {HEAD_DIMS}, got {q.shape[-1]}"
     for name, x in tensors.items():
-        if x.numel() == 0:  # empty text: never read
-            continue
-        if x.data_ptr() % 16:
-            return f"the cuda kernel needs 16-byte aligned tensors, got {name} at an address {x.data_ptr() % 16} mod 16"
-        if any(s % 8 for s in x.stride()[:-1]):
-            return (f"the cuda kernel needs strides (except the last) that are multiples of 8 elements, got {name} "
-                    f"with strides {tuple(x.stride())}")
+        why = tile_load_problem(name, x)  # (empty text is never read)
+        if why:
+            return why
     if q.shape[0] * q.shape[2] > 65535:
         return f"the cuda kernel supports batch * heads <= 65535, got {q.shape[0] * q.shape[2]}"
     return None

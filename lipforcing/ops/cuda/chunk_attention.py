@@ -8,17 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from lipforcing.ops.cuda import DTYPE_CODES, extension, stream_handle
+from lipforcing.ops.cuda import DTYPE_CODES, extension, stream_handle, tile_load_problem
 
 _HEAD_DIMS = (64, 128)
-
-
-def _misaligned(name: str, t: torch.Tensor) -> str | None:
-    if t.data_ptr() % 16:
-        return f"{name} must start at a 16-byte aligned address for the CUDA kernel"
-    if any(s % 8 for s in t.stride()[:3]):
-        return f"{name} strides {tuple(t.stride())} must be multiples of 8 elements for the CUDA kernel"
-    return None
 
 
 def chunk_attention_cuda_unsupported(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale,
@@ -33,7 +25,7 @@ def chunk_attention_cuda_unsupported(q, k, v, k_cache, v_cache, pos, chunk_size,
     if torch.cuda.get_device_capability(q.device) < (8, 0):
         return "the CUDA kernel needs compute capability 8.0+ (mma.sync m16n8k16)"
     for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        why = _misaligned(name, t)
+        why = tile_load_problem(name, t)
         if why:
             return why
     return None
