@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -243,11 +242,9 @@ def shard_model(model: torch.nn.Module, *, per_block: bool = True) -> torch.nn.M
 
     per_block: each block is its own unit (with ``text_kv`` / ``audio_kv`` registered, because the model computes
     those K/V outside the block's forward) and the root holds the embeddings and the head; otherwise one unit.
-    The methods the trainer calls besides ``forward`` (``init_stream``, ``forward_chunk`` and the rollout's
-    differentiable ``forward_chunk_train``) are registered so that they gather the parameters too."""
+    The methods the trainer calls besides ``forward`` (``init_stream`` and ``forward_chunk``, which the rollout
+    also runs with gradient at the exit step) are registered so that they gather the parameters too."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    from lipforcing.distill.rollout import forward_chunk_train
 
     if per_block:
         for block in model.blocks:
@@ -256,8 +253,7 @@ def shard_model(model: torch.nn.Module, *, per_block: bool = True) -> torch.nn.M
                 register_fsdp_forward_method(block, name)
     fully_shard(model)
     if getattr(model, "causal", False):
-        model.forward_chunk_train = types.MethodType(forward_chunk_train, model)
-        for name in ("init_stream", "forward_chunk", "forward_chunk_train"):
+        for name in ("init_stream", "forward_chunk"):
             register_fsdp_forward_method(model, name)
     return model
 

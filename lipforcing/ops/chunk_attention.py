@@ -1,4 +1,9 @@
-"""``chunk_attention``: one chunk's queries against a RollingKVCache plus the chunk's own keys (inference)."""
+"""``chunk_attention``: one chunk's queries against a RollingKVCache plus the chunk's own keys.
+
+Three custom ops: ``lipforcing::chunk_attention`` (mutates the cache; used for ``write=True``),
+``lipforcing::chunk_attention_read`` (functional, ``write=False``; carries the autograd formula -- PyTorch allows
+one only on functional ops) and its backward ``lipforcing::chunk_attention_backward``.
+"""
 from __future__ import annotations
 
 import math
@@ -10,25 +15,39 @@ from lipforcing import _checks
 from lipforcing.cache import RollingKVCache
 from lipforcing.ops import _dispatch
 from lipforcing.ops._dispatch import Impl
-from lipforcing.ops.reference import chunk_attention_ref
+from lipforcing.ops.reference import chunk_attention_backward_ref, chunk_attention_ref
 from lipforcing.ops.rope import RopeSpec
 
-# Backend signature:
-#   fn(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos, rope_sin, grid_h, grid_w)
-#   -> out; when write is True it also stores k, v in (k_cache, v_cache) and advances pos (in place).
-#   rope_cos/rope_sin are None for no rotation, else the RopeSpec tables.
+# Backend signatures:
+#   forward(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos, rope_sin, grid_h,
+#           grid_w) -> out; when write is True it also stores k, v in (k_cache, v_cache) and advances pos (in place).
+#           rope_cos/rope_sin are None for no rotation, else the RopeSpec tables.
+#   backward(grad_out, q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, scale, rope_cos, rope_sin, grid_h,
+#            grid_w) -> (dq, dk, dv) (write=False only: the cache is a constant).
+# For now every backend's backward is the reference (the fast backends only run the forward).
 _IMPLS = {
     "reference": Impl(__name__, "_reference"),
     "triton": Impl("lipforcing.kernels.chunk_attention", "chunk_attention_triton"),
     "cuda": Impl("lipforcing.ops.cuda.chunk_attention", "chunk_attention_cuda"),
 }
+_BWD = {name: Impl(__name__, "_backward_reference") for name in _IMPLS}
+
+
+def _spec(rope_cos, rope_sin, grid_h, grid_w):
+    return None if rope_cos is None else RopeSpec(rope_cos, rope_sin, (grid_h, grid_w))
 
 
 def _reference(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos, rope_sin,
                grid_h, grid_w):
-    rope = None if rope_cos is None else RopeSpec(rope_cos, rope_sin, (grid_h, grid_w))
     return chunk_attention_ref(q, k, v, k_cache, v_cache, pos, chunk_size=chunk_size, window=window, sink=sink,
-                               write=write, scale=scale, rope=rope)
+                               write=write, scale=scale, rope=_spec(rope_cos, rope_sin, grid_h, grid_w))
+
+
+def _backward_reference(grad_out, q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, scale, rope_cos,
+                        rope_sin, grid_h, grid_w):
+    return chunk_attention_backward_ref(grad_out, q, k, v, k_cache, v_cache, pos, chunk_size=chunk_size,
+                                        window=window, sink=sink, scale=scale,
+                                        rope=_spec(rope_cos, rope_sin, grid_h, grid_w))
 
 
 @torch.library.custom_op("lipforcing::chunk_attention", mutates_args=("k_cache", "v_cache", "pos"))
@@ -45,6 +64,58 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor
 def _(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos, rope_sin, grid_h, grid_w,
       backend):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("lipforcing::chunk_attention_read", mutates_args=())
+def _op_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             pos: torch.Tensor, chunk_size: int, window: int, sink: int, scale: float,
+             rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor], grid_h: int, grid_w: int,
+             backend: str) -> torch.Tensor:
+    out = _dispatch.implementation(_IMPLS, backend)(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink,
+                                                    False, scale, rope_cos, rope_sin, grid_h, grid_w)
+    return out.contiguous()
+
+
+@_op_read.register_fake
+def _(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, scale, rope_cos, rope_sin, grid_h, grid_w,
+      backend):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("lipforcing::chunk_attention_backward", mutates_args=())
+def _op_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, pos: torch.Tensor, chunk_size: int, window: int, sink: int, scale: float,
+                 rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor], grid_h: int, grid_w: int,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = _dispatch.implementation(_BWD, backend)(grad_out, q, k, v, k_cache, v_cache, pos, chunk_size,
+                                                         window, sink, scale, rope_cos, rope_sin, grid_h, grid_w)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+@_op_backward.register_fake
+def _(grad_out, q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, scale, rope_cos, rope_sin, grid_h,
+      grid_w, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, scale, rope_cos, rope_sin, grid_h, grid_w, \
+        backend = inputs
+    # Snapshot the cache: it is written later (e.g. by the cache-write pass of this very chunk) while the
+    # gradient must be that of the keys/values this forward attended to.
+    ctx.save_for_backward(q, k, v, k_cache.clone(), v_cache.clone(), pos.clone(), rope_cos, rope_sin)
+    ctx.args = (chunk_size, window, sink, scale, grid_h, grid_w, backend)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, k_cache, v_cache, pos, rope_cos, rope_sin = ctx.saved_tensors
+    chunk_size, window, sink, scale, grid_h, grid_w, backend = ctx.args
+    dq, dk, dv = _op_backward(grad_out.contiguous(), q, k, v, k_cache, v_cache, pos, chunk_size, window, sink,
+                              scale, rope_cos, rope_sin, grid_h, grid_w, backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+_op_read.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_rope(rope, q, cache: RollingKVCache) -> None:
@@ -72,7 +143,9 @@ def _check_rope(rope, q, cache: RollingKVCache) -> None:
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: RollingKVCache, *, write: bool,
                     rope: RopeSpec | None = None, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Attention of the chunk that comes next in a stream: its queries against the cached sink and window tokens
-    and its own keys (bidirectional inside the chunk).  Inference only (no backward).
+    and its own keys (bidirectional inside the chunk).  Differentiable in q, k, v when ``write=False``; the cache
+    is a constant (a snapshot of it is kept for the backward, so later writes do not change the gradient).  The
+    backward runs the reference for every backend for now.
 
     With ``cache.pos = P`` tokens already written, the chunk covers stream tokens ``P .. P+n-1`` and sees::
 
@@ -87,7 +160,8 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Ro
         short), dtype and device of the cache, contiguous last dimension.
     cache : the layer's RollingKVCache.  **Mutated** when ``write=True``: k, v are stored (evicting the oldest
         non-sink tokens) and ``cache.pos`` advances by n, after the attention.
-    write : store this chunk's k, v after attending.
+    write : store this chunk's k, v after attending.  Not differentiable: with gradient mode on and q, k or v
+        requiring grad it raises ValueError (run the cache-write pass under ``torch.no_grad()``).
     rope : ``None`` -- q and k are used as given (absolute mode: already rotated).  A RopeSpec -- dynamic RoPE:
         the cache holds un-rotated keys; q and every key are rotated inside the op with *window-relative* time
         positions (sink frames first, then the window in order) and their height/width positions.  chunk_size,
@@ -97,7 +171,8 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Ro
 
     Returns
     -------
-    (batch, n, heads, head_dim) in q's dtype.  No host synchronisation and no allocation besides the output.
+    (batch, n, heads, head_dim) in q's dtype.  No host synchronisation and no allocation besides the output
+    (and, when autograd records the call, the cache snapshot).
     """
     if not isinstance(cache, RollingKVCache):
         raise TypeError(f"cache must be a lipforcing.RollingKVCache, got {type(cache).__name__}")
@@ -120,6 +195,9 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Ro
         raise ValueError(f"q has {n} tokens; a chunk must have 1..cache.chunk_size ({cache.chunk_size}) tokens")
     if not isinstance(write, bool):
         raise TypeError(f"write must be a bool, got {type(write).__name__}")
+    if write and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise ValueError("chunk_attention(write=True) is not differentiable: run the cache-write pass under "
+                         "torch.no_grad()")
     _checks.scale(scale)
     if rope is not None:
         _check_rope(rope, q, cache)
@@ -129,4 +207,6 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Ro
     args = (q, k, v, cache.k, cache.v, cache.pos, cache.chunk_size, cache.window, cache.sink, write, scale, cos, sin,
             gh, gw)
     name = _dispatch.resolve("chunk_attention", _IMPLS, backend, q.device, args, {})
-    return _op(*args, name)
+    if write:
+        return _op(*args, name)
+    return _op_read(*args[:9], *args[10:], name)

@@ -138,6 +138,31 @@ def cache_write_ref(k, v, k_cache, v_cache, pos, *, sink: int) -> None:
     pos.add_(n)
 
 
+def _chunk_keys(q, k, v, k_cache, v_cache, pos, chunk_size: int, window: int, sink: int, rope: RopeSpec | None):
+    """What chunk_attention_ref and its backward attend with: float32 (q, keys_k, keys_v) -- q and keys rotated
+    when ``rope`` is given, keys = [cache slots | current chunk] -- the (Lk,) validity of the keys, and for the
+    inverse rotation ``(q_t, key_t, token_in_frame)`` of the current chunk (None without rope)."""
+    n = q.shape[1]
+    ring = k_cache.shape[1] - sink
+    slot_pos, slot_valid = cache_slot_positions(pos, sink, ring)
+    cur_pos = pos + torch.arange(n, device=q.device)
+    keys_k = torch.cat([k_cache.to(k.dtype), k], dim=1).float()
+    keys_v = torch.cat([v_cache.to(v.dtype), v], dim=1).float()
+    valid = torch.cat([slot_valid, torch.ones(n, dtype=torch.bool, device=q.device)])
+    qf = q.float()
+    rot = None
+    if rope is not None:
+        end = pos + chunk_size
+        key_abs = torch.cat([slot_pos, cur_pos])
+        tpf = rope.tokens_per_frame
+        key_t = window_relative_positions(key_abs, end, window, sink) // tpf
+        q_t = window_relative_positions(cur_pos, end, window, sink) // tpf
+        qf = rotate(qf, q_t, cur_pos % tpf, rope)
+        keys_k = rotate(keys_k, key_t, key_abs.clamp(min=0) % tpf, rope)
+        rot = (q_t, key_t[-n:], cur_pos % tpf)
+    return qf, keys_k, keys_v, valid, rot
+
+
 @_fp32
 def chunk_attention_ref(q, k, v, k_cache, v_cache, pos, *, chunk_size: int, window: int, sink: int,
                         write: bool, scale: float, rope: RopeSpec | None = None):
@@ -146,26 +171,29 @@ def chunk_attention_ref(q, k, v, k_cache, v_cache, pos, *, chunk_size: int, wind
     Keys = [cache slots that are visible | current k].  With ``rope`` the cache holds un-rotated keys and q and
     every key are rotated with window-relative time positions (``window_relative_positions`` // tokens per
     frame) and their in-frame height/width positions."""
-    n = q.shape[1]
-    ring = k_cache.shape[1] - sink
-    slot_pos, slot_valid = cache_slot_positions(pos, sink, ring)
-    cur_pos = pos + torch.arange(n, device=q.device)
-    keys_k = torch.cat([k_cache.to(k.dtype), k], dim=1)
-    keys_v = torch.cat([v_cache.to(v.dtype), v], dim=1)
-    valid = torch.cat([slot_valid, torch.ones(n, dtype=torch.bool, device=q.device)])
-    qf = q.float()
-    if rope is not None:
-        end = pos + chunk_size
-        key_abs = torch.cat([slot_pos, cur_pos])
-        tpf = rope.tokens_per_frame
-        key_t = window_relative_positions(key_abs, end, window, sink) // tpf
-        q_t = window_relative_positions(cur_pos, end, window, sink) // tpf
-        qf = rotate(qf, q_t, cur_pos % tpf, rope)
-        keys_k = rotate(keys_k.float(), key_t, key_abs.clamp(min=0) % tpf, rope)
+    qf, keys_k, keys_v, valid, _ = _chunk_keys(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, rope)
     out, _ = _softmax_attention(qf, keys_k, keys_v, valid[None, None, None, :], scale)
     if write:
         cache_write_ref(k, v, k_cache, v_cache, pos, sink=sink)
     return out.to(q.dtype)
+
+
+@_fp32
+def chunk_attention_backward_ref(grad_out, q, k, v, k_cache, v_cache, pos, *, chunk_size: int, window: int,
+                                 sink: int, scale: float, rope: RopeSpec | None = None):
+    """Gradients (dq, dk, dv), float32, of chunk_attention_ref's output (``write=False``) w.r.t. the current
+    chunk's q, k, v; the cache is a constant.  With ``rope`` the gradients w.r.t. the rotated q and keys are
+    rotated back (by the negative angles: the rotation is orthogonal)."""
+    n = q.shape[1]
+    qf, keys_k, keys_v, valid, rot = _chunk_keys(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, rope)
+    dq, dkeys, dvals = _softmax_attention_backward(qf, keys_k, keys_v, valid[None, None, None, :], scale,
+                                                   grad_out)
+    dk, dv = dkeys[:, -n:], dvals[:, -n:]
+    if rot is not None:
+        q_t, k_t, in_frame = rot
+        dq = rotate(dq, q_t, in_frame, rope, inverse=True)
+        dk = rotate(dk, k_t, in_frame, rope, inverse=True)
+    return dq, dk.contiguous(), dv.contiguous()
 
 
 # ------------------------------------------------------------------------------------------ audio cross-attention

@@ -73,13 +73,19 @@ def axis_positions(t_pos: torch.Tensor, spec: RopeSpec, token_in_frame: torch.Te
     return torch.cat(parts, dim=-1)
 
 
-def rotate(x: torch.Tensor, t_pos: torch.Tensor, token_in_frame: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+def rotate(x: torch.Tensor, t_pos: torch.Tensor, token_in_frame: torch.Tensor, spec: RopeSpec, *,
+           inverse: bool = False) -> torch.Tensor:
     """Rotate ``x`` (B, L, H, D) in float32 with per-token time positions ``t_pos`` (L,) and in-frame token
-    indices ``token_in_frame`` (L,) (height = index // grid_w, width = index % grid_w).  Returns float32."""
+    indices ``token_in_frame`` (L,) (height = index // grid_w, width = index % grid_w).  Returns float32.
+
+    ``inverse=True`` rotates by the negative angles: the inverse and, the rotation being orthogonal, also the
+    transpose, so it maps the gradient w.r.t. the rotated tensor to the gradient w.r.t. ``x``."""
     rows = axis_positions(t_pos.to(x.device).long(), spec, token_in_frame.to(x.device).long())  # (L, D/2)
     cols = torch.arange(spec.cos.shape[1], device=x.device)
     cos = spec.cos.to(x.device)[rows, cols][None, :, None, :]
     sin = spec.sin.to(x.device)[rows, cols][None, :, None, :]
+    if inverse:
+        sin = -sin
     xf = x.float()
     a, b = xf[..., 0::2], xf[..., 1::2]
     out = torch.empty_like(xf)

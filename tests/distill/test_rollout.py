@@ -1,12 +1,14 @@
-"""Self-Forcing rollout: the differentiable chunk forward, the exit-step gradient, cache writes without gradient."""
+"""Self-Forcing rollout: the exit forward's gradient (vs a float64 oracle), the exit-step gradient, cache writes
+without gradient."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from lipforcing import ModelConfig, build_model
-from lipforcing.distill.rollout import forward_chunk_train, self_forcing_rollout
+from lipforcing.distill.rollout import self_forcing_rollout
 from lipforcing.model.teacher import Condition
+from tests.model.oracle import WanOracle, rope_freqs, rotate, softmax_attention
 
 
 def _student(**changes):
@@ -23,31 +25,83 @@ def _cond(cfg, B, F, H=4, W=4, seed=0):
                      audio=torch.randn(B, F, 4, cfg.audio_dim, generator=g))
 
 
-@pytest.mark.parametrize("rope_mode,window,sink", [("dynamic", 6, 1), ("absolute", 6, 1), ("dynamic", 4, 2),
-                                                  ("absolute", 9, 0)])
-def test_forward_chunk_train_matches_streaming(rope_mode, window, sink):
-    s = _student(rope_mode=rope_mode, window_frames=window, sink_frames=sink)
-    cfg = s.config
-    B, F, H, W = 2, 11, 4, 6          # 4 chunks, the last one short; non-square grid
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(B, cfg.in_dim, F, H, W, generator=g)
-    ctx = torch.randn(B, 5, cfg.text_dim, generator=g)
-    audio = torch.randn(B, F, 4, cfg.audio_dim, generator=g)
-    state = s.init_stream(ctx)
-    for a in range(0, F, 3):
-        xc, ac = x[:, :, a:a + 3], audio[:, a:a + 3]
-        t = torch.tensor([250.0, 900.0])
-        with torch.no_grad():
-            ref = s.forward_chunk(xc, t, state, ac, write=False)
-        out = forward_chunk_train(s, xc, t, state, ac)
-        assert out.requires_grad
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-        with torch.no_grad():
-            s.forward_chunk(xc, 0.0, state, ac, write=True)
+class _OracleStream:
+    """Self-attention of a stream for the float64 WanOracle, with a constant history: every written frame's
+    un-rotated (k, v) per layer.  A chunk starting at frame P sees the sink frames, the window frames
+    [max(S, P + C - W), P) and itself; RoPE time positions are the stream frame indices (absolute) or the indices
+    0, 1, 2, ... of the visible frames (dynamic)."""
+
+    def __init__(self, head_dim, gh, gw, chunk, window, sink, mode):
+        self.freqs, self.gh, self.gw, self.C, self.W, self.S, self.mode = (rope_freqs(head_dim), gh, gw, chunk,
+                                                                          window, sink, mode)
+        self.hist, self.frame = {}, 0
+
+    def attend_for_chunk(self, frames, write):
+        tpf, P = self.gh * self.gw, self.frame
+        seen = [j for j in range(P) if j < self.S or j >= P + self.C - self.W] + list(range(P, P + frames))
+        pos = torch.tensor(seen if self.mode == "absolute" else list(range(len(seen))))
+
+        def attend(layer, q, k, v):
+            hist = self.hist.setdefault(layer, [])
+            kk = torch.cat([hist[j][0] for j in seen[:-frames]] + [k], 1)
+            vv = torch.cat([hist[j][1] for j in seen[:-frames]] + [v], 1)
+            q_t, k_t = pos[-frames:].repeat_interleave(tpf), pos.repeat_interleave(tpf)
+            out = softmax_attention(rotate(q, q_t, self.gh, self.gw, self.freqs),
+                                    rotate(kk, k_t, self.gh, self.gw, self.freqs), vv)
+            if write:
+                hist.extend((k[:, f * tpf:(f + 1) * tpf], v[:, f * tpf:(f + 1) * tpf]) for f in range(frames))
+            return out
+        self.frame += frames if write else 0
+        return attend
+
+
+@pytest.mark.parametrize("rope_mode", ["dynamic", "absolute"])
+def test_exit_forward_gradient_matches_float64_oracle(rope_mode):
+    """The exit forward (``forward_chunk(write=False)`` with gradient, after chunks written without gradient and
+    followed by this chunk's own cache write) has the gradient, w.r.t. its input and every parameter, of a float64
+    re-statement of the model that attends to the same cached keys/values held constant."""
+    s = _student(rope_mode=rope_mode, chunk_frames=2, window_frames=4, sink_frames=1)
+    c = s.config
+    B, Fr, H, W = 1, 7, 2, 4          # chunks of 2, 2, 2, 1 frames; the ring (2 frames) wraps; grid (1, 2)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, c.in_dim, Fr, H, W, generator=g)
+    t = torch.rand(B, Fr, generator=g) * 1000
+    ctx = torch.randn(B, 5, c.text_dim, generator=g)
+    audio = torch.randn(B, Fr, 4, c.audio_dim, generator=g)
+    oracle = WanOracle(s.state_dict(), num_heads=c.num_heads, num_layers=c.num_layers, freq_dim=c.freq_dim,
+                       eps=c.eps, audio_injection=c.audio_injection, audio_tokens=c.audio_tokens_per_frame)
+    stream = _OracleStream(c.head_dim, 1, 2, c.chunk_frames, c.window_frames, c.sink_frames, rope_mode)
+    state = s.init_stream(ctx)   # with gradient, as in the rollout (text K/V)
+    with torch.no_grad():
+        for a in range(0, 6, 2):
+            sl = slice(a, a + 2)
+            s.forward_chunk(x[:, :, sl], t[:, sl], state, audio[:, sl], write=True)
+            oracle.forward(x[:, :, sl], t[:, sl], ctx, audio[:, sl], stream.attend_for_chunk(2, True))
+    sl = slice(6, 7)
+    xe = x[:, :, sl].clone().requires_grad_()
+    out = s.forward_chunk(xe, t[:, sl], state, audio[:, sl], write=False)
+    with torch.no_grad():   # this chunk's cache write comes before the backward in the rollout
+        s.forward_chunk(torch.randn(xe.shape, generator=g), 0.0, state, audio[:, sl], write=True)
+    weight = torch.randn(out.shape, generator=g)
+    params = dict(s.named_parameters())
+    got = torch.autograd.grad((out * weight).sum(), [xe, *params.values()], allow_unused=True)
+    oracle.W = {k: v.detach().double().requires_grad_(k in params) for k, v in s.state_dict().items()}
+    x64 = x[:, :, sl].double().requires_grad_()
+    want_out = oracle.forward(x64, t[:, sl], ctx, audio[:, sl], stream.attend_for_chunk(1, False))
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-4, atol=1e-4)
+    want = torch.autograd.grad((want_out * weight.double()).sum(), [x64, *(oracle.W[k] for k in params)],
+                               allow_unused=True)
+    assert got[0].abs().sum() > 0
+    for name, a, b in zip(["x", *params], got, want):
+        b = torch.zeros_like(a) if b is None else b
+        a = torch.zeros_like(b) if a is None else a
+        err = (a.double() - b).norm().item()
+        assert err <= 1e-4 * max(1.0, b.norm().item()), (name, err, b.norm().item())
 
 
 class _Recorder:
-    """Counts block-0 forward calls with gradient, their backward passes, and the student's streaming calls."""
+    """Counts block-0 forward calls with gradient, their backward passes, and records the student's streaming
+    calls."""
 
     def __init__(self, student):
         self.fwd_grad = 0
@@ -84,11 +138,10 @@ def test_gradient_only_through_the_exit_step(exit_step):
                                      generator=torch.Generator().manual_seed(3))
     assert info["exit_step"] == exit_step and gen.shape == noise.shape
     n_chunks = 3
-    # streaming calls: the non-exit denoising passes (exit_step of them per chunk) and one cache write per chunk,
-    # none of them with gradient
-    assert sum(w for w, _ in rec.stream_calls) == n_chunks
-    assert len(rec.stream_calls) == n_chunks * (exit_step + 1)
-    assert not any(g for _, g in rec.stream_calls)
+    # streaming calls (write, with gradient) per chunk: the non-exit denoising passes without gradient, the exit
+    # pass with gradient, then the cache write without gradient
+    per_chunk = [(False, False)] * exit_step + [(False, True), (True, False)]
+    assert rec.stream_calls == per_chunk * n_chunks
     assert rec.fwd_grad == n_chunks          # exactly one forward with gradient per chunk: the exit step
     gen.square().mean().backward()
     assert rec.bwd == n_chunks               # ... and exactly as many backward passes through the network
@@ -146,3 +199,20 @@ def test_rollout_rejects_bad_schedule():
         self_forcing_rollout(s, torch.randn(1, 16, 3, 4, 4), cond, timesteps=(0.5, 0.8, 0.0))
     with pytest.raises(ValueError, match="exit_step"):
         self_forcing_rollout(s, torch.randn(1, 16, 3, 4, 4), cond, exit_step=2)
+
+
+@pytest.mark.parametrize("exit_step", [0, 1])
+def test_gradient_checkpointing_gives_the_same_gradient(exit_step):
+    """Checkpointing re-runs the exit forward in the backward, after later chunks were written to the caches: the
+    gradient must still be that of the caches the forward saw."""
+    grads = []
+    for ckpt in (False, True):
+        s = _student().train()
+        s.gradient_checkpointing = ckpt
+        cond = _cond(s.config, 1, 7)
+        noise = torch.randn(1, 16, 7, 4, 4, generator=torch.Generator().manual_seed(2))
+        gen, _ = self_forcing_rollout(s, noise, cond, exit_step=exit_step, generator=torch.Generator().manual_seed(3))
+        gen.square().mean().backward()
+        grads.append([p.grad for p in s.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

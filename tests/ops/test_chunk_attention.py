@@ -168,3 +168,128 @@ def test_rope_errors():
         ops.chunk_attention(x, x, x, object(), write=False)
     with pytest.raises(TypeError, match="write must be a bool"):
         ops.chunk_attention(x, x, x, cache, write=1)
+
+
+# ---- gradients (write=False): the cache is a constant, gradient flows into the current chunk's q, k, v ----
+
+def _leaves(*xs):
+    return [x.detach().clone().requires_grad_() for x in xs]
+
+
+def test_gradient_matches_dense_oracle_after_ring_wrapped():
+    B, H, D, chunk, window, sink, last = 2, 2, 8, 4, 12, 2, 3
+    n_written = 5  # 20 tokens written: the ring of 8 tokens has wrapped
+    L = n_written * chunk + last
+    q, k, v = (torch.randn(B, L, H, D) for _ in range(3))
+    g = torch.randn(B, last, H, D)
+    cache = lipforcing.RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink)
+    with torch.no_grad():
+        _stream(q[:, :-last], k[:, :-last], v[:, :-last], cache, chunk)
+    cur = slice(L - last, L)
+    qc, kc, vc = _leaves(q[:, cur], k[:, cur], v[:, cur])
+    out = ops.chunk_attention(qc, kc, vc, cache, write=False, backend="reference")
+    got = torch.autograd.grad(out, (qc, kc, vc), g)
+    # oracle: the whole sequence densely, earlier tokens detached, gradient of the last chunk's outputs only
+    qo, ko, vo = _leaves(q[:, cur].double(), k[:, cur].double(), v[:, cur].double())
+    full = [torch.cat([x[:, :L - last].double(), c], dim=1) for x, c in ((q, qo), (k, ko), (v, vo))]
+    ref = dense_block_causal(*full, chunk, window, sink)[:, cur]
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    expected = torch.autograd.grad(ref, (qo, ko, vo), g.double())
+    for name, a, b in zip("qkv", got, expected):
+        assert a.dtype == torch.float32 and a.abs().sum() > 0, name
+        torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=1e-4, msg=f"d{name}")
+
+
+def test_gradient_with_dynamic_rope_matches_rotation_oracle():
+    grid = (2, 3)
+    tpf = 6
+    sink_frames, window_frames = 1, 4   # chunk of one frame, ring of 3 frames
+    B, H, D = 1, 2, 24
+    chunk, window, sink = tpf, window_frames * tpf, sink_frames * tpf
+    n_written = 6
+    L = (n_written + 1) * chunk
+    q, k, v = (torch.randn(B, L, H, D) for _ in range(3))
+    g = torch.randn(B, chunk, H, D)
+    spec = ops.rope_spec(D, grid, max_frames=16)
+    cache = lipforcing.RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink)
+    with torch.no_grad():
+        _stream(q[:, :-chunk], k[:, :-chunk], v[:, :-chunk], cache, chunk, rope=spec)
+    cur = slice(L - chunk, L)
+    qc, kc, vc = _leaves(q[:, cur], k[:, cur], v[:, cur])
+    out = ops.chunk_attention(qc, kc, vc, cache, write=False, rope=spec, backend="reference")
+    got = torch.autograd.grad(out, (qc, kc, vc), g)
+    # oracle: visible frames = sink frames, then the window; window-relative time positions
+    last = L // tpf - 1
+    frames = [f for f in range(last + 1) if f < sink_frames or f > last - window_frames]
+    keys = [f * tpf + j for f in frames for j in range(tpf)]
+    rel = torch.tensor([i for i in range(len(frames)) for _ in range(tpf)])
+    hh = torch.tensor([j // grid[1] for j in range(tpf)] * len(frames))
+    ww = torch.tensor([j % grid[1] for j in range(tpf)] * len(frames))
+    qo, ko, vo = _leaves(q[:, cur].double(), k[:, cur].double(), v[:, cur].double())
+    kk = torch.cat([k[:, keys[:-chunk]].double(), ko], dim=1)
+    vv = torch.cat([v[:, keys[:-chunk]].double(), vo], dim=1)
+    qr = _rotate64(qo, rel[-chunk:], hh[-chunk:], ww[-chunk:])
+    kr = _rotate64(kk, rel, hh, ww)
+    p = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", qr, kr) / math.sqrt(D), -1)
+    ref = torch.einsum("bhqk,bkhd->bqhd", p, vv)
+    torch.testing.assert_close(out.double(), ref, atol=3e-5, rtol=1e-5)
+    expected = torch.autograd.grad(ref, (qo, ko, vo), g.double())
+    for name, a, b in zip("qkv", got, expected):
+        assert a.abs().sum() > 0, name
+        torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=1e-4, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_gradient_unchanged_by_cache_write_before_backward(rope):
+    """The rollout's order: exit forward (write=False, with grad), then the cache-write pass of the same chunk,
+    then the backward.  The gradient is that of the cache the forward saw."""
+    B, H, D, chunk, window, sink = 1, 2, 12, 6, 18, 6
+    spec = ops.rope_spec(D, (2, 3), max_frames=8) if rope else None
+    cache = lipforcing.RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(B, chunk, H, D)
+            ops.chunk_attention(x, x, x, cache, write=True, rope=spec, backend="reference")
+    q, k, v = (torch.randn(B, chunk, H, D) for _ in range(3))
+    g = torch.randn(B, chunk, H, D)
+    leaves = _leaves(q, k, v)
+    out = ops.chunk_attention(*leaves, cache, write=False, rope=spec, backend="reference")
+    expected = torch.autograd.grad(out, leaves, g)
+    leaves = _leaves(q, k, v)
+    out = ops.chunk_attention(*leaves, cache, write=False, rope=spec, backend="reference")
+    with torch.no_grad():
+        for _ in range(2):   # this chunk's cache write, and the next one (evicts window tokens)
+            ops.chunk_attention(q, k, v, cache, write=True, rope=spec, backend="reference")
+    got = torch.autograd.grad(out, leaves, g)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_write_true_with_gradient_raises_before_writing():
+    cache = lipforcing.RollingKVCache(1, 2, 8, chunk_size=4, window=8, sink=2)
+    q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    ops.chunk_attention(q, k, v, cache, write=True, backend="reference")   # no input requires grad: fine
+    before = (cache.k.clone(), cache.v.clone(), cache.pos.clone())
+    k.requires_grad_()
+    with pytest.raises(ValueError, match=r"chunk_attention\(write=True\) is not differentiable.*torch.no_grad"):
+        ops.chunk_attention(q, k, v, cache, write=True, backend="reference")
+    assert all(torch.equal(a, b) for a, b in zip(before, (cache.k, cache.v, cache.pos)))
+    with torch.no_grad():
+        ops.chunk_attention(q, k, v, cache, write=True, backend="reference")
+    assert int(cache.pos) == 8
+
+
+def test_opcheck_with_gradient():
+    cache = lipforcing.RollingKVCache(1, 2, 8, chunk_size=4, window=12, sink=2)
+    spec = ops.rope_spec(8, (2, 2), max_frames=16)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(1, 4, 2, 8)
+            ops.chunk_attention(x, x, x, cache, write=True, backend="reference")
+    q, k, v = _leaves(*(torch.randn(1, 4, 2, 8) for _ in range(3)))
+    for cos, sin, gh, gw in ((None, None, 0, 0), (spec.cos, spec.sin, 2, 2)):
+        torch.library.opcheck(torch.ops.lipforcing.chunk_attention_read.default,
+                              (q, k, v, cache.k, cache.v, cache.pos, 4, 12, 2, 0.3, cos, sin, gh, gw, "reference"))
+        torch.library.opcheck(torch.ops.lipforcing.chunk_attention_backward.default,
+                              (torch.randn(1, 4, 2, 8), q.detach(), k.detach(), v.detach(), cache.k, cache.v,
+                               cache.pos, 4, 12, 2, 0.3, cos, sin, gh, gw, "reference"))
