@@ -34,6 +34,16 @@ void require_device(const char* what) {
   }
 }
 
+// A dtype code that may be any lipforcing::DType (0 float32, 1 float16, 2 bfloat16); otherwise ValueError
+// "<op>: [<name> ]dtype code must be 0, 1 or 2, got <code>".
+lipforcing::DType dtype_arg(int code, const char* op, const char* name = nullptr) {
+  if (code < 0 || code > 2) {
+    throw std::invalid_argument(std::string(op) + ": " + (name ? std::string(name) + " " : std::string()) +
+                                "dtype code must be 0, 1 or 2, got " + std::to_string(code));
+  }
+  return static_cast<lipforcing::DType>(code);
+}
+
 int device_count_or_zero() {
   int n = 0;
   if (lipforcing::device_count(&n) != cudaSuccess) {
@@ -127,13 +137,7 @@ PYBIND11_MODULE(_C, m) {
          int t_next_mode, uintptr_t t_next, int t_next_dtype, double t_next_value, uintptr_t seed,
          int64_t seed_value, uintptr_t offset, int64_t offset_value, int64_t numel, int64_t per_sample,
          uintptr_t stream) {
-        auto dtype = [](int code, const char* name) {
-          if (code < 0 || code > 2) {
-            throw std::invalid_argument(std::string("denoise_update: ") + name +
-                                        " dtype code must be 0, 1 or 2, got " + std::to_string(code));
-          }
-          return static_cast<lipforcing::DType>(code);
-        };
+        auto dtype = [](int code, const char* name) { return dtype_arg(code, "denoise_update", name); };
         auto mode = [](int m, uintptr_t ptr, const char* name) {
           if (m < 0 || m > 2 || (m != 0 && ptr == 0)) {
             throw std::invalid_argument(std::string("denoise_update: ") + name +
@@ -202,10 +206,7 @@ PYBIND11_MODULE(_C, m) {
           }
           for (size_t i = 0; i < n; ++i) dst[i] = src[i].cast<int64_t>();
         };
-        if (dtype < 0 || dtype > 2) {
-          throw std::invalid_argument("audio_cross_attention: dtype code must be 0, 1 or 2, got " +
-                                      std::to_string(dtype));
-        }
+        const lipforcing::DType dt = dtype_arg(dtype, "audio_cross_attention");
         lipforcing::AudioCrossAttentionParams p;
         p.q = reinterpret_cast<const void*>(q);
         p.text_k = reinterpret_cast<const void*>(text_k);
@@ -231,7 +232,7 @@ PYBIND11_MODULE(_C, m) {
         copy_strides(out_strides, p.out_stride, 3, "out_strides");
         p.scale = static_cast<float>(scale);
         p.audio_scale = static_cast<float>(audio_scale);
-        p.dtype = static_cast<lipforcing::DType>(dtype);
+        p.dtype = dt;
         if (const char* why = lipforcing::check_audio_cross_attention(p)) {
           throw std::invalid_argument(std::string("audio_cross_attention: ") + why);
         }

@@ -2,6 +2,9 @@
 
 * ``_online_softmax_step``: one key tile of the FlashAttention online softmax (Dao et al., FlashAttention 1/2),
   in base 2: the scores arrive already multiplied by ``scale * log2(e)``.
+* ``_load_tile`` / ``_store_tile`` / ``_load_kv_scores``: pointer arithmetic of a (rows, BLOCK_D) tile and one key
+  tile's loads plus its base-2 scores.
+* ``_dq_step`` / ``_dkdv_step``: the FlashAttention-2 backward updates of one (query tile, key tile) pair.
 * ``_rope_rotate``: Wan 3-D RoPE on the (even, odd) halves of a tile (adjacent-pair convention, lipforcing.ops.rope).
 * ``launch_config``: tile sizes per head_dim/dtype, and the dot precision (exact IEEE fp32 for float32 inputs,
   whose error budget is plain PyTorch's fp32 error; TF32 would be ~1e-3).
@@ -15,6 +18,9 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+# The same constants for use inside kernels (Triton only accepts constexpr globals there).
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 def interpreting() -> bool:
@@ -61,6 +67,53 @@ def _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _load_tile(base, rows, stride, offs_d, mask):
+    """(len(rows), len(offs_d)) tile whose row r starts at ``base + rows[r] * stride``; 0 where ``mask`` is False."""
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, stride, offs_d, x, mask):
+    """Store ``x`` (cast to the pointee type) at the tile addresses of ``_load_tile``, where ``mask`` is True."""
+    tl.store(base + rows[:, None] * stride + offs_d[None, :], x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_kv_scores(q, K_base, V_base, stride_kn, stride_vn, cols, n_cols, offs_d, d_ok, qk_scale,
+                    DOT_PRECISION: tl.constexpr):
+    """Load key and value rows ``cols`` (zero for cols >= n_cols or padded head dims ``~d_ok``) and return
+    (k, v, s) with the base-2 scores ``s = q k^T * qk_scale`` (BLOCK_M, len(cols)), not masked."""
+    kv_mask = (cols < n_cols)[:, None] & d_ok[None, :]
+    k = tl.load(K_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    return k, v, s
+
+
+@triton.jit
+def _dq_step(dq, p, k, v, do, delta, DOT_PRECISION: tl.constexpr):
+    """dq += dS k with dS = P * (dO v^T - delta) (P: the forward's probabilities, masked entries 0); the
+    softmax scale is applied by the caller."""
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, p_t, q, do, v, delta, dp_scale, SCALE_DP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """On transposed scores (keys x queries): dv += P^T dO and dk += dS^T q with dS^T = P^T * (v dO^T - delta).
+    With SCALE_DP, v dO^T is multiplied by ``dp_scale`` (dO reaches the branch scaled).  The softmax scale is
+    applied by the caller."""
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if SCALE_DP:
+        dp_t = dp_t * dp_scale
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit

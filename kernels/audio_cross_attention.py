@@ -32,16 +32,19 @@ import triton
 import triton.language as tl
 
 from lipforcing.kernels._attention_common import (
+    _LN2,
+    _LOG2E,
     LOG2E,
+    _dkdv_step,
+    _dq_step,
+    _load_kv_scores,
+    _load_tile,
     _online_softmax_step,
+    _store_tile,
     block_d,
     interpreting,
     torch_to_dot_precision,
 )
-
-# Constants used inside kernels must be constexpr globals.
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 # Largest head_dim a (BLOCK_M, BLOCK_D) fp32 accumulator pair fits comfortably in registers for.
 MAX_HEAD_DIM = 256
@@ -73,6 +76,94 @@ def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+@triton.jit
+def _query_tile(H, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (query tile, batch*head): (pid_bh, b, h, m_start, rows, row_ok, offs_d, d_ok), b/h int64."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    m_start = pid_m * BLOCK_M
+    rows = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid_bh, b, h, m_start, rows, rows < Lq, offs_d, offs_d < D
+
+
+@triton.jit
+def _tile_frames(rows, m_start, Lq, tokens_per_frame, BLOCK_M: tl.constexpr):
+    """Frame of every row and the first and last frame with a row in the tile (a tile may straddle frames)."""
+    frame = rows // tokens_per_frame
+    f_lo = m_start // tokens_per_frame
+    f_hi = (tl.minimum(m_start + BLOCK_M, Lq) - 1) // tokens_per_frame
+    return frame, f_lo, f_hi
+
+
+@triton.jit
+def _attend(q, K_base, V_base, stride_kn, stride_vn, n_keys, offs_d, d_ok, qk_scale, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of the query tile over keys [0, n_keys): returns (acc, row max m, row sum l), base 2."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for n_start in range(0, n_keys, BLOCK_N):
+        cols = n_start + offs_n
+        k, v, s = _load_kv_scores(q, K_base, V_base, stride_kn, stride_vn, cols, n_keys, offs_d, d_ok, qk_scale,
+                                  DOT_PRECISION)
+        s = tl.where((cols < n_keys)[None, :], s, float("-inf"))
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _probs(q, K_base, V_base, stride_kn, stride_vn, cols, n_keys, offs_d, d_ok, lse2, qk_scale,
+           DOT_PRECISION: tl.constexpr):
+    """(k, v, P) of key tile ``cols``: P = exp2(s - lse2), the forward's probabilities, 0 for cols >= n_keys."""
+    k, v, s = _load_kv_scores(q, K_base, V_base, stride_kn, stride_vn, cols, n_keys, offs_d, d_ok, qk_scale,
+                              DOT_PRECISION)
+    p = tl.exp2(s - lse2[:, None])
+    return k, v, tl.where((cols < n_keys)[None, :], p, 0.0)
+
+
+@triton.jit
+def _key_tile(tile, n_keys, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows of key tile number ``tile``: (cols, col_ok, offs_d, d_ok, kv_mask)."""
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_keys
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    return cols, col_ok, offs_d, d_ok, col_ok[:, None] & d_ok[None, :]
+
+
+@triton.jit
+def _dkdv_over_queries(k, v, col_ok, q_base, do_base, stride_ql, stride_dol, Lse, Delta, row0, n_rows, offs_d, d_ok,
+                       qk_scale, dp_scale, SCALE_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dk, dv (fp32, without the softmax scale) of one key tile over the query rows [row0, row0 + n_rows) (Lse,
+    Delta: this (b, h)'s rows of the per-query float32 arrays).  Works on transposed scores (keys x queries) so
+    dk/dv accumulate without transposing the result."""
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    for i_start in range(0, n_rows, BLOCK_M):
+        i = i_start + offs_m
+        row_ok = i < n_rows
+        rows = row0 + i
+        qd_mask = row_ok[:, None] & d_ok[None, :]
+        q = _load_tile(q_base, rows, stride_ql, offs_d, qd_mask)
+        do = _load_tile(do_base, rows, stride_dol, offs_d, qd_mask)
+        lse2 = tl.load(Lse + rows, mask=row_ok, other=0.0) * _LOG2E
+        delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        pt = tl.exp2(st - lse2[None, :])
+        pt = tl.where(col_ok[:, None] & row_ok[None, :], pt, 0.0)
+        dk, dv = _dkdv_step(dk, dv, pt, q, do, v, delta, dp_scale, SCALE_DP, DOT_PRECISION)
+    return dk, dv
+
+
 # ------------------------------------------------------------------------------------------------------ forward
 
 
@@ -90,34 +181,14 @@ def _audio_cross_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    m_start = pid_m * BLOCK_M
-    rows = m_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < Lq
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    pid_bh, b, h, m_start, rows, row_ok, offs_d, d_ok = _query_tile(H, Lq, D, BLOCK_M, BLOCK_D)
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_ql, offs_d, q_mask)
 
     # 1. text: online softmax over all T keys (scores in base 2: s * scale * log2(e)).
-    offs_n = tl.arange(0, BLOCK_N)
-    tk_base = TK + b * stride_tkb + h * stride_tkh
-    tv_base = TV + b * stride_tvb + h * stride_tvh
-    m_t = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_t = tl.zeros([BLOCK_M], tl.float32)
-    acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n_start in range(0, T, BLOCK_N):
-        cols = n_start + offs_n
-        kv_mask = (cols < T)[:, None] & d_ok[None, :]
-        k = tl.load(tk_base + cols[:, None] * stride_tkt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(tv_base + cols[:, None] * stride_tvt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where((cols < T)[None, :], s, float("-inf"))
-        acc_t, m_t, l_t = _online_softmax_step(acc_t, m_t, l_t, s, v, DOT_PRECISION)
+    acc_t, m_t, l_t = _attend(q, TK + b * stride_tkb + h * stride_tkh, TV + b * stride_tvb + h * stride_tvh,
+                              stride_tkt, stride_tvt, T, offs_d, d_ok, qk_scale, BLOCK_M, BLOCK_N, BLOCK_D,
+                              DOT_PRECISION)
     # l_t == 0 only for an empty text: its contribution is zero and lse_t = -inf.
     has_text = l_t > 0.0
     out = acc_t / tl.where(has_text, l_t, 1.0)[:, None]
@@ -125,31 +196,17 @@ def _audio_cross_attention_fwd_kernel(
 
     # 2. audio: each row sees only its own frame's window.  Loop over the frames present in this tile; the
     # whole tile is attended to frame f's keys and only the rows of frame f keep the result.
-    frame = rows // tokens_per_frame
-    f_lo = m_start // tokens_per_frame
-    f_hi = (tl.minimum(m_start + BLOCK_M, Lq) - 1) // tokens_per_frame
-    offs_a = tl.arange(0, BLOCK_A)
+    frame, f_lo, f_hi = _tile_frames(rows, m_start, Lq, tokens_per_frame, BLOCK_M)
     lse_a = tl.zeros([BLOCK_M], tl.float32)
     for f in range(f_lo, f_hi + 1):
-        ak_base = AK + b * stride_akb + f * stride_akf + h * stride_akh
-        av_base = AV + b * stride_avb + f * stride_avf + h * stride_avh
-        m_f = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_f = tl.zeros([BLOCK_M], tl.float32)
-        acc_f = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for a_start in range(0, A, BLOCK_A):
-            cols = a_start + offs_a
-            kv_mask = (cols < A)[:, None] & d_ok[None, :]
-            k = tl.load(ak_base + cols[:, None] * stride_aka + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(av_base + cols[:, None] * stride_ava + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where((cols < A)[None, :], s, float("-inf"))
-            acc_f, m_f, l_f = _online_softmax_step(acc_f, m_f, l_f, s, v, DOT_PRECISION)
+        acc_f, m_f, l_f = _attend(q, AK + b * stride_akb + f * stride_akf + h * stride_akh,
+                                  AV + b * stride_avb + f * stride_avf + h * stride_avh, stride_aka, stride_ava, A,
+                                  offs_d, d_ok, qk_scale, BLOCK_M, BLOCK_A, BLOCK_D, DOT_PRECISION)
         in_f = frame == f  # A >= 1, so l_f > 0 on every row; each row is in exactly one frame
         out = tl.where(in_f[:, None], out + acc_f * (audio_scale / l_f)[:, None], out)
         lse_a = tl.where(in_f, (m_f + tl.log2(l_f)) * _LN2, lse_a)
 
-    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    _store_tile(Out + b * stride_ob + h * stride_oh, rows, stride_ol, offs_d, out, q_mask)
     lse_off = pid_bh.to(tl.int64) * Lq + rows
     tl.store(LseT + lse_off, lse_t, mask=row_ok)
     tl.store(LseA + lse_off, lse_a, mask=row_ok)
@@ -224,24 +281,13 @@ def _audio_cross_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    m_start = pid_m * BLOCK_M
-    rows = m_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < Lq
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    pid_bh, b, h, m_start, rows, row_ok, offs_d, d_ok = _query_tile(H, Lq, D, BLOCK_M, BLOCK_D)
     qd_mask = row_ok[:, None] & d_ok[None, :]
     qk_scale = scale * _LOG2E
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + offs_d[None, :],
-                mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dol + offs_d[None, :],
-                 mask=qd_mask, other=0.0)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :],
-                mask=qd_mask, other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, rows, stride_ql, offs_d, qd_mask)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, rows, stride_dol, offs_d, qd_mask)
+    o = _load_tile(Out + b * stride_ob + h * stride_oh, rows, stride_ol, offs_d, qd_mask)
     lse_off = pid_bh.to(tl.int64) * Lq + rows
     lse_t2 = tl.load(LseT + lse_off, mask=row_ok, other=0.0) * _LOG2E
     lse_a2 = tl.load(LseA + lse_off, mask=row_ok, other=0.0) * _LOG2E
@@ -251,9 +297,7 @@ def _audio_cross_attention_bwd_dq_kernel(
 
     # Audio branch, frame by frame (a tile may straddle frames).  Pass 1 recomputes O_a to get delta_a; pass 2
     # accumulates dS_a K_a.  Rows of other frames get P = 0.
-    frame = rows // tokens_per_frame
-    f_lo = m_start // tokens_per_frame
-    f_hi = (tl.minimum(m_start + BLOCK_M, Lq) - 1) // tokens_per_frame
+    frame, f_lo, f_hi = _tile_frames(rows, m_start, Lq, tokens_per_frame, BLOCK_M)
     offs_a = tl.arange(0, BLOCK_A)
     delta_a = tl.zeros([BLOCK_M], tl.float32)
     for f in range(f_lo, f_hi + 1):
@@ -263,25 +307,17 @@ def _audio_cross_attention_bwd_dq_kernel(
         o_f = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for a_start in range(0, A, BLOCK_A):
             cols = a_start + offs_a
-            kv_mask = (cols < A)[:, None] & d_ok[None, :]
-            v = tl.load(av_base + cols[:, None] * stride_ava + offs_d[None, :], mask=kv_mask, other=0.0)
-            k = tl.load(ak_base + cols[:, None] * stride_aka + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            p = tl.exp2(s - lse_a2[:, None])
-            p = tl.where(in_f[:, None] & (cols < A)[None, :], p, 0.0)
+            k, v, p = _probs(q, ak_base, av_base, stride_aka, stride_ava, cols, A, offs_d, d_ok, lse_a2, qk_scale,
+                             DOT_PRECISION)
+            p = tl.where(in_f[:, None], p, 0.0)
             o_f += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         delta_f = tl.sum(do_a.to(tl.float32) * o_f, 1)
         for a_start in range(0, A, BLOCK_A):
             cols = a_start + offs_a
-            kv_mask = (cols < A)[:, None] & d_ok[None, :]
-            v = tl.load(av_base + cols[:, None] * stride_ava + offs_d[None, :], mask=kv_mask, other=0.0)
-            k = tl.load(ak_base + cols[:, None] * stride_aka + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            p = tl.exp2(s - lse_a2[:, None])
-            p = tl.where(in_f[:, None] & (cols < A)[None, :], p, 0.0)
-            dp = tl.dot(do_a, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta_f[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+            k, v, p = _probs(q, ak_base, av_base, stride_aka, stride_ava, cols, A, offs_d, d_ok, lse_a2, qk_scale,
+                             DOT_PRECISION)
+            p = tl.where(in_f[:, None], p, 0.0)
+            dq = _dq_step(dq, p, k, v, do_a, delta_f, DOT_PRECISION)
         delta_a = tl.where(in_f, delta_f, delta_a)
 
     # Text branch: rowsum(dO * O_t) = rowsum(dO * out) - rowsum(dO_a * O_a).
@@ -291,19 +327,12 @@ def _audio_cross_attention_bwd_dq_kernel(
     tv_base = TV + b * stride_tvb + h * stride_tvh
     for n_start in range(0, T, BLOCK_N):
         cols = n_start + offs_n
-        kv_mask = (cols < T)[:, None] & d_ok[None, :]
-        k = tl.load(tk_base + cols[:, None] * stride_tkt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(tv_base + cols[:, None] * stride_tvt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(s - lse_t2[:, None])
-        p = tl.where((cols < T)[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta_t[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        k, v, p = _probs(q, tk_base, tv_base, stride_tkt, stride_tvt, cols, T, offs_d, d_ok, lse_t2, qk_scale,
+                         DOT_PRECISION)
+        dq = _dq_step(dq, p, k, v, do, delta_t, DOT_PRECISION)
 
     dq = dq * scale  # d(s)/d(q) = scale * k
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dql + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+    _store_tile(DQ + b * stride_dqb + h * stride_dqh, rows, stride_dql, offs_d, dq, qd_mask)
     tl.store(DeltaT + lse_off, delta_t, mask=row_ok)
     tl.store(DeltaA + lse_off, delta_a, mask=row_ok)
 
@@ -325,44 +354,18 @@ def _audio_cross_attention_bwd_dkdv_text_kernel(
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < T
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kv_mask = col_ok[:, None] & d_ok[None, :]
+    cols, col_ok, offs_d, d_ok, kv_mask = _key_tile(pid_n, T, D, BLOCK_N, BLOCK_D)
     qk_scale = scale * _LOG2E
 
-    k = tl.load(TK + b * stride_tkb + h * stride_tkh + cols[:, None] * stride_tkt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(TV + b * stride_tvb + h * stride_tvh + cols[:, None] * stride_tvt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
+    k = _load_tile(TK + b * stride_tkb + h * stride_tkh, cols, stride_tkt, offs_d, kv_mask)
+    v = _load_tile(TV + b * stride_tvb + h * stride_tvh, cols, stride_tvt, offs_d, kv_mask)
     lse_base = pid_bh.to(tl.int64) * Lq
-    offs_m = tl.arange(0, BLOCK_M)
-    for m_start in range(0, Lq, BLOCK_M):
-        rows = m_start + offs_m
-        row_ok = rows < Lq
-        qd_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :], mask=qd_mask, other=0.0)
-        lse2 = tl.load(LseT + lse_base + rows, mask=row_ok, other=0.0) * _LOG2E
-        delta = tl.load(DeltaT + lse_base + rows, mask=row_ok, other=0.0)
-        # Transposed scores (keys x queries) so dk/dv accumulate without transposing the result.
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        pt = tl.exp2(st - lse2[None, :])
-        pt = tl.where(col_ok[:, None] & row_ok[None, :], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    dk, dv = _dkdv_over_queries(k, v, col_ok, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                                stride_ql, stride_dol, LseT + lse_base, DeltaT + lse_base, 0, Lq, offs_d, d_ok,
+                                qk_scale, 1.0, False, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
     dk = dk * scale
-    tl.store(DTK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :],
-             dk.to(DTK.dtype.element_ty), mask=kv_mask)
-    tl.store(DTV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :],
-             dv.to(DTV.dtype.element_ty), mask=kv_mask)
+    _store_tile(DTK + b * stride_dkb + h * stride_dkh, cols, stride_dkt, offs_d, dk, kv_mask)
+    _store_tile(DTV + b * stride_dvb + h * stride_dvh, cols, stride_dvt, offs_d, dv, kv_mask)
 
 
 @triton.jit
@@ -384,46 +387,21 @@ def _audio_cross_attention_bwd_dkdv_audio_kernel(
     a_tile = pid_fa % n_a_tiles
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    cols = a_tile * BLOCK_A + tl.arange(0, BLOCK_A)
-    col_ok = cols < A
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kv_mask = col_ok[:, None] & d_ok[None, :]
+    cols, col_ok, offs_d, d_ok, kv_mask = _key_tile(a_tile, A, D, BLOCK_A, BLOCK_D)
     qk_scale = scale * _LOG2E
 
-    k = tl.load(AK + b * stride_akb + f * stride_akf + h * stride_akh + cols[:, None] * stride_aka
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(AV + b * stride_avb + f * stride_avf + h * stride_avh + cols[:, None] * stride_ava
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
+    k = _load_tile(AK + b * stride_akb + f * stride_akf + h * stride_akh, cols, stride_aka, offs_d, kv_mask)
+    v = _load_tile(AV + b * stride_avb + f * stride_avf + h * stride_avh, cols, stride_ava, offs_d, kv_mask)
     lse_base = pid_bh.to(tl.int64) * Lq
-    row0 = f * tokens_per_frame
-    offs_m = tl.arange(0, BLOCK_M)
-    for i_start in range(0, tokens_per_frame, BLOCK_M):
-        i = i_start + offs_m
-        row_ok = i < tokens_per_frame
-        rows = row0 + i
-        qd_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :], mask=qd_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :], mask=qd_mask, other=0.0)
-        lse2 = tl.load(LseA + lse_base + rows, mask=row_ok, other=0.0) * _LOG2E
-        delta = tl.load(DeltaA + lse_base + rows, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        pt = tl.exp2(st - lse2[None, :])
-        pt = tl.where(col_ok[:, None] & row_ok[None, :], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)  # times audio_scale below
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * audio_scale
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    # dO reaches the audio branch times audio_scale: scaled in dP here and in dv below.
+    dk, dv = _dkdv_over_queries(k, v, col_ok, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                                stride_ql, stride_dol, LseA + lse_base, DeltaA + lse_base, f * tokens_per_frame,
+                                tokens_per_frame, offs_d, d_ok, qk_scale, audio_scale, True, BLOCK_M, BLOCK_A,
+                                BLOCK_D, DOT_PRECISION)
     dk = dk * scale
     dv = dv * audio_scale
-    tl.store(DAK + b * stride_dkb + f * stride_dkf + h * stride_dkh + cols[:, None] * stride_dka + offs_d[None, :],
-             dk.to(DAK.dtype.element_ty), mask=kv_mask)
-    tl.store(DAV + b * stride_dvb + f * stride_dvf + h * stride_dvh + cols[:, None] * stride_dva + offs_d[None, :],
-             dv.to(DAV.dtype.element_ty), mask=kv_mask)
+    _store_tile(DAK + b * stride_dkb + f * stride_dkf + h * stride_dkh, cols, stride_dka, offs_d, dk, kv_mask)
+    _store_tile(DAV + b * stride_dvb + f * stride_dvf + h * stride_dvh, cols, stride_dva, offs_d, dv, kv_mask)
 
 
 def audio_cross_attention_backward_triton_unsupported(grad_out, q, *args, **_):

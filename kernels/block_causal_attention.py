@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lipforcing.kernels._attention_common import (LOG2E, _online_softmax_step, block_d, interpreting,
-                                                  launch_config, torch_to_dot_precision)
+from lipforcing.kernels._attention_common import (_LN2, _LOG2E, LOG2E, _dkdv_step, _dq_step, _load_kv_scores,
+                                                  _load_tile, _online_softmax_step, _store_tile, block_d,
+                                                  interpreting, launch_config, torch_to_dot_precision)
 
 _NO_WINDOW = 1 << 30  # window used when there is none (every earlier key visible); keeps the arithmetic int32
 
@@ -48,6 +49,20 @@ def _split_range(lo, u_lo, u_hi, hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(H, CHUNK, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (query tile, batch*head): (pid_bh, b, h, m0, i, end_i, d) -- b int64, rows i, their chunk
+    ends end_i, head-dim offsets d."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    m0 = pid_m * BLOCK_M
+    i = m0 + tl.arange(0, BLOCK_M)
+    end_i = (i // CHUNK + 1) * CHUNK
+    return pid_bh, b, h, m0, i, end_i, tl.arange(0, BLOCK_D)
+
+
+@triton.jit
 def _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, lo, hi, i, end_i, L, SINK, WINDOW, qk_scale,
                MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -55,10 +70,7 @@ def _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, lo, hi, i, end_i, L, 
     d = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         j = start + offs_n
-        ld = (j[:, None] < hi) & (d[None, :] < HEAD_DIM)
-        k = tl.load(K_base + j[:, None] * skn + d[None, :], mask=ld, other=0.0)
-        v = tl.load(V_base + j[:, None] * svn + d[None, :], mask=ld, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        k, v, s = _load_kv_scores(q, K_base, V_base, skn, svn, j, hi, d, d < HEAD_DIM, qk_scale, DOT_PRECISION)
         if MASKED:
             ok = _visible(i, j, end_i, L, SINK, WINDOW, HAS_WINDOW) & (j[None, :] < hi)
             s = tl.where(ok, s, float("-inf"))
@@ -87,17 +99,10 @@ def _block_causal_fwd_kernel(
     HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    m0 = pid_m * BLOCK_M
-    i = m0 + tl.arange(0, BLOCK_M)
-    end_i = (i // CHUNK + 1) * CHUNK
-    d = tl.arange(0, BLOCK_D)
+    pid_bh, b, h, m0, i, end_i, d = _query_tile(H, CHUNK, BLOCK_M, BLOCK_D)
     row_ok = i < L
-    q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + d[None, :],
-                mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+    ld = row_ok[:, None] & (d[None, :] < HEAD_DIM)
+    q = _load_tile(Q + b * sqb + h * sqh, i, sqm, d, ld)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -117,10 +122,9 @@ def _block_causal_fwd_kernel(
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # only rows >= L (never stored); every real query sees its own chunk
     out = acc / l_i[:, None]
-    tl.store(OUT + b * sob + h * soh + i[:, None] * som + d[None, :], out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & (d[None, :] < HEAD_DIM))
+    _store_tile(OUT + b * sob + h * soh, i, som, d, out, ld)
     # natural-log logsumexp of the scaled scores: m and log2(l) are in base 2
-    tl.store(LSE + b * slb + h * slh + i, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+    tl.store(LSE + b * slb + h * slh + i, (m_i + tl.log2(l_i)) * _LN2, mask=row_ok)
 
 
 @triton.jit
@@ -134,8 +138,8 @@ def _bwd_delta_kernel(O, DO, DELTA, sob, som, soh, sdb, sdm, sdh, H, L,
     i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     m = (i[:, None] < L) & (d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * sob + h * soh + i[:, None] * som + d[None, :], mask=m, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + i[:, None] * sdm + d[None, :], mask=m, other=0.0).to(tl.float32)
+    o = _load_tile(O + b * sob + h * soh, i, som, d, m).to(tl.float32)
+    do = _load_tile(DO + b * sdb + h * sdh, i, sdm, d, m).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * L + i, tl.sum(o * do, 1), mask=i < L)
 
 
@@ -150,9 +154,9 @@ def _bwd_dkdv_range(dk, dv, k, v, j, Q_base, DO_base, LSE_base, DELTA_base, sqm,
         i = start + offs_m
         rows = i < hi
         ld = rows[:, None] & (d[None, :] < HEAD_DIM)
-        q = tl.load(Q_base + i[:, None] * sqm + d[None, :], mask=ld, other=0.0)
-        do = tl.load(DO_base + i[:, None] * sdm + d[None, :], mask=ld, other=0.0)
-        lse2 = tl.load(LSE_base + i, mask=rows, other=0.0) * 1.4426950408889634  # base-2 logsumexp
+        q = _load_tile(Q_base, i, sqm, d, ld)
+        do = _load_tile(DO_base, i, sdm, d, ld)
+        lse2 = tl.load(LSE_base + i, mask=rows, other=0.0) * _LOG2E  # base-2 logsumexp
         delta = tl.load(DELTA_base + i, mask=rows, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse2[None, :])  # P^T, the forward's probabilities
@@ -160,10 +164,8 @@ def _bwd_dkdv_range(dk, dv, k, v, j, Q_base, DO_base, LSE_base, DELTA_base, sqm,
             end_i = (i // CHUNK + 1) * CHUNK
             ok = tl.trans(_visible(i, j, end_i, L, SINK, WINDOW, HAS_WINDOW)) & rows[None, :]
             p_t = tl.where(ok, p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)  # dV = P^T dO
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO V^T)^T
-        ds_t = p_t * (dp_t - delta[None, :])  # dS = P * (dP - delta)
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)  # dK = dS^T Q (times scale, later)
+        # dV = P^T dO, dK = dS^T Q with dS = P * (dP - delta) (times scale, later)
+        dk, dv = _dkdv_step(dk, dv, p_t, q, do, v, delta, 1.0, False, DOT_PRECISION)
     return dk, dv
 
 
@@ -184,8 +186,8 @@ def _block_causal_bwd_dkdv_kernel(
     j = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     ld = (j[:, None] < L) & (d[None, :] < HEAD_DIM)
-    k = tl.load(K + b * skb + h * skh + j[:, None] * skn + d[None, :], mask=ld, other=0.0)
-    v = tl.load(V + b * svb + h * svh + j[:, None] * svn + d[None, :], mask=ld, other=0.0)
+    k = _load_tile(K + b * skb + h * skh, j, skn, d, ld)
+    v = _load_tile(V + b * svb + h * svh, j, svn, d, ld)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
 
@@ -212,9 +214,8 @@ def _block_causal_bwd_dkdv_kernel(
                              SINK, WINDOW, qk_scale, False, HAS_WINDOW, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION)
     dk, dv = _bwd_dkdv_range(dk, dv, k, v, j, Q_base, DO_base, LSE_base, DELTA_base, sqm, sdm, b_, q_hi, L, CHUNK,
                              SINK, WINDOW, qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION)
-    tl.store(DK + b * sdkb + h * sdkh + j[:, None] * sdkn + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=ld)
-    tl.store(DV + b * sdvb + h * sdvh + j[:, None] * sdvn + d[None, :], dv.to(DV.dtype.element_ty), mask=ld)
+    _store_tile(DK + b * sdkb + h * sdkh, j, sdkn, d, dk * sm_scale, ld)
+    _store_tile(DV + b * sdvb + h * sdvh, j, sdvn, d, dv, ld)
 
 
 @triton.jit
@@ -225,17 +226,12 @@ def _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, lo
     d = tl.arange(0, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         j = start + offs_n
-        ld = (j[:, None] < hi) & (d[None, :] < HEAD_DIM)
-        k = tl.load(K_base + j[:, None] * skn + d[None, :], mask=ld, other=0.0)
-        v = tl.load(V_base + j[:, None] * svn + d[None, :], mask=ld, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        k, v, s = _load_kv_scores(q, K_base, V_base, skn, svn, j, hi, d, d < HEAD_DIM, qk_scale, DOT_PRECISION)
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
             ok = _visible(i, j, end_i, L, SINK, WINDOW, HAS_WINDOW) & (j[None, :] < hi)
             p = tl.where(ok, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)  # dQ = dS K (times scale, later)
+        dq = _dq_step(dq, p, k, v, do, delta, DOT_PRECISION)  # dQ = dS K (times scale, later)
     return dq
 
 
@@ -247,19 +243,12 @@ def _block_causal_bwd_dq_kernel(
     HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    m0 = pid_m * BLOCK_M
-    i = m0 + tl.arange(0, BLOCK_M)
-    end_i = (i // CHUNK + 1) * CHUNK
-    d = tl.arange(0, BLOCK_D)
+    pid_bh, b, h, m0, i, end_i, d = _query_tile(H, CHUNK, BLOCK_M, BLOCK_D)
     row_ok = i < L
     ld = row_ok[:, None] & (d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + d[None, :], mask=ld, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + i[:, None] * sdm + d[None, :], mask=ld, other=0.0)
-    lse2 = tl.load(LSE + b * slb + h * slh + i, mask=row_ok, other=0.0) * 1.4426950408889634
+    q = _load_tile(Q + b * sqb + h * sqh, i, sqm, d, ld)
+    do = _load_tile(DO + b * sdb + h * sdh, i, sdm, d, ld)
+    lse2 = tl.load(LSE + b * slb + h * slh + i, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * L + i, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     K_base = K + b * skb + h * skh
@@ -275,8 +264,7 @@ def _block_causal_bwd_dq_kernel(
                        qk_scale, False, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
     dq = _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, b_, end_hi, L, SINK, WINDOW,
                        qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
-    tl.store(DQ + b * sdqb + h * sdqh + i[:, None] * sdqm + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=ld)
+    _store_tile(DQ + b * sdqb + h * sdqh, i, sdqm, d, dq * sm_scale, ld)
 
 
 def _mask_args(window, sink):

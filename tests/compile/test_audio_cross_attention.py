@@ -5,19 +5,13 @@ with nvcc exposes ``audio_cross_attention`` and rejects bad parameters with Valu
 Each Triton compile takes tens of seconds on a small CPU, so only the bf16 configs are compiled (fp16 shares the
 code path; fp32 differs only by the IEEE dot precision).
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-pytestmark = pytest.mark.compile
+from tests.kernel_helpers import SMEM_LIMIT, compile_in_subprocess
 
-# Largest dynamic shared memory per block (bytes): sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB.
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+pytestmark = pytest.mark.compile
 
 _COMPILE_SCRIPT = textwrap.dedent("""
     import json, sys
@@ -57,12 +51,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernels_compile_for_sm80_and_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=900)
-    assert result.returncode == 0, result.stderr[-6000:]
-    built = json.loads(result.stdout.strip().splitlines()[-1])
+    built = compile_in_subprocess(_COMPILE_SCRIPT, timeout=900, env={"TRITON_DEFAULT_FP_FUSION": "1"})
     assert {(b["kernel"], b["cc"]) for b in built} >= {("_audio_cross_attention_fwd_kernel", 80),
                                                        ("_audio_cross_attention_fwd_kernel", 90)}
     for b in built:

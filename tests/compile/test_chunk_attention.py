@@ -7,19 +7,13 @@
   built by CMake exposes ``chunk_attention`` whose launcher symbol is in the shared object; bad parameters raise
   ValueError before any device is touched.
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-pytestmark = pytest.mark.compile
+from tests.kernel_helpers import SMEM_LIMIT, compile_in_subprocess
 
-# Largest shared memory per block (bytes): sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB.
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+pytestmark = pytest.mark.compile
 
 _COMPILE_SCRIPT = textwrap.dedent("""
     import json
@@ -67,11 +61,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernels_compile_for_sm80_and_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=1200)
-    assert result.returncode == 0, result.stderr[-6000:]
-    built = json.loads(result.stdout.strip().splitlines()[-1])
+    built = compile_in_subprocess(_COMPILE_SCRIPT, timeout=1200)
     assert {(b["kernel"], b["cc"]) for b in built} >= {("_chunk_attention_fwd_kernel", 80),
                                                        ("_chunk_attention_fwd_kernel", 90),
                                                        ("_block_causal_fwd_kernel", 90),

@@ -6,15 +6,12 @@
   register spills (`pip install` builds every default arch), and the extension built by
   CMake exports ``denoise_update`` and embeds the kernels; bad arguments raise ValueError before any device use.
 """
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.kernel_helpers import compile_in_subprocess
+
 pytestmark = pytest.mark.compile
 
 _COMPILE_SCRIPT = textwrap.dedent("""
@@ -48,11 +45,7 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernel_compiles_for_sm80_and_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=900)
-    assert result.returncode == 0, result.stderr[-6000:]
-    built = json.loads(result.stdout.strip().splitlines()[-1])
+    built = compile_in_subprocess(_COMPILE_SCRIPT, timeout=900)
     assert len(built) == 5
     for b in built:
         assert "cubin" in b["asm"] and "ptx" in b["asm"], b

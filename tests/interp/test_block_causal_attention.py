@@ -1,19 +1,15 @@
 """Triton block_causal_attention forward and backward vs the reference (float32 autograd), run by the Triton
 interpreter on the CPU (or compiled on a GPU when one is present and TRITON_INTERPRET is unset)."""
-import os
-
 import pytest
 import torch
 
 from lipforcing.ops import block_causal_attention
 from lipforcing.ops.reference import block_causal_attention_ref
+from tests.kernel_helpers import triton_test_device
 
 pytestmark = pytest.mark.interp
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET else "cuda"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+DEVICE = triton_test_device()
 
 # fp32: only the summation order differs.  fp16: the kernel rounds P and dS to fp16 before its dots (as every
 # FlashAttention does); gradients of unit-normal inputs are O(1), so a few fp16 ulps.

@@ -3,21 +3,17 @@
 
 Every case streams several chunks through two caches -- one driven by the Triton backend, one by the
 reference -- and checks each chunk's output and the cache contents after every write."""
-import os
-
 import pytest
 import torch
 
 from lipforcing import RollingKVCache
 from lipforcing.ops import block_causal_attention, chunk_attention, rope_spec
 from lipforcing.ops.reference import block_causal_attention_ref
+from tests.kernel_helpers import interpreting, triton_test_device
 
 pytestmark = pytest.mark.interp
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cpu" if INTERPRET else "cuda"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
+DEVICE = triton_test_device()
 
 # Outputs are O(1) (softmax averages of unit normals).  fp32: the kernel and the reference differ only in the
 # order of the float32 sums.  fp16: the kernel rounds P (and rotated q/k) to fp16 before its dots, the reference
@@ -121,6 +117,6 @@ def test_unsupported_reasons():
 
     x = torch.zeros(1, 4, 1, 512)
     assert "head_dim" in why(x, x, x, x, x, None, 4, 4, 0, False, 1.0, None, None, 0, 0)
-    if INTERPRET:
+    if interpreting():
         xb = torch.zeros(1, 4, 1, 32, dtype=torch.bfloat16)
         assert "bfloat16" in why(xb, xb, xb, xb, xb, None, 4, 4, 0, False, 1.0, None, None, 0, 0)
