@@ -5,8 +5,7 @@ VAE and streaming engine are imported on first use.
 """
 from __future__ import annotations
 
-import importlib
-
+from lipforcing._lazy import lazy_attributes
 from lipforcing.cache import RollingKVCache
 
 __version__ = "0.1.0"
@@ -27,10 +26,4 @@ _LAZY = {
 __all__ = ["RollingKVCache", "__version__", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        value = module if module.__name__.endswith("." + name) else getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lipforcing' has no attribute {name!r}")
+__getattr__ = lazy_attributes(globals(), _LAZY)

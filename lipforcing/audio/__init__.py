@@ -10,8 +10,7 @@
 """
 from __future__ import annotations
 
-import importlib
-
+from lipforcing._lazy import lazy_attributes
 from lipforcing.audio.features import AudioFeatures, FeatureStream, num_frames
 from lipforcing.audio.mel import MelFeatures
 from lipforcing.audio.pcm import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, to_mono_float
@@ -23,9 +22,4 @@ __all__ = ["AudioFeatures", "FeatureStream", "MelFeatures", "Wav2VecFeatures", "
            "to_mono_float", "num_frames", "SAMPLE_RATE", "FPS", "SAMPLES_PER_FRAME"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lipforcing.audio' has no attribute {name!r}")
+__getattr__ = lazy_attributes(globals(), _LAZY)

@@ -4,7 +4,7 @@ Names are imported on first use so that ``import lipforcing.distill`` stays ligh
 """
 from __future__ import annotations
 
-import importlib
+from lipforcing._lazy import lazy_attributes
 
 _LAZY = {
     "SyncNet": "lipforcing.distill.syncnet",
@@ -36,9 +36,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lipforcing.distill' has no attribute {name!r}")
+__getattr__ = lazy_attributes(globals(), _LAZY)
