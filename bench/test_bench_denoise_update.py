@@ -11,6 +11,8 @@ import torch
 
 from lipforcing.ops import denoise_update
 
+pytestmark = pytest.mark.gpu
+
 SHAPES = {"chunk": (1, 16, 3, 64, 64), "64M": (64 * 2**20,)}
 _results: dict = {}
 
