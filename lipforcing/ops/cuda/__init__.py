@@ -51,6 +51,15 @@ def stream_handle(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def arch_problem(device: torch.device) -> str | None:
+    """Why the extension has no kernel image for ``device``, or None.  Every kernel of lipforcing._C is built for
+    compute capability 8.0+ only (the attention kernels use mma.sync m16n8k16, so the build cannot target older
+    GPUs); launching on an older GPU fails with cudaErrorNoKernelImageForDevice, so ``auto`` must fall back."""
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "the CUDA extension is built for compute capability 8.0+ only"
+    return None
+
+
 def tile_load_problem(name: str, t: torch.Tensor) -> str | None:
     """Why the tensor-core kernels cannot load ``t`` with 16-byte vector loads (start address aligned to 16 bytes,
     every stride but the last a multiple of 8 elements), or None.  Empty tensors are never read."""

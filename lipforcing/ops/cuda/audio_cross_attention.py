@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lipforcing.ops.cuda import DTYPE_CODES, extension, stream_handle, tile_load_problem
+from lipforcing.ops.cuda import DTYPE_CODES, arch_problem, extension, stream_handle, tile_load_problem
 
 # Must match audio_cross_attention_supports_head_dim in csrc/include/lipforcing/audio_cross_attention.h.
 HEAD_DIMS = (32, 64, 96, 128)
@@ -26,6 +26,9 @@ def audio_cross_attention_cuda_unsupported(q, text_k, text_v, audio_k, audio_v, 
         return f"the cuda audio_cross_attention kernel supports float16/bfloat16, got {q.dtype}"
     if q.shape[-1] not in HEAD_DIMS:
         return f"the cuda audio_cross_attention kernel supports head_dim in {HEAD_DIMS}, got {q.shape[-1]}"
+    why = arch_problem(q.device)
+    if why:
+        return why
     for name, x in tensors.items():
         why = tile_load_problem(name, x)  # (empty text is never read)
         if why:

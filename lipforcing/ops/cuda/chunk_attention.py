@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lipforcing.ops.cuda import DTYPE_CODES, extension, stream_handle, tile_load_problem
+from lipforcing.ops.cuda import DTYPE_CODES, arch_problem, extension, stream_handle, tile_load_problem
 
 _HEAD_DIMS = (64, 128)
 
@@ -22,8 +22,9 @@ def chunk_attention_cuda_unsupported(q, k, v, k_cache, v_cache, pos, chunk_size,
         return f"the CUDA kernel supports float16 and bfloat16, got {q.dtype} (the triton backend takes float32)"
     if q.shape[-1] not in _HEAD_DIMS:
         return f"the CUDA kernel supports head_dim {_HEAD_DIMS}, got {q.shape[-1]}"
-    if torch.cuda.get_device_capability(q.device) < (8, 0):
-        return "the CUDA kernel needs compute capability 8.0+ (mma.sync m16n8k16)"
+    why = arch_problem(q.device)
+    if why:
+        return why
     for name, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         why = tile_load_problem(name, t)
         if why:

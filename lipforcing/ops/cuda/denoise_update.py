@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lipforcing.ops.cuda import DTYPE_CODES, extension, stream_handle
+from lipforcing.ops.cuda import DTYPE_CODES, arch_problem, extension, stream_handle
 
 # Must match lipforcing::TimeMode in csrc/include/lipforcing/denoise_update.h.
 _VALUE, _SCALAR, _PER_SAMPLE = 0, 1, 2
@@ -31,7 +31,7 @@ def denoise_update_cuda_unsupported(x_t, flow, t, t_value, t_next, t_next_value,
         v = tensors[name]
         if v is not None and not v.is_contiguous():
             return f"the cuda kernel needs contiguous tensors, got {name} with strides {tuple(v.stride())}"
-    return None
+    return arch_problem(x_t.device)
 
 
 def denoise_update_cuda(x_t, flow, t, t_value, t_next, t_next_value, noise, seed, seed_value, offset, offset_value,
