@@ -17,7 +17,28 @@ def _find_bench_dir(explicit: str | None) -> str:
     for c in candidates:
         if c and os.path.isfile(os.path.join(c, "conftest.py")):
             return c
+    if explicit:
+        raise UserError(f"--bench-dir {explicit}: not a benchmark suite (no conftest.py there); give the bench/ "
+                        "folder of a lipforcing checkout")
     raise UserError("no benchmark suite found: run from a lipforcing checkout (it has bench/) or pass --bench-dir")
+
+
+def _check_result_file(path: str) -> None:
+    """A ``--compare`` input: a JSON document with a ``rows`` list of benchmark rows."""
+    import json
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{path}: not a JSON file ({exc})") from exc
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    keys = ("op", "backend", "shape", "dtype", "median_us")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and all(k in r for k in keys) for r in rows):
+        raise UserError(f"{path}: not a benchmark result (expected the JSON that `lipforcing bench --json` writes: "
+                        f"a 'rows' list with {', '.join(keys)})")
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
@@ -36,8 +57,7 @@ def _run(args) -> int:
         from lipforcing.benchmarking import compare
 
         for path in args.compare:
-            if not os.path.isfile(path):
-                raise UserError(f"{path}: no such file")
+            _check_result_file(path)
         rows = compare(*args.compare)
         if not rows:
             print("no common rows (op, backend, shape, dtype) between the two files")
@@ -47,6 +67,11 @@ def _run(args) -> int:
             print(f"{op:24} {backend:10} {dtype:9} {shape[:40]:40} {a:10.1f} {b:10.1f} {ratio:7.2f}")
         return 0
     bench_dir = _find_bench_dir(args.bench_dir)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError("the kernel benchmarks need a CUDA GPU (torch.cuda.is_available() is False): every case "
+                        "would be skipped and no JSON written; --compare A.json B.json works without one")
     files = [os.path.join(bench_dir, f"test_bench_{op}.py") for op in (args.op or OPS)]
     files = [f for f in files if os.path.isfile(f)]
     if not files:

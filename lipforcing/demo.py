@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-from lipforcing.cli import UserError
+from lipforcing.cli import UserError, progress, seed_arg
 
 DEFAULT_RESOLUTION = 64      # face-crop size of the demo (the tiny preset works at any multiple of 16)
 DISPLAY_SIZE = 256           # each half of demo.mp4 is upscaled (nearest) to this size
@@ -33,7 +32,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help=f"face-crop size the model works at (default {DEFAULT_RESOLUTION})")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: the tiny model's tensors are too small to split)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic input and the noise")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the synthetic input and the noise")
 
 
 def _upscale(img: np.ndarray, k: int) -> np.ndarray:
@@ -42,8 +41,10 @@ def _upscale(img: np.ndarray, k: int) -> np.ndarray:
 
 def run(args) -> int:
     from lipforcing import face
-    from lipforcing.media import MediaError, VideoWriter, frame_loudness, synthetic_face_clip, synthetic_speech
-    from lipforcing.profile import StageTimer, _Plan, _stream_utterance, load_engine, summarize_chunks
+    from lipforcing.media import (MediaError, VideoWriter, check_output_file, frame_loudness, synthetic_face_clip,
+                                  synthetic_speech)
+    from lipforcing.profile import (StageTimer, _Plan, _stream_utterance, check_device, check_resolution, load_engine,
+                                    summarize_chunks)
 
     if not (0.2 <= args.seconds <= 600):
         raise UserError(f"--seconds must be between 0.2 and 600, got {args.seconds}")
@@ -52,6 +53,11 @@ def run(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise UserError(f"-o {args.output}: the folder {out_dir} does not exist")
+    if not args.output.lower().endswith((".mp4", ".mov", ".mkv")) or os.path.isdir(args.output):
+        raise UserError(f"-o {args.output}: the output must be an .mp4 (or .mov/.mkv) file")
+    check_output_file(args.output)
+    check_device(args.device)
+    check_resolution(args.resolution)
     torch.set_num_threads(args.threads)
     print("lipforcing demo: the embedded default model is the tiny preset with FIXED RANDOM WEIGHTS (untrained).\n"
           "  The output is NOT real lip sync: the demo shows the streaming pipeline and its speed.  For real output\n"
@@ -92,10 +98,7 @@ def run(args) -> int:
         writer.write(np.concatenate([_upscale(left, k), _upscale(frame.image, k)], axis=1), audio=frame.audio)
 
     try:
-        from tqdm import tqdm
-
-        with tqdm(total=n_frames, unit="frame", desc="streaming", file=sys.stderr, leave=False,
-                  dynamic_ncols=True) as bar:
+        with progress(n_frames, "streaming") as bar:
             with engine.session(reference, seed=args.seed) as session:
                 stream = _stream_utterance(session, pcm, plan, chunks, bar=bar, on_frame=on_frame)
     finally:

@@ -22,8 +22,8 @@ from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["MediaError", "read_video", "read_audio", "write_wav", "VideoWriter", "synthetic_speech",
-           "synthetic_face_clip", "frame_loudness"]
+__all__ = ["MediaError", "read_video", "read_audio", "write_wav", "VideoWriter", "check_output_file",
+           "synthetic_speech", "synthetic_face_clip", "frame_loudness"]
 
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
@@ -49,7 +49,8 @@ def _check_file(path, what: str) -> str:
     if not os.path.exists(path):
         raise MediaError(f"{path}: no such file (check the {what} path)")
     if not os.path.isfile(path):
-        raise MediaError(f"{path}: is not a file (give the path of a {what} file)")
+        raise MediaError(f"{path}: is not a file (give the path of {'an' if what[0] in 'aeiou' else 'a'} {what} "
+                         "file)")
     return path
 
 
@@ -134,6 +135,25 @@ def _ffmpeg_reason(e: Exception) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ writing
+def check_output_file(path, *, keep: bool = False) -> None:
+    """Raise :class:`MediaError` unless a file can be created (or overwritten) at ``path``; a file this creates
+    is removed again unless ``keep``.  For the commands' cheap checks, before any work is done."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise MediaError(f"{path}: is a folder (give the path of an .mp4 file to write)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise MediaError(f"{path}: the folder {folder} does not exist (create it or choose another -o path)")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise MediaError(f"{path}: cannot create the output file ({e.strerror}); choose another path") from e
+    if not existed and not keep:
+        os.remove(path)
+
+
 def write_wav(path, samples: np.ndarray, sample_rate: int = 16000) -> None:
     """Write mono float samples in [-1, 1] (clipped) or int16 as a 16-bit PCM wav."""
     x = np.asarray(samples)
@@ -165,16 +185,21 @@ class VideoWriter:
             raise ValueError(f"video width and height must be even and >= 2 (H.264 yuv420p), got {width}x{height}")
         av = _av()
         path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise MediaError(f"{path}: the folder {folder} does not exist (create it or choose another -o path)")
+        created = not os.path.exists(path)
+        check_output_file(path, keep=True)    # FFmpeg opens the file only at the first frame
         self.path = path
         self.width, self.height = int(width), int(height)
+        self._c = None
         try:
             self._c = av.open(path, "w")
-        except av.error.FFmpegError as e:
-            raise MediaError(f"{path}: cannot create the output file ({_ffmpeg_reason(e)})") from e
-        self._v = self._c.add_stream("libx264", rate=Fraction(int(fps), 1))
+            self._v = self._c.add_stream("libx264", rate=Fraction(int(fps), 1))
+        except (av.error.FFmpegError, ValueError) as e:   # ValueError: unknown extension, or no H.264 in a .gif/.wav
+            if self._c is not None:
+                self._c.close()
+            if created and os.path.isfile(path):
+                os.remove(path)
+            raise MediaError(f"{path}: cannot write H.264 video there ({_ffmpeg_reason(e)}); use an .mp4 path") \
+                from e
         self._v.width, self._v.height, self._v.pix_fmt = self.width, self.height, "yuv420p"
         self._v.options = {"crf": str(int(crf)), "preset": "veryfast"}
         self._a = None

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lipforcing.cli import UserError, command
+from lipforcing.cli import UserError, command, seed_arg
+from lipforcing.cli import progress as _progress
 
 __all__ = ["dit_pass_flops", "chunk_key_frames", "chunk_dit_flops", "StageTimer", "run_profile", "format_report",
            "plot_profile", "DIT_STAGES"]
@@ -370,12 +371,7 @@ def _run_profile(*, model, checkpoint, device, dtype, chunks, warmup, compile, c
     ref, pcm = synthetic_inputs(engine, seconds, seed=seed)
     meas_pcm = pcm[warm_frames * 640: (warm_frames + plan.frames(chunks)) * 640]
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=warm_frames + plan.frames(chunks), unit="frame", desc="warm-up", file=sys.stderr,
-                   dynamic_ncols=True, leave=False)
+    bar = _progress(warm_frames + plan.frames(chunks), "warm-up") if progress else None
     session = engine.session(ref, seed=seed)
     try:
         t = time.perf_counter()
@@ -639,7 +635,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: 1 for the tiny preset on the CPU, whose tensors are too "
                         "small to split; else torch's default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random weights, input and noise")
     p.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     p.add_argument("--plot", metavar="PATH.png", help="write the stage breakdown and latency plot")
     p.add_argument("--force", action="store_true", help="run the 1.3b/14b presets on the CPU anyway (hours)")
@@ -663,6 +659,12 @@ def check_device(device: str | None) -> torch.device:
     elif dev.type != "cpu":
         raise UserError(f"--device {device}: only cpu and cuda devices are supported")
     return dev
+
+
+def check_resolution(resolution: int | None) -> None:
+    """``--resolution``: a positive multiple of 16 (8x VAE downsampling times the 2x2 patch) or None."""
+    if resolution is not None and (resolution < 16 or resolution % 16):
+        raise UserError(f"--resolution must be a positive multiple of 16 (e.g. 32, 64, 512), got {resolution}")
 
 
 def check_checkpoint(path: str | None) -> None:
@@ -717,6 +719,7 @@ def _run(args) -> int:
                         "or --force")
     if args.chunks < 1:
         raise UserError(f"--chunks must be >= 1, got {args.chunks}")
+    check_resolution(args.resolution)
     if args.warmup < 1 or (args.cuda_graphs and args.warmup < 2):
         raise UserError(f"--warmup must be >= 1 (>= 2 with --cuda-graphs), got {args.warmup}")
     if args.dtype in ("bf16", "fp16") and dev.type == "cpu":

@@ -116,6 +116,18 @@ def _as_dtype(dtype, device: torch.device) -> torch.dtype:
     raise TypeError(f"dtype must be None, a string like 'bf16' or a floating torch.dtype, got {dtype!r}")
 
 
+def _as_device(device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a device name like 'cpu', 'cuda' or 'cuda:1' (or a torch.device), got "
+                         f"{device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
+                         "use device='cpu'")
+    return dev
+
+
 def _resolution(resolution, default: int) -> tuple[int, int]:
     if resolution is None:
         resolution = default
@@ -362,7 +374,7 @@ class Engine:
         """
         from lipforcing.model import build_model, load_model
 
-        device = torch.device(device)
+        device = _as_device(device)
         dtype = _as_dtype(dtype, device)
         seed = _check_seed(seed)
         notes = []
@@ -458,7 +470,8 @@ class Engine:
             reference = torch.from_numpy(np.ascontiguousarray(reference))
         elif isinstance(reference, torch.Tensor):
             if reference.dtype != torch.uint8:
-                raise TypeError(f"reference frames must be uint8 RGB (N, H, W, 3), got torch {reference.dtype}")
+                raise TypeError(f"reference frames must be uint8 RGB (N, H, W, 3), got torch "
+                                f"{str(reference.dtype).replace('torch.', '')}")
             reference = reference.detach().cpu()
         else:
             raise TypeError(f"reference must be (N, H, W, 3) uint8 frames (numpy or torch) or a video path, got "
@@ -768,7 +781,7 @@ class Session:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("the session is closed")
+            raise RuntimeError("the session is closed (close() was called); open a new one with engine.session(...)")
 
     def _open_utterance(self) -> _Utterance:
         if self._utts and not self._utts[-1].closed:

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from lipforcing.cli import UserError, command
+from lipforcing.cli import UserError, command, progress, seed_arg
 from lipforcing.profile import DTYPES, PRESETS
 
 _RAW_EXTENSIONS = (".pcm", ".raw", ".s16le")
@@ -39,7 +39,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                    help="sample rate of --audio: required for raw PCM, checked against the file otherwise")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the DiT passes as CUDA graphs")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 for tiny on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--seed", type=seed_arg, default=0, help="noise seed")
+    p.add_argument("--force", action="store_true", help="run the 1.3b/14b presets on the CPU anyway (hours)")
 
 
 def _read_raw_pcm(path: str, sample_rate: int | None) -> tuple[np.ndarray, int]:
@@ -89,9 +90,9 @@ def _resample_fps(frames: np.ndarray, fps: float) -> np.ndarray:
 
 @command("sync", "lip-sync a face video to an audio file (offline, through the streaming session API)")(_add_args)
 def _run(args) -> int:
-    from lipforcing.media import MediaError, VideoWriter, read_video
-    from lipforcing.profile import (StageTimer, check_checkpoint, check_device, load_engine, set_threads,
-                                    summarize_chunks)
+    from lipforcing.media import MediaError, VideoWriter, check_output_file, read_video
+    from lipforcing.profile import (StageTimer, check_checkpoint, check_device, check_resolution, load_engine,
+                                    set_threads, summarize_chunks)
 
     # cheap checks first: files, options, output folder
     if not os.path.exists(args.video):
@@ -101,15 +102,19 @@ def _run(args) -> int:
     out = os.path.abspath(args.output)
     if not os.path.isdir(os.path.dirname(out)):
         raise UserError(f"-o {args.output}: the folder {os.path.dirname(out)} does not exist")
-    if not out.lower().endswith((".mp4", ".mov", ".mkv")):
+    if not out.lower().endswith((".mp4", ".mov", ".mkv")) or os.path.isdir(out):
         raise UserError(f"-o {args.output}: the output must be an .mp4 (or .mov/.mkv) file")
     if os.path.abspath(args.video) == out or (args.audio and os.path.abspath(args.audio) == out):
         raise UserError(f"-o {args.output}: would overwrite an input file; choose another output path")
+    check_output_file(out)
     dev = check_device(args.device)
     check_checkpoint(args.checkpoint)
+    check_resolution(args.resolution)
     if args.model != "tiny" and dev.type == "cpu":
-        print(f"note: the {args.model} model on the CPU takes minutes per chunk; use a GPU (--device cuda)",
-              file=sys.stderr)
+        if not args.force:
+            raise UserError(f"--model {args.model} on the CPU would take hours; use a GPU "
+                            "(--device cuda), --model tiny, or --force")
+        print(f"note: the {args.model} model on the CPU takes many minutes per chunk", file=sys.stderr)
     set_threads(args.threads, args.model, dev)
 
     pcm, rate, audio_src = _load_audio(args)
@@ -148,14 +153,13 @@ def _run(args) -> int:
     first_frame_s = None
     try:
         writer = VideoWriter(out, width=W, height=H, fps=25, sample_rate=16000)
-    except (MediaError, ValueError) as exc:
+    except MediaError as exc:      # names the path already
+        raise UserError(str(exc)) from exc
+    except ValueError as exc:
         raise UserError(f"-o {args.output}: {exc}") from exc
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     try:
-        with tqdm(total=n_out, unit="frame", desc="sync", file=sys.stderr, dynamic_ncols=True, leave=False) as bar, \
-                engine.session(frames, sample_rate=rate, seed=args.seed) as session:
+        with progress(n_out, "sync") as bar, engine.session(frames, sample_rate=rate, seed=args.seed) as session:
             def drain():
                 nonlocal first_frame_s
                 for frame in session.frames():

@@ -1,6 +1,7 @@
 """`lipforcing demo` writes a playable mp4 with audio and says the model is untrained."""
 import av
 import numpy as np
+import pytest
 
 from lipforcing.cli import main
 
@@ -34,3 +35,28 @@ def test_demo_option_errors(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "does not exist" in err and "Traceback" not in err
     assert main(["demo", "--seconds", "0"]) == 2
     assert "--seconds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["-o", "{d}/demo.gif"], ".mp4"),             # was a PyAV traceback after the warm-up
+    (["-o", "{d}"], ".mp4"),                      # a folder
+    (["-o", "{d}/" + "n" * 300 + ".mp4"], "cannot create the output file"),
+    (["--resolution", "40"], "--resolution"),
+    (["--device", "tpu"], "--device"),
+])
+def test_demo_more_option_errors(tmp_path, capsys, argv, needle):
+    argv = [a.format(d=tmp_path) for a in argv]
+    if "-o" not in argv:
+        argv += ["-o", str(tmp_path / "demo.mp4")]
+    assert main(["demo", *argv]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lipforcing demo: error:") and needle in err[0], err
+    assert "Traceback" not in captured.err and "RANDOM WEIGHTS" not in captured.out   # refused before any work
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_negative_seed_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--seed", "-1"])
+    assert exc.value.code == 2 and "--seed" in capsys.readouterr().err

@@ -55,3 +55,26 @@ def test_file_errors(tmp_path):
         read_audio(tmp_path / "junk.mp4")
     with pytest.raises(ValueError, match="even"):
         VideoWriter(tmp_path / "odd.mp4", width=33, height=32)
+
+
+def test_video_writer_refuses_unusable_paths_up_front(tmp_path, _fresh_random_inputs):
+    rng = np.random.default_rng(_fresh_random_inputs)
+    size = 2 * int(rng.integers(4, 17))
+    for name, needle in (("out.gif", "H.264"), ("out.wav", "H.264"), ("out.nosuchformat", "use an .mp4"),
+                         ("n" * 300 + ".mp4", "cannot create the output file")):
+        with pytest.raises(MediaError, match=needle):
+            VideoWriter(tmp_path / name, width=size, height=size)
+    (tmp_path / "folder.mp4").mkdir()
+    with pytest.raises(MediaError, match="is a folder"):
+        VideoWriter(tmp_path / "folder.mp4", width=size, height=size)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.mp4"]    # no empty files left behind
+    with VideoWriter(tmp_path / "ok.mp4", width=size, height=size, sample_rate=None) as w:   # still works
+        w.write(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    assert read_video(tmp_path / "ok.mp4")[0].shape == (1, size, size, 3)
+
+
+def test_folder_instead_of_audio_file_message(tmp_path):
+    with pytest.raises(MediaError, match="path of an audio file"):
+        read_audio(tmp_path)
+    with pytest.raises(MediaError, match="path of a video file"):
+        read_video(tmp_path)

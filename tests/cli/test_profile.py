@@ -138,6 +138,14 @@ def test_option_errors(capsys, tmp_path):
     _one_line_error(capsys, ["profile", "--device", "tpu"], "cpu")
 
 
+def test_resolution_and_seed_errors(capsys):
+    _one_line_error(capsys, ["profile", "--device", "cpu", "--resolution", "40"], "--resolution", "40")
+    _one_line_error(capsys, ["profile", "--device", "cpu", "--resolution", "0"], "--resolution")
+    with pytest.raises(SystemExit) as exc:       # was a numpy traceback from the synthetic input
+        main(["profile", "--device", "cpu", "--seed", "-1"])
+    assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
 def test_cuda_without_gpu(capsys):
     _one_line_error(capsys, ["profile", "--device", "cuda"], "--device cpu")

@@ -59,6 +59,7 @@ def files(tmp_path, _fresh_random_inputs):
     make_wav(tmp_path / "low.wav", 0.3, 4000, seed=seed)
     make_wav(tmp_path / "blip.wav", 0.01, 16000, seed=seed)
     (tmp_path / "junk.mp4").write_bytes(b"this is not a video" * 10)
+    (tmp_path / "folder.mp4").mkdir()
     return tmp_path
 
 
@@ -75,6 +76,14 @@ CASES = [
     (["--video", "{d}/mute.mp4"], ["no audio track", "--audio"]),
     (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "-o", "{d}/nodir/out.mp4"], ["does not exist"]),
     (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "-o", "{d}/out.gif"], [".mp4"]),
+    (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "-o", "{d}/folder.mp4"], [".mp4"]),   # a folder
+    (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "--resolution", "40"],
+     ["--resolution", "multiple of 16", "40"]),
+    (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "--resolution", "-32"],
+     ["--resolution", "multiple of 16", "-32"]),
+    (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "--model", "1.3b"], ["--model 1.3b", "--force"]),
+    (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "-o", "{d}/" + "n" * 300 + ".mp4"],
+     ["cannot create the output file"]),
 ]
 
 
@@ -96,3 +105,19 @@ def test_debug_shows_the_exception(files):
     with pytest.raises(UserError):
         main(["--debug", "sync", "--video", str(files / "missing.mp4"), "--audio", str(files / "speech.wav"), "-o",
               str(files / "out.mp4")])
+
+
+def test_debug_after_the_subcommand(files):
+    with pytest.raises(UserError, match="no such file"):
+        main(["sync", "--video", str(files / "missing.mp4"), "--audio", str(files / "speech.wav"), "-o",
+              str(files / "out.mp4"), "--debug"])
+
+
+@pytest.mark.parametrize("seed", ["-1", str(1 << 64), "x"])
+def test_seed_out_of_range_is_an_argument_error(files, capsys, seed):
+    with pytest.raises(SystemExit) as exc:
+        main(["sync", "--video", str(files / "face.mp4"), "--audio", str(files / "speech.wav"), "-o",
+              str(files / "out.mp4"), "--seed", seed])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--seed" in err and "Traceback" not in err

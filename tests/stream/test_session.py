@@ -337,3 +337,25 @@ def test_checkpoint_still_image_and_int16(tmp_path):
     np.testing.assert_array_equal(frames[0].audio, pcm[:P].astype(np.float32) / 32768)
     with pytest.raises(ValueError, match="text_dim=32"):
         lipforcing.Engine.load(path, resolution=RES, text=torch.randn(1, 5, 7))
+
+
+def test_engine_device_errors_name_the_argument():
+    with pytest.raises(ValueError, match="device must be a device name.*'gpu'"):
+        lipforcing.Engine.load(model="tiny", device="gpu")
+    if not torch.cuda.is_available():          # was torch's "Torch not compiled with CUDA enabled" AssertionError
+        with pytest.raises(ValueError, match="no CUDA GPU.*device='cpu'"):
+            lipforcing.Engine.load(model="tiny", device="cuda")
+
+
+def test_reference_dtype_and_closed_messages(engine):
+    dtype = [torch.float32, torch.float16, torch.int16, torch.int32][np.random.default_rng().integers(4)]
+    with pytest.raises(TypeError, match="uint8") as exc:
+        engine.session(torch.zeros(2, RES, RES, 3, dtype=dtype))
+    name = str(dtype).replace("torch.", "")
+    assert f"got torch {name}" in str(exc.value) and "torch.torch" not in str(exc.value)
+    assert "torch torch" not in str(exc.value)
+    s = engine.session(reference_frames(2))
+    s.close()
+    for call in (lambda: s.push_audio(speech(P)), s.end_of_speech, s.interrupt, s.frames):
+        with pytest.raises(RuntimeError, match=r"closed.*engine\.session"):
+            call()
