@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,8 @@ class TrainConfig:
             raise ValueError("data.kind='files' needs data.path")
         if self.attn_backend not in ("auto", "cuda", "triton", "reference"):
             raise ValueError(f"attn_backend must be auto, cuda, triton or reference, got {self.attn_backend!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.reward.decoder not in ("vae", "latent_rgb"):
             raise ValueError(f"reward.decoder must be 'vae' or 'latent_rgb', got {self.reward.decoder!r}")
 
@@ -232,6 +235,8 @@ def init_distributed(device: str = "auto") -> torch.device:
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         dev = torch.device("cuda", local) if world > 1 or device == "auto" else torch.device(device)
+        if dev.index is None:  # "cuda": set_device needs an index
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
         return dev
     return torch.device("cpu")
@@ -717,10 +722,19 @@ def _train(args) -> int:
                  "device": args.device}
     if args.no_resume:
         overrides["resume"] = False
+    import yaml
+
     try:
         cfg = TrainConfig.from_yaml(path, **overrides)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{args.config}: not valid YAML ({' '.join(str(exc).split())})") from None
     except (ValueError, TypeError) as exc:
         raise UserError(f"{args.config}: {exc}") from None
+    try:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"output_dir {cfg.output_dir!r}: cannot create it ({exc.strerror}); pass --output-dir") \
+            from None
     logging.getLogger("lipforcing").setLevel(logging.INFO)
     trainer = Trainer(cfg)
     start = trainer.iteration

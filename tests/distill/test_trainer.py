@@ -215,6 +215,47 @@ def test_cli_train_command(tmp_path, capsys):
     assert "lr_typo" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, expected", [("iterations: [1\n", "not valid YAML"),
+                                            ("device: gpu\n", "device must be"),
+                                            ("device: cuda:x\n", "device must be")])
+def test_cli_train_bad_config_is_one_line(tmp_path, capsys, text, expected):
+    from lipforcing import cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert cli.main(["train", "--stage", "df", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_train_unusable_output_dir_fails_before_training(tmp_path, capsys):
+    import yaml
+
+    from lipforcing import cli
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cfg = tmp_path / "df.yaml"
+    cfg.write_text(yaml.safe_dump({"iterations": 1, "output_dir": str(blocker / "out"), "data": DATA,
+                                   "attn_backend": "reference"}))
+    assert cli.main(["train", "--stage", "df", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "output_dir" in err and "cannot create" in err
+
+
+def test_init_distributed_gives_cuda_an_index(monkeypatch):
+    # torch.cuda.set_device rejects a cuda device without an index; "cuda" must become the current device.
+    from lipforcing.distill import trainer
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append(d))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert trainer.init_distributed("cuda") == torch.device("cuda", 0)
+    assert trainer.init_distributed("cuda:1") == torch.device("cuda", 1)
+    assert seen == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
 # ------------------------------------------------------------------------------------------------ FSDP2
 @pytest.mark.slow
 def test_fsdp2_two_process_run_matches_single_process(tmp_path):

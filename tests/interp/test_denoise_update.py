@@ -16,6 +16,8 @@ pytestmark = [
     pytest.mark.interp,
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                        reason="needs TRITON_INTERPRET=1 (CPU-only run)"),
+    # Philox's low-word products wrap on purpose (uint32); numpy under the interpreter warns about it
+    pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning"),
 ]
 
 SHAPES = [(3, 5, 7), (2, 16, 3, 9, 11), (1, 4133)]  # odd sizes; 4133 and 9504 cross the 4096-element block
