@@ -22,11 +22,11 @@ from fractions import Fraction
 
 import numpy as np
 
+from lipforcing.audio.pcm import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+
 __all__ = ["MediaError", "read_video", "read_audio", "write_wav", "VideoWriter", "check_output_file",
            "synthetic_speech", "synthetic_face_clip", "frame_loudness"]
 
-MIN_SAMPLE_RATE = 8000
-MAX_SAMPLE_RATE = 192000
 
 
 class MediaError(ValueError):

@@ -65,7 +65,8 @@ import torch
 
 from lipforcing import face, schedule
 from lipforcing.audio.features import num_frames
-from lipforcing.audio.pcm import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, check_sample_rate, to_mono_float
+from lipforcing.audio.pcm import (FPS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE, SAMPLES_PER_FRAME,
+                                  check_sample_rate, to_mono_float)
 from lipforcing.config import VIDEO_FRAMES_PER_LATENT, ModelConfig
 
 logger = logging.getLogger("lipforcing.stream")
@@ -742,6 +743,9 @@ class Session:
             raise TypeError(f"engine must be a lipforcing.Engine, got {type(engine).__name__}")
         self.engine = engine
         self.sample_rate = check_sample_rate(sample_rate)
+        if not MIN_SAMPLE_RATE <= self.sample_rate <= MAX_SAMPLE_RATE:
+            raise ValueError(f"sample_rate must be between {MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz, got "
+                             f"{self.sample_rate}")
         self.seed = _check_seed(seed)
         if (isinstance(max_buffer_seconds, bool) or not isinstance(max_buffer_seconds, (int, float))
                 or not max_buffer_seconds > 0 or math.isinf(max_buffer_seconds)):

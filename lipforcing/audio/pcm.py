@@ -10,6 +10,9 @@ import torch
 SAMPLE_RATE = 16000
 FPS = 25
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples = one video frame
+# input rates a session or an audio file may have (telephony to studio); resampled to SAMPLE_RATE
+MIN_SAMPLE_RATE = 8000
+MAX_SAMPLE_RATE = 192000
 
 # accepted input dtypes; int16 is scaled by 1/32768, floats are taken as they are (nominally [-1, 1])
 _NP_FLOATS = (np.float32, np.float64)

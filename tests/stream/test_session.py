@@ -184,6 +184,9 @@ def test_bad_input_clear_errors_and_session_stays_usable(engine):
         engine.session(ref, sample_rate=16000.0)
     with pytest.raises(ValueError, match="sample_rate must be > 0"):
         engine.session(ref, sample_rate=0)
+    for rate in (1, 7999, 192001, 10**9):
+        with pytest.raises(ValueError, match="between 8000 and 192000 Hz"):
+            engine.session(ref, sample_rate=rate)
     with pytest.raises(ValueError, match=f"{RES}x{RES}"):
         engine.session(reference_frames(2, res=32))
     with pytest.raises(TypeError, match="uint8"):
