@@ -191,14 +191,19 @@ def test_checkpoint_resume_reproduces_the_run(tmp_path, stage):
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def test_cli_train_command(tmp_path, capsys):
+def _df_yaml(tmp_path, iterations, output_dir):
     import yaml
 
+    cfg = tmp_path / "df.yaml"
+    cfg.write_text(yaml.safe_dump({"iterations": iterations, "output_dir": str(output_dir), "data": DATA,
+                                   "attn_backend": "reference"}))
+    return cfg
+
+
+def test_cli_train_command(tmp_path, capsys):
     from lipforcing import cli
 
-    cfg = tmp_path / "df.yaml"
-    cfg.write_text(yaml.safe_dump({"iterations": 2, "output_dir": str(tmp_path / "out"), "data": DATA,
-                                   "attn_backend": "reference"}))
+    cfg = _df_yaml(tmp_path, 2, tmp_path / "out")
     assert cli.main(["train", "--stage", "df", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "iterations 0 -> 2" in out and "df_loss" in out
@@ -229,15 +234,11 @@ def test_cli_train_bad_config_is_one_line(tmp_path, capsys, text, expected):
 
 
 def test_cli_train_unusable_output_dir_fails_before_training(tmp_path, capsys):
-    import yaml
-
     from lipforcing import cli
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    cfg = tmp_path / "df.yaml"
-    cfg.write_text(yaml.safe_dump({"iterations": 1, "output_dir": str(blocker / "out"), "data": DATA,
-                                   "attn_backend": "reference"}))
+    cfg = _df_yaml(tmp_path, 1, blocker / "out")
     assert cli.main(["train", "--stage", "df", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "output_dir" in err and "cannot create" in err
