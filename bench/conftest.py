@@ -10,9 +10,25 @@ import os
 import pytest
 import torch
 
-from lipforcing.benchmarking import Row, write
+from lipforcing.benchmarking import Row, environment, write
 
 _ROWS: list[Row] = []
+_JSON: list[str] = []   # the --bench-json path of this run
+_ENV: dict = {}          # environment() once per run (it runs git)
+
+
+def pytest_configure(config):
+    _JSON[:] = [config.getoption("--bench-json")]
+    # The FlexAttention baselines compile torch.nn.attention.flex_attention once per shape (dynamic=False): 8
+    # chunk shapes + the block-causal training shapes, more than dynamo's default recompile limit of 8, after
+    # which it would silently run the unfused eager flex_attention (materialised scores) under the "flex" label.
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+    if hasattr(dynamo_config, "accumulated_recompile_limit"):
+        dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 512)
 
 
 def pytest_addoption(parser):
@@ -36,6 +52,7 @@ def bench_record(benchmark):
     def record(op, backend, shape, dtype, fn, *, flops=None, nbytes=None, **timing):
         row = Row.measure(op, backend, shape, dtype, fn, flops=flops, nbytes=nbytes, **timing)
         _ROWS.append(row)
+        _save()  # after every row: a run cut off by a timeout (bench/gpu_session.sh) keeps what it measured
         benchmark.extra_info[f"{op}/{backend}"] = {k: v for k, v in row.__dict__.items() if k != "extra"}
         if not calls:
             benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=5, iterations=1, warmup_rounds=1)
@@ -45,6 +62,17 @@ def bench_record(benchmark):
     return record
 
 
+def _save():
+    if _ROWS and _JSON:
+        if not _ENV:
+            _ENV.update(environment())
+        write(_ROWS, _JSON[0], env=_ENV)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    # rows are Row objects whose ``extra`` a test may fill after recording (ratios to a baseline): save again
+    _save()
+
+
 def pytest_sessionfinish(session, exitstatus):
-    if _ROWS:
-        write(_ROWS, session.config.getoption("--bench-json"))
+    _save()

@@ -52,8 +52,11 @@ def _torch_unfused(q, tk, tv, ak, av):
 
 
 def _xformers_fn(q, tk, tv, ak, av):
-    xops = pytest.importorskip("xformers.ops")
-    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+    try:
+        import xformers.ops as xops
+        from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+    except Exception as exc:  # not installed, or built against another torch
+        pytest.skip(f"xformers unavailable: {type(exc).__name__}: {exc}"[:300])
 
     H = q.shape[2]
     mask = BlockDiagonalMask.from_seqlens([TPF] * (B * FRAMES), [A] * (B * FRAMES))
@@ -89,6 +92,11 @@ def test_bench_audio_cross_attention(bench_record, H, backend):
         fn = lambda: _torch_unfused(*xs)  # noqa: E731
     elif backend == "xformers_blockdiag":
         fn = _xformers_fn(*xs)
+        try:  # an xformers wheel built for another torch / GPU imports but fails at the first call
+            fn()
+            torch.cuda.synchronize()
+        except Exception as exc:
+            pytest.skip(f"xformers unavailable: {type(exc).__name__}: {exc}"[:300])
     else:
         args = (*xs, TPF, 1.0, scale)
         try:

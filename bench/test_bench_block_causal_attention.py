@@ -28,15 +28,23 @@ def _inputs(h):
     return [torch.randn(B, L, h, D, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3)]
 
 
+def _mask_mod(b, hh, qi, kv):
+    """The block-causal rule as a FlexAttention mask_mod (module level: one function object, so dynamo's guards
+    on it hold across calls and the compiled kernels are reused)."""
+    end = (qi // CHUNK + 1) * CHUNK
+    return (kv < end) & ((kv < SINK) | (kv >= end - WINDOW))
+
+
+_flex_cache: dict = {}
+
+
 def _flex_step(h):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    def mask_mod(b, hh, qi, kv):
-        end = (qi // CHUNK + 1) * CHUNK
-        return (kv < end) & ((kv < SINK) | (kv >= end - WINDOW))
-
-    bm = create_block_mask(mask_mod, None, None, L, L, device="cuda")
-    flex = torch.compile(flex_attention, dynamic=False)
+    if "block_mask" not in _flex_cache:  # the same for every head count (B = H = None: broadcast)
+        _flex_cache["block_mask"] = create_block_mask(_mask_mod, None, None, L, L, device="cuda")
+        _flex_cache["flex"] = torch.compile(flex_attention, dynamic=False)
+    bm, flex = _flex_cache["block_mask"], _flex_cache["flex"]
     q, k, v = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in _inputs(h))
     g = torch.randn_like(q)
 
@@ -55,7 +63,8 @@ def test_block_causal_train_step(bench_record, backend, h):
     if backend == "flex":
         step = _flex_step(h)
         step()
-        bench_record("block_causal_attention", "flex", shape, DTYPE, step, flops=flops, warmup=2, rounds=10)
+        row = bench_record("block_causal_attention", "flex", shape, DTYPE, step, flops=flops, warmup=2, rounds=10)
+        _flex_us[h] = row.median_us
         return
     q, k, v = _inputs(h)
     g = torch.randn_like(q)
@@ -66,9 +75,14 @@ def test_block_causal_train_step(bench_record, backend, h):
 
     step()
     row = bench_record("block_causal_attention", backend, shape, DTYPE, step, flops=flops, warmup=2, rounds=10)
-    if h not in _flex_us:
-        _flex_us[h] = time_cuda(_flex_step(h), warmup=2, rounds=10)["median_us"]
-    row.extra["speedup_vs_flex"] = _flex_us[h] / row.median_us
+    if h not in _flex_us:  # the flex case did not run first (e.g. -k triton)
+        try:
+            _flex_us[h] = time_cuda(_flex_step(h), warmup=2, rounds=10)["median_us"]
+        except Exception as exc:  # the baseline failing must not fail our row (its own case reports it)
+            _flex_us[h] = None
+            row.extra["flex_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if _flex_us[h]:
+        row.extra["speedup_vs_flex"] = _flex_us[h] / row.median_us
 
 
 @pytest.mark.parametrize("h", [12, 40])

@@ -25,7 +25,17 @@ DTYPE = torch.bfloat16
 LKS = [4096, 7168, 12288, 21504]
 HEADS = [12, 40]
 BASELINES = ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flash_attn_kvcache"]
-_best_baseline_us: dict[tuple, float] = {}
+_baseline_us: dict[tuple, dict[str, float]] = {}   # (lk, h) -> {baseline: median us}, inf when it cannot run
+_compiled_flex = []
+
+
+def _flex():
+    """One ``torch.compile(flex_attention)`` for the module (it still compiles once per shape: dynamic=False)."""
+    if not _compiled_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex.append(torch.compile(flex_attention, dynamic=False))
+    return _compiled_flex[0]
 
 
 def _flops(lk, h):
@@ -52,9 +62,7 @@ def _baseline_fn(name, lk, h):
             with sdpa_kernel([getattr(SDPBackend, backend)]):
                 return F.scaled_dot_product_attention(q, k, v)
     elif name == "flex":
-        from torch.nn.attention.flex_attention import flex_attention
-
-        compiled = torch.compile(flex_attention, dynamic=False)
+        compiled = _flex()
 
         def fn():
             return compiled(q, k, v)
@@ -75,17 +83,18 @@ def _baseline_fn(name, lk, h):
 
 
 def _best_baseline(lk, h):
-    key = (lk, h)
-    if key not in _best_baseline_us:
-        best = float("inf")
-        for name in BASELINES:
+    """The fastest baseline for this shape: the rows the baseline cases recorded (they run first), and only the
+    baselines not measured yet timed here (e.g. when a -k filter selected our backends alone)."""
+    seen = _baseline_us.setdefault((lk, h), {})
+    for name in BASELINES:
+        if name not in seen:
             try:
                 fn = _baseline_fn(name, lk, h)
             except pytest.skip.Exception:
+                seen[name] = float("inf")
                 continue
-            best = min(best, time_cuda(fn, warmup=3, rounds=10)["median_us"])
-        _best_baseline_us[key] = best
-    return _best_baseline_us[key]
+            seen[name] = time_cuda(fn, warmup=3, rounds=10)["median_us"]
+    return min(seen.values())
 
 
 @pytest.mark.parametrize("h", HEADS)
@@ -94,8 +103,14 @@ def _best_baseline(lk, h):
 def test_chunk_attention_forward(bench_record, backend, lk, h):
     shape = dict(B=B, Lq=LQ, Lk=lk, H=h, D=D, sink=SINK, window=lk - SINK)
     if backend in BASELINES:
-        fn = _baseline_fn(backend, lk, h)
-        bench_record("chunk_attention", backend, shape, DTYPE, fn, flops=_flops(lk, h))
+        seen = _baseline_us.setdefault((lk, h), {})
+        try:
+            fn = _baseline_fn(backend, lk, h)
+        except pytest.skip.Exception:
+            seen[backend] = float("inf")
+            raise
+        row = bench_record("chunk_attention", backend, shape, DTYPE, fn, flops=_flops(lk, h))
+        seen[backend] = row.median_us
         return
     from lipforcing.ops import rope_spec
 
@@ -111,4 +126,5 @@ def test_chunk_attention_forward(bench_record, backend, lk, h):
                        lambda: chunk_attention(q, k, v, cache, write=False, rope=rope, backend=name),
                        flops=_flops(lk, h))
     best = _best_baseline(lk, h)
-    row.extra["speedup_vs_best_baseline"] = best / row.median_us
+    if best < float("inf"):
+        row.extra["speedup_vs_best_baseline"] = best / row.median_us

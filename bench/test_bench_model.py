@@ -14,6 +14,7 @@ cached keys gathered and attended by ``F.scaled_dot_product_attention`` (``lipfo
 differentiable twin of the streaming pass, run under no_grad).  TFLOP/s uses ``lipforcing.model.flops.pass_flops``
 (about 12.0 TFLOP per pass at 1.3B and 92.8 at 14B).  Compile time is reported in ``extra`` (excluded from timing).
 """
+import gc
 import time
 
 import pytest
@@ -37,6 +38,7 @@ def _model(size):
     """One model per size for the whole module (14B bf16 is ~29 GB); the other size is freed first."""
     if size not in _MODELS:
         _MODELS.clear()
+        gc.collect()  # compile_blocks binds methods to the blocks (reference cycles): free the old model now
         torch.cuda.empty_cache()
         cfg = ModelConfig.from_name(size)
         _MODELS[size] = {"model": build_model(cfg, causal=True, device="cuda", dtype=DTYPE).eval(), "compiled": False}
