@@ -10,7 +10,7 @@
 #   STAGES="profile_14b model" bash bench/gpu_session.sh   # a second call on the same (still warm) machine
 #   bash bench/gpu_session.sh --unpack PATH/results.tar.gz # here: into bench/results/<gpu>_<date>/
 #
-# Stages (default order): build gpu bench profile_1.3b profile_14b model.
+# Stages (default order, most needed first): build gpu profile_1.3b bench profile_14b model.
 set -uo pipefail
 
 if [ "${1:-}" = "--unpack" ]; then
@@ -26,7 +26,7 @@ fi
 
 OUT=${OUT:-out}
 BUDGET_S=${BUDGET_S:-540}
-STAGES=${STAGES:-"build gpu bench profile_1.3b profile_14b model"}
+STAGES=${STAGES:-"build gpu profile_1.3b bench profile_14b model"}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -78,7 +78,7 @@ main() {
   } | tee "$WORK/env.txt"
   for s in $STAGES; do
     case $s in
-      build) stage build 240 build ;;
+      build) stage build 180 build ;;
       gpu) stage gpu 150 "${PYTEST[@]}" -m gpu tests --junitxml="$WORK/gpu_tests.xml" ;;
       # -o addopts= : the project's default `-m 'not compile and not gpu'` would deselect the benchmarks
       bench) stage bench 150 "${PYTEST[@]}" -o addopts= bench --ignore=bench/test_bench_model.py \
