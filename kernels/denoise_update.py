@@ -60,13 +60,13 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _load_time(ptr, value, sample, MODE: tl.constexpr):
+def _load_time(ptr, value, sample, mask, MODE: tl.constexpr):
     if MODE == 0:
         return value
     elif MODE == 1:
         return tl.load(ptr).to(tl.float32)
-    else:
-        return tl.load(ptr + sample).to(tl.float32)
+    else:  # masked: lanes past numel have sample >= batch, outside the (batch,) tensor
+        return tl.load(ptr + sample, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -104,14 +104,14 @@ def _denoise_update_kernel(
 
     x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     f = tl.load(flow_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    t = _load_time(t_ptr, t_value, sample, T_MODE)
+    t = _load_time(t_ptr, t_value, sample, mask, T_MODE)
     x0 = x - t * f
 
     if NOISE_MODE == 0:
         # t_next == 0: x_next = 1 * x0 + 0 * eps = x0 exactly for finite eps.
         xn = x0
     else:
-        tn = _load_time(tn_ptr, tn_value, sample, TN_MODE)
+        tn = _load_time(tn_ptr, tn_value, sample, mask, TN_MODE)
         if TN_MODE == 0:
             omtn = omtn_value  # (1 - t_next) rounded once from the exact value, like the reference
         else:

@@ -115,6 +115,24 @@ def test_per_sample_and_0d_times(t_dtype):
     torch.testing.assert_close(xn, rn, rtol=0, atol=2e-6)
 
 
+def test_per_sample_times_are_read_only_inside_the_batch():
+    # Lanes of the last block past numel have batch index >= B: their per-sample t must not be loaded.  The
+    # memory after t and t_next holds inf, so a stray load makes inf * 0 = NaN in those lanes, which the
+    # interpreter (numpy) reports as an invalid-value warning, turned into an error here.
+    import warnings
+
+    B = 3
+    x, f, n = [torch.randn(B, 2, 37) for _ in range(3)]
+    t_big = torch.full((64,), float("inf"))
+    tn_big = torch.full((64,), float("inf"))
+    t_big[:B] = torch.rand(B) * 0.9 + 0.05
+    tn_big[:B] = torch.rand(B) * 0.9 + 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        (x0, xn), (r0, rn) = _both(x, f, t_big[:B], tn_big[:B], noise=n)
+    assert torch.equal(x0, r0) and torch.equal(xn, rn)
+
+
 def test_t_next_zero_returns_x0():
     x, f, _ = _inputs((2, 3, 29), torch.float32, seed=7)
     x0, xn = denoise_update(x, f, 0.769, 0.0, backend="triton")  # no seed needed
