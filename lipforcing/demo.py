@@ -12,7 +12,6 @@ the same path with ``lipforcing sync --checkpoint ...``.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
@@ -50,11 +49,6 @@ def run(args) -> int:
         raise UserError(f"--seconds must be between 0.2 and 600, got {args.seconds}")
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"-o {args.output}: the folder {out_dir} does not exist")
-    if not args.output.lower().endswith((".mp4", ".mov", ".mkv")) or os.path.isdir(args.output):
-        raise UserError(f"-o {args.output}: the output must be an .mp4 (or .mov/.mkv) file")
     check_output_file(args.output)
     check_device(args.device)
     check_resolution(args.resolution)

@@ -28,7 +28,6 @@ __all__ = ["MediaError", "read_video", "read_audio", "write_wav", "VideoWriter",
            "synthetic_speech", "synthetic_face_clip", "frame_loudness"]
 
 
-
 class MediaError(ValueError):
     """A media file that cannot be used; the message is one line: what is wrong and how to fix it."""
 
@@ -135,12 +134,18 @@ def _ffmpeg_reason(e: Exception) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ writing
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv")
+
+
 def check_output_file(path, *, keep: bool = False) -> None:
-    """Raise :class:`MediaError` unless a file can be created (or overwritten) at ``path``; a file this creates
-    is removed again unless ``keep``.  For the commands' cheap checks, before any work is done."""
+    """Raise :class:`MediaError` unless ``path`` names a video file (.mp4/.mov/.mkv) that can be created (or
+    overwritten); a file this creates is removed again unless ``keep``.  For the commands' cheap checks, before
+    any work is done."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise MediaError(f"{path}: is a folder (give the path of an .mp4 file to write)")
+    if not path.lower().endswith(VIDEO_EXTENSIONS):
+        raise MediaError(f"{path}: the output must be an .mp4 (or .mov/.mkv) file")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise MediaError(f"{path}: the folder {folder} does not exist (create it or choose another -o path)")

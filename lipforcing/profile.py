@@ -662,9 +662,14 @@ def check_device(device: str | None) -> torch.device:
 
 
 def check_resolution(resolution: int | None) -> None:
-    """``--resolution``: a positive multiple of 16 (8x VAE downsampling times the 2x2 patch) or None."""
-    if resolution is not None and (resolution < 16 or resolution % 16):
-        raise UserError(f"--resolution must be a positive multiple of 16 (e.g. 32, 64, 512), got {resolution}")
+    """``--resolution`` by the engine's own rule (before the engine is loaded), as a one-line error."""
+    if resolution is not None:
+        from lipforcing.stream import _resolution
+
+        try:
+            _resolution(resolution, resolution)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"--resolution {resolution}: {exc}") from None
 
 
 def check_checkpoint(path: str | None) -> None:

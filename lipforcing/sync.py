@@ -100,10 +100,6 @@ def _run(args) -> int:
     if args.audio is not None and not os.path.exists(args.audio):
         raise UserError(f"{args.audio}: no such file (check the --audio path)")
     out = os.path.abspath(args.output)
-    if not os.path.isdir(os.path.dirname(out)):
-        raise UserError(f"-o {args.output}: the folder {os.path.dirname(out)} does not exist")
-    if not out.lower().endswith((".mp4", ".mov", ".mkv")) or os.path.isdir(out):
-        raise UserError(f"-o {args.output}: the output must be an .mp4 (or .mov/.mkv) file")
     if os.path.abspath(args.video) == out or (args.audio and os.path.abspath(args.audio) == out):
         raise UserError(f"-o {args.output}: would overwrite an input file; choose another output path")
     check_output_file(out)
