@@ -78,9 +78,9 @@ CASES = [
     (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "-o", "{d}/out.gif"], [".mp4"]),
     (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "-o", "{d}/folder.mp4"], [".mp4"]),   # a folder
     (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "--resolution", "40"],
-     ["--resolution", "multiple of 16", "40"]),
+     ["--resolution", "multiples of 16", "40"]),
     (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "--resolution", "-32"],
-     ["--resolution", "multiple of 16", "-32"]),
+     ["--resolution", "multiples of 16", "-32"]),
     (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "--model", "1.3b"], ["--model 1.3b", "--force"]),
     (["--video", "{d}/face.mp4", "--audio", "{d}/speech.wav", "-o", "{d}/" + "n" * 300 + ".mp4"],
      ["cannot create the output file"]),
