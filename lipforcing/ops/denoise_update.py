@@ -49,6 +49,46 @@ def _(x_t, flow, t, t_value, t_next, t_next_value, noise, seed, seed_value, offs
 _U64 = 1 << 64
 
 
+def _span(x: torch.Tensor) -> tuple[int, int]:
+    """The byte range [start, end) that a tensor's elements can touch (strides are never negative in torch)."""
+    start = x.data_ptr()
+    last = sum((n - 1) * s for n, s in zip(x.shape, x.stride()))
+    return start, start + (last + 1) * x.element_size()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> str:
+    """"none" (disjoint memory), "same" (the very same elements: pointer, dtype, shape, strides) or "partial"
+    (conservative: any shared byte range that is not "same" counts, even interleaved strides)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return "none"
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    if a1 <= b0 or b1 <= a0:
+        return "none"
+    if a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride():
+        return "same"
+    return "partial"
+
+
+def _check_out(out, x_t: torch.Tensor, inputs: dict) -> None:
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError("out must be a tuple (x0, x_next) of two tensors")
+    for name, o in zip(("out[0]", "out[1]"), out):
+        _checks.tensor(name, o, dtypes=_checks.FLOAT_DTYPES)
+        _checks.same("x_t", x_t, name, o, dtype=False)
+        if o.shape != x_t.shape or not o.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous tensor of shape {tuple(x_t.shape)}, got "
+                             f"{tuple(o.shape)}" + ("" if o.is_contiguous() else " (non-contiguous)"))
+    if _overlap(out[0], out[1]) != "none":
+        raise ValueError("out[0] and out[1] must not overlap in memory (they are written at the same time)")
+    # An output may be exactly an input (each element is read before it is written), never a shifted or
+    # reinterpreted view of one: the kernels would read elements that an earlier block already overwrote.
+    for name, o in zip(("out[0]", "out[1]"), out):
+        for in_name, v in inputs.items():
+            if isinstance(v, torch.Tensor) and _overlap(o, v) == "partial":
+                raise ValueError(f"{name} partly overlaps {in_name} in memory; an output may be exactly an input "
+                                 "(same storage offset, dtype, shape and strides) or disjoint from it")
+
+
 def _time(name: str, t, x_t: torch.Tensor) -> tuple[torch.Tensor | None, float]:
     if isinstance(t, torch.Tensor):
         if t.dtype not in _checks.FLOAT_DTYPES:
@@ -58,6 +98,10 @@ def _time(name: str, t, x_t: torch.Tensor) -> tuple[torch.Tensor | None, float]:
         if not (t.dim() == 0 or (t.dim() == 1 and t.shape[0] == x_t.shape[0])):
             raise ValueError(f"{name} must be a 0-d tensor or have shape (batch,) = ({x_t.shape[0]},), got "
                              f"{tuple(t.shape)}")
+        if t.device.type == "cpu" and t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+            # checked only where it costs no host sync; device tensors are read by the kernel as they are
+            raise ValueError(f"{name} must be in [0, 1] (flow-matching time), got a tensor holding "
+                             f"{t.flatten()[~((t >= 0) & (t <= 1)).flatten()][0].item()}")
         return t.contiguous(), 0.0
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(t).__name__}")
@@ -91,14 +135,20 @@ def denoise_update(x_t: torch.Tensor, flow: torch.Tensor, t, t_next, *, noise: t
         velocity ``eps - x0``.
     t, t_next : flow-matching times in [0, 1]: Python floats, 0-d tensors or per-sample (batch,) tensors on the
         device (tensors let a captured CUDA graph change them without a host sync).  ``t_next = 0`` gives
-        ``x_next == x0``.
-    noise : explicit eps (shape of x_t, any float dtype); otherwise eps is drawn from ``seed``.
+        ``x_next == x0``.  Values outside [0, 1] (NaN included) are refused for floats and CPU tensors; GPU
+        tensors are not read on the host (that would be a sync), a NaN there gives NaN outputs.
+    noise : explicit eps (shape of x_t; float32, float16, bfloat16 or float64, the latter rounded to float32 like
+        every input); otherwise eps is drawn from ``seed``.
     seed, offset : ints or 0-d int64 device tensors for the counter-based generator (Philox4x32-10, scheme in
         ``lipforcing.ops.reference``): element ``i`` of the flattened tensor uses counter ``(i, offset)`` and key
         ``seed``, so the same (seed, offset) gives the same noise on every backend and every run.  Use a new
         offset (or seed) for fresh noise.  Required when ``noise`` is None and ``t_next > 0``.
-    out : optional ``(x0, x_next)`` preallocated tensors of x_t's shape and device (any float dtype), written in
-        place; they may alias x_t / flow (the op is elementwise).
+    out : optional ``(x0, x_next)`` preallocated contiguous tensors of x_t's shape and device (float32, float16,
+        bfloat16), written in place.  Each may be exactly an input (x_t, flow or noise: same pointer, dtype, shape
+        and strides; the op is elementwise); any other overlap, with an input or with each other, is refused.
+
+    Inputs of any strides (transposed, sliced, expanded) are accepted; the returned tensors are contiguous.  The
+    op has no backward: inputs that require grad are refused while grad mode is on.
     backend : ``"auto" | "cuda" | "triton" | "reference"``.
 
     Returns
@@ -109,6 +159,14 @@ def denoise_update(x_t: torch.Tensor, flow: torch.Tensor, t, t_next, *, noise: t
     _checks.tensor("x_t", x_t, contiguous_last=False)
     _checks.tensor("flow", flow, contiguous_last=False)
     _checks.same("x_t", x_t, "flow", flow)
+    if torch.is_grad_enabled():
+        grads = [n for n, v in (("x_t", x_t), ("flow", flow), ("t", t), ("t_next", t_next), ("noise", noise))
+                 + (tuple(zip(("out[0]", "out[1]"), out)) if isinstance(out, (tuple, list)) else ())
+                 if isinstance(v, torch.Tensor) and v.requires_grad]
+        if grads:
+            raise ValueError(f"denoise_update has no backward, but {', '.join(grads)} requires grad: call it "
+                             "under torch.no_grad() or pass detached tensors (for a differentiable step use "
+                             "lipforcing.schedule.x0_from_velocity)")
     if flow.shape != x_t.shape:
         raise ValueError(f"flow must have the shape of x_t {tuple(x_t.shape)}, got {tuple(flow.shape)}")
     if x_t.dim() == 0:
@@ -116,11 +174,10 @@ def denoise_update(x_t: torch.Tensor, flow: torch.Tensor, t, t_next, *, noise: t
     t_tensor, t_value = _time("t", t, x_t)
     tn_tensor, tn_value = _time("t_next", t_next, x_t)
     if noise is not None:
-        _checks.tensor("noise", noise, contiguous_last=False)
+        _checks.tensor("noise", noise, contiguous_last=False, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
         _checks.same("x_t", x_t, "noise", noise, dtype=False)
         if noise.shape != x_t.shape:
             raise ValueError(f"noise must have the shape of x_t {tuple(x_t.shape)}, got {tuple(noise.shape)}")
-        noise = noise.contiguous()
         seed_t, seed_v, off_t, off_v = None, 0, None, 0
     else:
         if seed is None:
@@ -130,18 +187,15 @@ def denoise_update(x_t: torch.Tensor, flow: torch.Tensor, t, t_next, *, noise: t
         seed_t, seed_v = _counter("seed", seed, x_t)
         off_t, off_v = _counter("offset", offset, x_t)
     if out is None:
-        out = (torch.empty_like(x_t), torch.empty_like(x_t))
+        # contiguous whatever x_t's strides (empty_like would keep a transposed layout; every kernel writes the
+        # outputs in flat C order)
+        out = tuple(torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device) for _ in range(2))
     else:
-        if not (isinstance(out, (tuple, list)) and len(out) == 2):
-            raise TypeError("out must be a tuple (x0, x_next) of two tensors")
-        for name, o in zip(("out[0]", "out[1]"), out):
-            _checks.tensor(name, o, dtypes=_checks.FLOAT_DTYPES)
-            _checks.same("x_t", x_t, name, o, dtype=False)
-            if o.shape != x_t.shape or not o.is_contiguous():
-                raise ValueError(f"{name} must be a contiguous tensor of shape {tuple(x_t.shape)}, got "
-                                 f"{tuple(o.shape)}" + ("" if o.is_contiguous() else " (non-contiguous)"))
-        if out[0] is out[1] or out[0].data_ptr() == out[1].data_ptr():
-            raise ValueError("out[0] and out[1] must be different tensors")
+        _check_out(out, x_t, {"x_t": x_t, "flow": flow, "noise": noise, "t": t_tensor, "t_next": tn_tensor,
+                              "seed": seed_t, "offset": off_t})
+    if noise is not None:
+        # the math is float32: a float64 eps is rounded to float32 first on every backend
+        noise = noise.to(torch.float32).contiguous() if noise.dtype == torch.float64 else noise.contiguous()
     x_c, f_c = x_t.contiguous(), flow.contiguous()
     args = (x_c, f_c, t_tensor, t_value, tn_tensor, tn_value, noise, seed_t, seed_v, off_t, off_v, out[0], out[1])
     name = _dispatch.resolve("denoise_update", _IMPLS, backend, x_t.device, args, {})

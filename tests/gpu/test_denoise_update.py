@@ -227,3 +227,35 @@ def test_int64_indexing_beyond_2_pow_32(backend_name):
     torch.testing.assert_close(xn[-4096:].float().cpu(), want, rtol=2**-10, atol=1e-3)
     del x, xn
     torch.cuda.empty_cache()
+
+
+# --- hardening (issue 13): layouts on every backend, auto included ----------------------------------------------
+
+def _layout(kind, shape, dtype):
+    if kind == "transposed":
+        return torch.randn(shape[::-1], device=DEV).to(dtype).permute(*range(len(shape) - 1, -1, -1))
+    if kind == "sliced":
+        return torch.randn(shape[0], 2 * shape[1] + 1, *shape[2:], device=DEV).to(dtype)[:, 1::2]
+    return torch.randn(1, shape[1], *([1] * (len(shape) - 2)), device=DEV).to(dtype).expand(shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["transposed", "sliced", "expanded"])
+@pytest.mark.parametrize("name", ["cuda", "triton", "auto"])
+def test_layouts_on_every_backend(name, kind, dtype):
+    if name == "cuda":
+        _available("cuda")
+    shape = (2, 16, 3, 8, 9)
+    x, f, n = (_layout(kind, shape, dtype) for _ in range(3))
+    x0, xn = denoise_update(x, f, 0.999, 0.769, noise=n, backend=name)
+    r0, rn = denoise_update(x.contiguous(), f.contiguous(), 0.999, 0.769, noise=n.contiguous(), backend="reference")
+    assert x0.is_contiguous() and xn.is_contiguous()
+    assert torch.equal(x0, r0) and torch.equal(xn, rn)
+
+
+def test_partly_overlapping_out_is_refused(backend):
+    x, f, n = _inputs((2, 64), torch.float32)
+    buf = torch.randn(300, device=DEV)
+    with pytest.raises(ValueError, match="must not overlap"):
+        denoise_update(x, f, 0.9, 0.3, noise=n, out=(buf[:128].view(2, 64), buf[1:129].view(2, 64)),
+                       backend=backend)

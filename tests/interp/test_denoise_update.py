@@ -177,3 +177,52 @@ def test_cuda_backend_refuses_cpu_tensors():
     assert reason is not None and "CUDA tensors" in reason and "cpu" in reason
     with pytest.raises(BackendUnavailable, match="cuda"):
         denoise_update(x, x, 0.5, 0.0, backend="cuda")
+
+
+# --- hardening (issue 13) ------------------------------------------------------------------------------------
+
+def _layout(kind, shape, dtype):
+    """A fresh random tensor of logical ``shape`` stored transposed, sliced or expanded."""
+    if kind == "transposed":
+        return torch.randn(shape[::-1]).to(dtype).permute(*range(len(shape) - 1, -1, -1))
+    if kind == "sliced":
+        return torch.randn(shape[0], 2 * shape[1] + 1, *shape[2:]).to(dtype)[:, 1::2]
+    return torch.randn(1, shape[1], *([1] * (len(shape) - 2))).to(dtype).expand(shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kind", ["transposed", "sliced", "expanded"])
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 9, 4133)])
+def test_layouts_match_the_formula(kind, shape, dtype):
+    x, f, n = (_layout(kind, shape, dtype) for _ in range(3))
+    assert not x.is_contiguous()
+    (x0, xn), (r0, rn) = _both(x, f, 0.999, 0.769, noise=n)
+    assert x0.is_contiguous() and xn.is_contiguous()
+    want_x0 = x.float() - 0.999 * f.float()
+    assert torch.equal(x0, want_x0.to(dtype)) and torch.equal(x0, r0) and torch.equal(xn, rn)
+    # seeded noise: the flat index follows the logical (C-order) layout, not the input's memory order
+    (s0, sn), (q0, qn) = _both(x, f, 0.999, 0.769, seed=5)
+    assert torch.equal(s0, q0)
+    torch.testing.assert_close(sn.float(), qn.float(), rtol=1e-3 if dtype == torch.float16 else 2e-6, atol=1e-5)
+
+
+def test_partly_overlapping_out_is_refused_before_any_kernel_runs():
+    x, f, n = _inputs((3, 40), torch.float32)
+    buf = torch.randn(200)
+    before = buf.clone()
+    with pytest.raises(ValueError, match=r"out\[0\] and out\[1\] must not overlap"):
+        denoise_update(x, f, 0.9, 0.3, noise=n, out=(buf[:120].view(3, 40), buf[7:127].view(3, 40)),
+                       backend="triton")
+    xs = buf[:120].view(3, 40)
+    with pytest.raises(ValueError, match=r"out\[1\] partly overlaps x_t"):
+        denoise_update(xs, f, 0.9, 0.3, noise=n, out=(torch.empty(3, 40), buf[40:160].view(3, 40)),
+                       backend="triton")
+    assert torch.equal(buf, before)
+
+
+def test_float64_noise():
+    x, f, _ = _inputs((2, 3, 33), torch.float16)
+    n64 = torch.randn(2, 3, 33, dtype=torch.float64)
+    got = denoise_update(x, f, 0.999, 0.769, noise=n64, backend="triton")
+    want = denoise_update(x, f, 0.999, 0.769, noise=n64.float(), backend="reference")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

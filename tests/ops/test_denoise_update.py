@@ -123,3 +123,100 @@ def test_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         ops.denoise_update(args.pop("x_t"), args.pop("flow"), args.pop("t"), args.pop("t_next"), **args)
+
+
+# --- hardening (issue 13): layouts, overlapping out=, grad, NaN times, float64 noise -----------------------------
+
+def _layouts(shape=(3, 5, 7)):
+    """(name, tensor) pairs of fresh random tensors with the given logical shape in several memory layouts."""
+    base = torch.randn(shape)
+    transposed = torch.randn(shape[::-1]).permute(*range(len(shape) - 1, -1, -1))
+    sliced = torch.randn(shape[0], 2 * shape[1] + 1, shape[2])[:, 1::2]
+    expanded = torch.randn(1, shape[1], 1).expand(shape)
+    return [("contiguous", base), ("transposed", transposed), ("sliced", sliced), ("expanded", expanded)]
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "expanded"])
+def test_layouts_give_the_formula_and_contiguous_outputs(layout):
+    x = dict(_layouts())[layout]
+    f, n = (dict(_layouts())[layout] for _ in range(2))
+    assert not x.is_contiguous()
+    x0, xn = ops.denoise_update(x, f, 0.999, 0.769, noise=n, backend="reference")
+    assert x0.is_contiguous() and xn.is_contiguous()
+    want_x0 = x - 0.999 * f
+    assert torch.equal(x0, want_x0) and torch.equal(xn, (1 - 0.769) * want_x0 + 0.769 * n)
+
+
+def _offset_views(n, shift, dtype=torch.float32):
+    buf = torch.randn(2 * n + abs(shift) + 8, dtype=dtype)
+    return buf[:n], buf[shift:shift + n]
+
+
+@pytest.mark.parametrize("shift", [1, 5, 11])
+def test_out_buffers_that_partly_overlap_each_other_are_refused(shift):
+    x, f, n = (torch.randn(3, 4) for _ in range(3))
+    a, b = _offset_views(12, shift)
+    with pytest.raises(ValueError, match=r"out\[0\] and out\[1\] must not overlap"):
+        ops.denoise_update(x, f, 0.9, 0.3, noise=n, out=(a.view(3, 4), b.view(3, 4)), backend="reference")
+
+
+@pytest.mark.parametrize("which", ["x_t", "flow", "noise"])
+def test_out_partly_overlapping_an_input_is_refused(which):
+    buf = torch.randn(40)
+    args = {"x_t": torch.randn(3, 4), "flow": torch.randn(3, 4), "noise": torch.randn(3, 4)}
+    args[which] = buf[:12].view(3, 4)
+    out = (buf[2:14].view(3, 4), torch.empty(3, 4))   # shifted by two elements
+    with pytest.raises(ValueError, match=rf"out\[0\] partly overlaps {which}"):
+        ops.denoise_update(args["x_t"], args["flow"], 0.9, 0.3, noise=args["noise"], out=out, backend="reference")
+    # a wider dtype at the same address is also a partial overlap (element i spans inputs 2i and 2i+1)
+    x16 = torch.randn(3, 4, dtype=torch.float16)
+    wide = torch.empty(24, dtype=torch.float16)
+    wide[:12] = x16.flatten()
+    with pytest.raises(ValueError, match=r"out\[1\] partly overlaps x_t"):
+        ops.denoise_update(wide[:12].view(3, 4), x16, 0.9, 0.0,
+                           out=(torch.empty(3, 4), wide.view(torch.float32).view(3, 4)), backend="reference")
+
+
+def test_exact_aliasing_still_allowed_and_disjoint_views_of_one_buffer_too():
+    buf = torch.randn(3, 8)
+    x, f = buf[:, :4].clone(), buf[:, 4:].clone()
+    n = torch.randn(3, 4)
+    want = ops.denoise_update(x, f, 0.9, 0.3, noise=n, backend="reference")
+    store = torch.empty(24)
+    o0, o1 = store[:12].view(3, 4), store[12:].view(3, 4)   # adjacent, disjoint
+    ops.denoise_update(x, f, 0.9, 0.3, noise=n, out=(o0, o1), backend="reference")
+    assert torch.equal(o0, want[0]) and torch.equal(o1, want[1])
+    got = ops.denoise_update(x, f, 0.9, 0.3, noise=n, out=(f, n), backend="reference")
+    assert got[0] is f and torch.equal(f, want[0]) and torch.equal(n, want[1])
+
+
+@pytest.mark.parametrize("which", ["x_t", "flow", "noise", "t"])
+def test_requires_grad_is_refused_with_no_backward(which):
+    args = {"x_t": torch.randn(2, 3), "flow": torch.randn(2, 3), "noise": torch.randn(2, 3),
+            "t": torch.tensor([0.9, 0.5])}
+    args[which].requires_grad_(True)
+    with pytest.raises(ValueError, match=rf"no backward, but {which} requires grad"):
+        ops.denoise_update(args["x_t"], args["flow"], args["t"], 0.3, noise=args["noise"], backend="reference")
+    with torch.no_grad():   # fine without grad mode: nothing would be recorded
+        x0, _ = ops.denoise_update(args["x_t"], args["flow"], args["t"], 0.3, noise=args["noise"],
+                                   backend="reference")
+    assert not x0.requires_grad
+
+
+@pytest.mark.parametrize("name,value", [("t", torch.tensor(float("nan"))), ("t", torch.tensor([0.5, float("nan")])),
+                                        ("t_next", torch.tensor(float("inf"))), ("t_next", torch.tensor(-0.25)),
+                                        ("t", float("nan")), ("t_next", float("-inf"))])
+def test_non_finite_or_out_of_range_times_are_refused(name, value):
+    times = {"t": 0.9, "t_next": 0.3, name: value}
+    with pytest.raises(ValueError, match=rf"^{name} must be in \[0, 1\]"):
+        ops.denoise_update(torch.randn(2, 3), torch.randn(2, 3), times["t"], times["t_next"], seed=3,
+                           backend="reference")
+
+
+def test_float64_noise_is_accepted_and_rounded_to_float32():
+    x, f = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    n64 = torch.randn(2, 3, 5, dtype=torch.float64)
+    got = ops.denoise_update(x, f, 0.7, 0.4, noise=n64, backend="reference")
+    want = ops.denoise_update(x, f, 0.7, 0.4, noise=n64.float(), backend="reference")
+    assert got[0].dtype == torch.float32
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
