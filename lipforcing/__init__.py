@@ -17,8 +17,9 @@ _LAZY = {
     "build_model": "lipforcing.model",
     "load_model": "lipforcing.model",
     "load_vae": "lipforcing.vae",
-    "Engine": "lipforcing.stream",
-    "Session": "lipforcing.stream",
+    "Engine": "lipforcing.engine",
+    "Session": "lipforcing.engine",
+    "Frame": "lipforcing.engine",
     "schedule": "lipforcing.schedule",
     "distill": "lipforcing.distill",
 }

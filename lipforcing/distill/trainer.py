@@ -48,7 +48,6 @@ from typing import Optional
 import torch
 
 from lipforcing import schedule
-from lipforcing.cli import UserError, command
 from lipforcing.config import ModelConfig
 
 log = logging.getLogger("lipforcing.train")
@@ -64,6 +63,10 @@ STAGE_DEFAULTS = {
     "df": {"lr": 1e-5, "betas": (0.9, 0.999)},
     "sf": {"lr": 2e-6, "betas": (0.0, 0.999)},
 }
+
+
+class TrainConfigError(ValueError):
+    """A training configuration that cannot run (the ``lipforcing train`` command prints it as one line)."""
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -424,7 +427,7 @@ class Trainer:
 
         if r.decoder == "vae":
             if not r.vae_path:
-                raise UserError("reward.decoder='vae' needs reward.vae_path (the Wan2.1 VAE weights)")
+                raise TrainConfigError("reward.decoder='vae' needs reward.vae_path (the Wan2.1 VAE weights)")
             import lipforcing
 
             vae = lipforcing.load_vae(r.vae_path, device=self.device)
@@ -700,51 +703,3 @@ class Trainer:
     def _barrier(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-def _train_args(p) -> None:
-    p.add_argument("--stage", required=True, choices=STAGES,
-                   help="df: stage 1 diffusion-forcing init; sf: stage 2 Self-Forcing with Sync-Window DMD")
-    p.add_argument("--config", required=True, help="YAML file with the TrainConfig fields")
-    p.add_argument("--output-dir", default=None, help="override output_dir")
-    p.add_argument("--iterations", type=int, default=None, help="override iterations")
-    p.add_argument("--device", default=None, help="override device (auto, cpu, cuda)")
-    p.add_argument("--no-resume", action="store_true", help="start fresh even if output_dir has a checkpoint")
-
-
-@command("train", "distil a student: stage 1 diffusion forcing (df) or stage 2 Self-Forcing DMD (sf)")(_train_args)
-def _train(args) -> int:
-    path = Path(args.config)
-    if not path.is_file():
-        raise UserError(f"--config {args.config!r}: no such file")
-    overrides = {"stage": args.stage, "output_dir": args.output_dir, "iterations": args.iterations,
-                 "device": args.device}
-    if args.no_resume:
-        overrides["resume"] = False
-    import yaml
-
-    try:
-        cfg = TrainConfig.from_yaml(path, **overrides)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{args.config}: not valid YAML ({' '.join(str(exc).split())})") from None
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{args.config}: {exc}") from None
-    try:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"output_dir {cfg.output_dir!r}: cannot create it ({exc.strerror}); pass --output-dir") \
-            from None
-    logging.getLogger("lipforcing").setLevel(logging.INFO)
-    trainer = Trainer(cfg)
-    start = trainer.iteration
-    ran = trainer.train()
-    if trainer.rank == 0:
-        last = ran[-1] if ran else {}
-        keys = [k for k in last if k.endswith("loss")]
-        summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys)
-        print(f"lipforcing train {cfg.stage}: iterations {start} -> {trainer.iteration}"
-              + (f"; last {summary}" if summary else "") + f"; checkpoints in {cfg.output_dir}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0

@@ -6,8 +6,8 @@ import torch
 
 from lipforcing import ModelConfig
 from lipforcing.cli import main
-from lipforcing.profile import StageTimer, chunk_key_frames, dit_pass_flops
-from lipforcing.stream import STAGES
+from lipforcing.engine import STAGES
+from lipforcing.profiling import StageTimer, chunk_key_frames, dit_pass_flops
 
 TOP_LEVEL = ("schema", "model", "preset", "random_weights", "config", "device", "dtype", "backend", "compile",
              "cuda_graphs", "threads", "timer", "resolution", "latent_size", "tokens_per_latent_frame", "chunk_frames",

@@ -3,6 +3,7 @@ import io
 import random
 
 from lipforcing import cli
+from lipforcing.cli import _common
 
 
 class _Tty(io.StringIO):
@@ -14,14 +15,14 @@ def test_not_a_terminal_prints_no_bar(_fresh_random_inputs):
     rng = random.Random(_fresh_random_inputs)
     total = rng.randrange(50, 500)
     out = io.StringIO()
-    with cli.progress(total, "sync", file=out, interval=3600.0) as bar:    # short work: nothing at all
+    with _common.progress(total, "sync", file=out, interval=3600.0) as bar:    # short work: nothing at all
         for _ in range(total):
             bar.update(1)
     assert out.getvalue() == ""
 
     out = io.StringIO()
     steps = rng.randrange(3, 12)
-    bar = cli.progress(total, "warm-up", file=out, interval=0.0)         # every update is "due"
+    bar = _common.progress(total, "warm-up", file=out, interval=0.0)         # every update is "due"
     for i in range(steps):
         if i == 1:
             bar.set_description("measure")
@@ -39,7 +40,7 @@ def test_terminal_gets_a_tqdm_bar(_fresh_random_inputs):
 
     total = random.Random(_fresh_random_inputs).randrange(5, 50)
     out = _Tty()
-    with cli.progress(total, "sync", file=out) as bar:
+    with _common.progress(total, "sync", file=out) as bar:
         assert isinstance(bar, tqdm)
         bar.update(total)
     assert "\r" in out.getvalue()
@@ -47,16 +48,16 @@ def test_terminal_gets_a_tqdm_bar(_fresh_random_inputs):
 
 def test_commands_report_progress_without_a_terminal(tmp_path, capsys, monkeypatch):
     """`lipforcing demo` with stderr captured (not a terminal): no tqdm redraws, plain lines when due."""
-    real = cli.progress
+    real = _common.progress
     calls = []
 
     def spy(total, desc, **kw):
         calls.append(desc)
         return real(total, desc, interval=0.0, **kw)
 
-    import lipforcing.demo
+    import lipforcing.cli.demo
 
-    monkeypatch.setattr(lipforcing.demo, "progress", spy)
+    monkeypatch.setattr(lipforcing.cli.demo, "progress", spy)
     assert cli.main(["demo", "-o", str(tmp_path / "d.mp4"), "--seconds", "0.5"]) == 0
     err = capsys.readouterr().err
     assert calls == ["streaming"]

@@ -8,7 +8,7 @@ import torch
 
 import lipforcing
 from lipforcing import face
-from lipforcing.stream import STAGES, Frame
+from lipforcing.engine import STAGES, Frame
 from tests.stream.helpers import RES, assert_same_frames, drain, reference_frames, speech
 
 P = 640  # samples per frame

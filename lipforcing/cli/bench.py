@@ -6,14 +6,17 @@ import os
 import subprocess
 import sys
 
-from lipforcing.cli import UserError, command
+from lipforcing.cli import UserError
 
+HELP = "run kernel micro-benchmarks (GPU) or compare two result files"
+
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above lipforcing/cli/
 OPS = ("chunk_attention", "block_causal_attention", "audio_cross_attention", "denoise_update", "model")
 
 
 def _find_bench_dir(explicit: str | None) -> str:
     candidates = [explicit] if explicit else [os.path.join(os.getcwd(), "bench"),
-                                              os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench")]
+                                              os.path.join(_CHECKOUT, "bench")]
     for c in candidates:
         if c and os.path.isfile(os.path.join(c, "conftest.py")):
             return c
@@ -41,7 +44,7 @@ def _check_result_file(path: str) -> None:
                         f"a 'rows' list with {', '.join(keys)})")
 
 
-def _add_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--op", choices=OPS, action="append", help="benchmark only this op (repeatable; default all)")
     p.add_argument("--backend", action="append", help="keep only cases whose id contains this backend name "
                                                       "(repeatable, e.g. --backend triton --backend sdpa)")
@@ -51,8 +54,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print speed-ups of B over A and exit")
 
 
-@command("bench", "run kernel micro-benchmarks (GPU) or compare two result files")(_add_args)
-def _run(args) -> int:
+def run(args) -> int:
     if args.compare:
         from lipforcing.benchmarking import compare
 

@@ -17,7 +17,11 @@ import time
 import numpy as np
 import torch
 
-from lipforcing.cli import UserError, progress, seed_arg
+from lipforcing.cli import UserError
+from lipforcing.cli._common import check_device, check_resolution, load_engine, progress, seed_arg
+
+HELP = ("stream a synthetic face clip and speech through the embedded default model, write demo.mp4 and print a "
+        "profile summary")
 
 DEFAULT_RESOLUTION = 64      # face-crop size of the demo (the tiny preset works at any multiple of 16)
 DISPLAY_SIZE = 256           # each half of demo.mp4 is upscaled (nearest) to this size
@@ -42,8 +46,7 @@ def run(args) -> int:
     from lipforcing import face
     from lipforcing.media import (MediaError, VideoWriter, check_output_file, frame_loudness, synthetic_face_clip,
                                   synthetic_speech)
-    from lipforcing.profile import (StageTimer, _Plan, _stream_utterance, check_device, check_resolution, load_engine,
-                                    summarize_chunks)
+    from lipforcing.profiling import StageTimer, StreamPlan, stream_utterance, summarize_chunks
 
     if not (0.2 <= args.seconds <= 600):
         raise UserError(f"--seconds must be between 0.2 and 600, got {args.seconds}")
@@ -68,7 +71,7 @@ def run(args) -> int:
     print(f"  input: {args.seconds:g} s of synthetic speech (16 kHz) and a {n_frames}-frame {res[0]}x{res[1]} "
           f"synthetic face clip; model: {engine.config.num_layers} blocks, dim {engine.config.dim}, on {engine.device}")
 
-    plan = _Plan(engine.first_chunk_frames, engine.chunk_frames, engine.lookahead_samples)
+    plan = StreamPlan(engine.first_chunk_frames, engine.chunk_frames, engine.lookahead_samples)
     # warm-up (excluded from the numbers): one chunk on a throwaway session
     t = time.perf_counter()
     with engine.session(reference[:1], seed=args.seed) as warm:
@@ -94,7 +97,7 @@ def run(args) -> int:
     try:
         with progress(n_frames, "streaming") as bar:
             with engine.session(reference, seed=args.seed) as session:
-                stream = _stream_utterance(session, pcm, plan, chunks, bar=bar, on_frame=on_frame)
+                stream = stream_utterance(session, pcm, plan, chunks, bar=bar, on_frame=on_frame)
     finally:
         writer.close()
         del engine.stage

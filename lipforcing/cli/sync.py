@@ -16,13 +16,16 @@ import time
 
 import numpy as np
 
-from lipforcing.cli import UserError, command, progress, seed_arg
-from lipforcing.profile import DTYPES, PRESETS
+from lipforcing.cli import UserError
+from lipforcing.cli._common import (DTYPES, PRESETS, check_checkpoint, check_device, check_resolution, load_engine,
+                                    progress, seed_arg, set_threads)
+
+HELP = "lip-sync a face video to an audio file (offline, through the streaming session API)"
 
 _RAW_EXTENSIONS = (".pcm", ".raw", ".s16le")
 
 
-def _add_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", required=True, help="reference video: aligned face crops (e.g. 512x512 mp4)")
     p.add_argument("--audio", help="speech to lip-sync to (wav/flac/mp3/m4a, or raw int16 mono with --sample-rate); "
                                    "default: the video's own audio track")
@@ -88,11 +91,9 @@ def _resample_fps(frames: np.ndarray, fps: float) -> np.ndarray:
     return frames[idx]
 
 
-@command("sync", "lip-sync a face video to an audio file (offline, through the streaming session API)")(_add_args)
-def _run(args) -> int:
+def run(args) -> int:
     from lipforcing.media import MediaError, VideoWriter, check_output_file, read_video
-    from lipforcing.profile import (StageTimer, check_checkpoint, check_device, check_resolution, load_engine,
-                                    set_threads, summarize_chunks)
+    from lipforcing.profiling import StageTimer, summarize_chunks
 
     # cheap checks first: files, options, output folder
     if not os.path.exists(args.video):

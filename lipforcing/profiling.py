@@ -1,11 +1,12 @@
-"""``lipforcing profile``: end-to-end speed of the streaming engine on synthetic input.
+"""End-to-end speed of the streaming engine on synthetic input: the measuring code of ``lipforcing profile`` (and of
+``lipforcing demo``), usable without the command.
 
 Numbers in the style of gpt-fast (DESIGN.md convention 11).  One session streams a synthetic face clip and
 speech-like audio through :class:`lipforcing.Engine`:
 
 1. **Warm-up** (excluded, reported separately): ``warmup`` chunks, as an utterance of ``warmup - 1`` chunks
    and one of a single chunk (so the start of an utterance is warm too).  It pays for ``torch.compile``, Triton
-   autotuning, cuBLAS handles, allocator growth and, with ``--cuda-graphs``, the graph capture (done at the
+   autotuning, cuBLAS handles, allocator growth and, with ``cuda_graphs``, the graph capture (done at the
    session's second chunk; the graphs stay valid for the session's later utterances).
 2. **Measurement**: the next utterance, ``chunks`` chunks on the same, warm session.  Its audio is pushed in
    20 ms pieces, one chunk's worth at a time (plus the front end's lookahead), and the ready frames are drained
@@ -19,7 +20,6 @@ TFLOP/s of the DiT against :func:`dit_pass_flops`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,17 +29,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lipforcing.cli import UserError, command, seed_arg
-from lipforcing.cli import progress as _progress
-
-__all__ = ["dit_pass_flops", "chunk_key_frames", "chunk_dit_flops", "StageTimer", "run_profile", "format_report",
-           "plot_profile", "DIT_STAGES"]
+__all__ = ["dit_pass_flops", "chunk_key_frames", "chunk_dit_flops", "StageTimer", "StreamPlan", "StreamResult",
+           "stream_utterance", "summarize_chunks", "kv_cache_bytes", "synthetic_inputs", "run_profile",
+           "format_report", "plot_profile", "write_json", "DIT_STAGES"]
 
 DIT_STAGES = ("dit_pass_1", "dit_pass_2", "cache_write")
 """The stages that run a DiT pass (``cache_write`` is the third pass, on the clean x0 at t = 0)."""
-
-PRESETS = ("tiny", "1.3b", "14b")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------------- FLOPs
@@ -182,7 +177,7 @@ def kv_cache_bytes(config, tokens_per_frame: int, dtype: torch.dtype, batch: int
 
 # ---------------------------------------------------------------------------------------------------- run
 @dataclass
-class _Plan:
+class StreamPlan:
     first: int          # frames of the first chunk of an utterance (9)
     per: int            # frames of later chunks (12)
     lookahead: int      # samples the front end needs past a chunk's last frame
@@ -196,16 +191,17 @@ class _Plan:
 
 
 @dataclass
-class _Stream:
+class StreamResult:
     frames: int = 0
     first_frame_s: float | None = None
     wall_s: float = 0.0
     frame_times: list = field(default_factory=list)
 
 
-def _stream_utterance(session, pcm: np.ndarray, plan: _Plan, chunks: int, bar=None, on_frame=None) -> _Stream:
+def stream_utterance(session, pcm: np.ndarray, plan: StreamPlan, chunks: int, bar=None,
+                     on_frame=None) -> StreamResult:
     """Push ``pcm`` (16 kHz) in 20 ms pieces, one chunk's worth at a time, draining frames after each."""
-    res = _Stream()
+    res = StreamResult()
     t0 = time.perf_counter()
     pos = 0
     first_ready = None
@@ -235,7 +231,7 @@ def _stream_utterance(session, pcm: np.ndarray, plan: _Plan, chunks: int, bar=No
     return res
 
 
-def _percentiles(values) -> dict:
+def percentiles(values) -> dict:
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
         return {"p50": None, "p90": None, "p99": None, "mean": None, "min": None, "max": None}
@@ -247,10 +243,10 @@ def _percentiles(values) -> dict:
 def summarize_chunks(engine, chunks: list[dict]) -> dict:
     """Stage breakdown, latency percentiles and DiT FLOP rate of a list of :meth:`StageTimer.chunks`, where
     chunk i is chunk i of one utterance."""
-    from lipforcing.stream import STAGES
+    from lipforcing.engine import STAGES
 
     cfg = engine.config
-    tpf = _tokens_per_frame(engine)
+    tpf = tokens_per_frame(engine)
     text_tokens = int(engine.context.shape[1])
     spans = [c["span_ms"] for c in chunks]
     totals = {s: sum(c["stages"].get(s, 0.0) for c in chunks) for s in STAGES}
@@ -267,7 +263,7 @@ def summarize_chunks(engine, chunks: list[dict]) -> dict:
                               k_tokens=chunk_key_frames(cfg, 10 ** 6) * tpf, text_tokens=text_tokens,
                               frames=cfg.chunk_frames, tokens_per_frame=tpf)
     return {
-        "chunk_latency_ms": _percentiles(spans),
+        "chunk_latency_ms": percentiles(spans),
         "per_chunk_ms": spans,
         "stages": stages,
         "stage_sum_ms": stage_sum,
@@ -287,13 +283,13 @@ def summarize_chunks(engine, chunks: list[dict]) -> dict:
     }
 
 
-def _tokens_per_frame(engine) -> int:
+def tokens_per_frame(engine) -> int:
     h, w = engine.latent_size
     ph, pw = engine.config.patch_size[1:]
     return (h // ph) * (w // pw)
 
 
-def _compile_engine(engine) -> None:
+def compile_engine(engine) -> None:
     """``torch.compile`` the student's chunk forward.  Today dynamo recompiles the per-layer attention closure once
     per layer (a guard on the layer index) and once per timestep value, so the recompile limit is raised to cover
     every layer; all of it happens in the warm-up."""
@@ -321,10 +317,12 @@ def synthetic_inputs(engine, seconds: float, *, seed: int = 0, max_reference_fra
 
 def run_profile(*, model: str = "tiny", checkpoint: str | None = None, device: str = "cpu", dtype=None,
                 chunks: int = 16, warmup: int = 3, compile: bool = False, cuda_graphs: bool = False,
-                backend: str = "auto", seed: int = 0, resolution: int | None = None, progress: bool = True,
+                backend: str = "auto", seed: int = 0, resolution: int | None = None, progress=None,
                 engine=None) -> dict:
     """Load an engine (or take ``engine``), warm it up, stream ``chunks`` chunks of synthetic input and return
-    every number (the document written by ``--json``).  See the module docstring for what is measured."""
+    every number (the document written by ``--json``).  See the module docstring for what is measured.
+    ``progress``: None (quiet) or a factory ``progress(total, desc) -> bar`` of an object with ``update(n)``,
+    ``set_description(desc)`` and ``close()`` (e.g. the command layer's progress display)."""
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
     if warmup < 1 or (cuda_graphs and warmup < 2):
@@ -358,8 +356,8 @@ def _run_profile(*, model, checkpoint, device, dtype, chunks, warmup, compile, c
     dev = engine.device
     cuda_graphs = engine.cuda_graphs
     if compile:
-        _compile_engine(engine)
-    plan = _Plan(engine.first_chunk_frames, engine.chunk_frames, engine.lookahead_samples)
+        compile_engine(engine)
+    plan = StreamPlan(engine.first_chunk_frames, engine.chunk_frames, engine.lookahead_samples)
     # other processes competing for the CPU make CPU timings slower: record the load when the run starts
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     timer = StageTimer(dev)
@@ -371,14 +369,14 @@ def _run_profile(*, model, checkpoint, device, dtype, chunks, warmup, compile, c
     ref, pcm = synthetic_inputs(engine, seconds, seed=seed)
     meas_pcm = pcm[warm_frames * 640: (warm_frames + plan.frames(chunks)) * 640]
 
-    bar = _progress(warm_frames + plan.frames(chunks), "warm-up") if progress else None
+    bar = progress(warm_frames + plan.frames(chunks), "warm-up") if progress else None
     session = engine.session(ref, seed=seed)
     try:
         t = time.perf_counter()
         warm_frames_out, pos = 0, 0
         for c in warm_utts:
             n = plan.frames(c) * 640
-            warm_frames_out += _stream_utterance(session, pcm[pos:pos + n], plan, c, bar).frames
+            warm_frames_out += stream_utterance(session, pcm[pos:pos + n], plan, c, bar).frames
             pos += n
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -391,7 +389,7 @@ def _run_profile(*, model, checkpoint, device, dtype, chunks, warmup, compile, c
             torch.cuda.reset_peak_memory_stats(dev)
         if bar is not None:
             bar.set_description("measure")
-        meas = _stream_utterance(session, meas_pcm, plan, chunks, bar)
+        meas = stream_utterance(session, meas_pcm, plan, chunks, bar)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         meas_chunks = timer.chunks()
@@ -403,7 +401,7 @@ def _run_profile(*, model, checkpoint, device, dtype, chunks, warmup, compile, c
 
     summary = summarize_chunks(engine, meas_chunks)
     cfg = engine.config
-    tpf = _tokens_per_frame(engine)
+    tpf = tokens_per_frame(engine)
     if dev.type == "cuda":
         memory = {"peak_bytes": int(torch.cuda.max_memory_allocated(dev)), "kind": "torch.cuda.max_memory_allocated",
                   "peak_bytes_with_warmup": peak_with_warmup,
@@ -491,7 +489,7 @@ def _flops_str(x) -> str:
 
 def format_report(doc: dict, *, title: str = "lipforcing profile") -> str:
     """The terminal table of a profile document."""
-    from lipforcing.stream import STAGES
+    from lipforcing.engine import STAGES
 
     env = doc["environment"]
     dev = doc["device"] + (f" ({env['gpu']})" if doc["device"].startswith("cuda") else f" ({doc['threads']} thread{'s' if doc['threads'] != 1 else ''})")
@@ -551,7 +549,7 @@ def plot_profile(doc: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lipforcing.stream import STAGES
+    from lipforcing.engine import STAGES
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.6), gridspec_kw={"width_ratios": [1, 1.4]})
     means = [doc["stages"][s]["mean_ms_per_chunk"] for s in STAGES]
@@ -615,142 +613,3 @@ def write_json(doc: dict, path: str) -> None:
     with open(path, "w") as fh:
         json.dump(doc, fh, indent=1)
         fh.write("\n")
-
-
-# ---------------------------------------------------------------------------------------------------- command
-def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", choices=PRESETS, help="model preset (default tiny)")
-    p.add_argument("--checkpoint", help="student weights (default: random weights; speed does not depend on them)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--chunks", type=int, default=16, help="chunks to measure (default 16)")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up chunks, excluded (default 3)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the DiT chunk forward (default off)")
-    p.add_argument("--cuda-graphs", action="store_true", help="replay the DiT passes as CUDA graphs")
-    p.add_argument("--backend", default="auto", choices=["auto", "cuda", "triton", "reference"],
-                   help="kernel backend for every op (sets LIPFORCING_BACKEND)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="face-crop size (default 512; 32 for the tiny preset)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: 1 for the tiny preset on the CPU, whose tensors are too "
-                        "small to split; else torch's default)")
-    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random weights, input and noise")
-    p.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
-    p.add_argument("--plot", metavar="PATH.png", help="write the stage breakdown and latency plot")
-    p.add_argument("--force", action="store_true", help="run the 1.3b/14b presets on the CPU anyway (hours)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def check_device(device: str | None) -> torch.device:
-    """The ``--device`` argument as a torch.device, with one-line errors for unusable devices."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UserError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
-                            "use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif dev.type != "cpu":
-        raise UserError(f"--device {device}: only cpu and cuda devices are supported")
-    return dev
-
-
-def check_resolution(resolution: int | None) -> None:
-    """``--resolution`` by the engine's own rule (before the engine is loaded), as a one-line error."""
-    if resolution is not None:
-        from lipforcing.stream import _resolution
-
-        try:
-            _resolution(resolution, resolution)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"--resolution {resolution}: {exc}") from None
-
-
-def check_checkpoint(path: str | None) -> None:
-    if path is not None and not os.path.exists(path):
-        raise UserError(f"--checkpoint {path}: no such file or folder")
-
-
-def set_threads(threads: int | None, model: str, device: torch.device) -> None:
-    """``--threads``: default 1 for the tiny preset on the CPU (its tensors are too small to split), else torch's."""
-    if threads is None:
-        threads = 1 if model == "tiny" and device.type == "cpu" else None
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-
-
-def load_engine(*, model: str = "tiny", checkpoint: str | None = None, device=None, dtype: str | None = None,
-                seed: int = 0, resolution: int | None = None, cuda_graphs: bool = False, debug: bool = False):
-    """``Engine.load`` for the commands: problems with the checkpoint, resolution or options become one-line
-    :class:`UserError` s (the original exception with ``debug``).  Returns (engine, load seconds)."""
-    from lipforcing import Engine
-
-    dev = check_device(device)
-    check_checkpoint(checkpoint)
-    if cuda_graphs and dev.type != "cuda":
-        raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
-    t = time.perf_counter()
-    try:
-        engine = Engine.load(checkpoint, model=model, device=dev, dtype=DTYPES[dtype] if dtype else None, seed=seed,
-                             resolution=resolution, cuda_graphs=cuda_graphs)
-    except (ValueError, TypeError, OSError, KeyError, ImportError) as exc:
-        if debug:
-            raise
-        msg = " ".join(str(exc).split())
-        if checkpoint is not None:
-            raise UserError(f"cannot load checkpoint {checkpoint}: {msg}") from exc
-        if resolution is not None and "resolution" in msg:
-            raise UserError(f"--resolution {resolution}: {msg}") from exc
-        raise UserError(f"cannot build the {model} engine: {msg}") from exc
-    return engine, time.perf_counter() - t
-
-
-@command("profile", "end-to-end FPS, time to first frame and per-stage breakdown on synthetic input")(_add_args)
-def _run(args) -> int:
-    from lipforcing.ops import BackendUnavailable
-
-    dev = check_device(args.device)
-    check_checkpoint(args.checkpoint)
-    if args.model != "tiny" and dev.type == "cpu" and not args.force:
-        raise UserError(f"--model {args.model} on the CPU would take hours; use --model tiny, a GPU (--device cuda), "
-                        "or --force")
-    if args.chunks < 1:
-        raise UserError(f"--chunks must be >= 1, got {args.chunks}")
-    check_resolution(args.resolution)
-    if args.warmup < 1 or (args.cuda_graphs and args.warmup < 2):
-        raise UserError(f"--warmup must be >= 1 (>= 2 with --cuda-graphs), got {args.warmup}")
-    if args.dtype in ("bf16", "fp16") and dev.type == "cpu":
-        print(f"note: {args.dtype} on the CPU says little about a GPU; fp32 is the CPU default",
-              file=sys.stderr)
-    for p in (args.json, args.plot):
-        if p and not os.path.isdir(os.path.dirname(os.path.abspath(p))):
-            raise UserError(f"{p}: the folder {os.path.dirname(os.path.abspath(p))} does not exist")
-    set_threads(args.threads, args.model, dev)
-    engine, load_s = load_engine(model=args.model, checkpoint=args.checkpoint, device=dev, dtype=args.dtype,
-                                 seed=args.seed, resolution=args.resolution, cuda_graphs=args.cuda_graphs,
-                                 debug=args.debug)
-    try:
-        doc = run_profile(model=args.model, checkpoint=args.checkpoint, chunks=args.chunks, warmup=args.warmup,
-                          compile=args.compile, backend=args.backend, seed=args.seed, progress=args.progress,
-                          engine=engine)
-    except BackendUnavailable as exc:
-        if args.debug:
-            raise
-        raise UserError(f"--backend {args.backend}: {' '.join(str(exc).split())}") from exc
-    doc["warmup"]["engine_load_s"] = load_s
-    print(format_report(doc))
-    if args.json:
-        write_json(doc, args.json)
-        print(f"\nwrote {args.json}")
-    if args.plot:
-        plot_profile(doc, args.plot)
-        print(f"wrote {args.plot}")
-    return 0

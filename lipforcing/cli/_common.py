@@ -1,0 +1,142 @@
+"""Helpers shared by the subcommands: argument types and checks (seed, device, dtype, resolution, checkpoint,
+threads), :func:`load_engine` with one-line errors, and the progress display of long commands."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from lipforcing.cli import UserError
+
+PRESETS = ("tiny", "1.3b", "14b")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def seed_arg(text: str) -> int:
+    """argparse ``type=`` of the ``--seed`` options: an int in [0, 2**64)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= seed < 1 << 64:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**64 - 1, got {seed}")
+    return seed
+
+
+class _LineProgress:
+    """The progress of :func:`progress` where stderr is not a terminal: one plain line at most every
+    ``interval`` seconds (none for work shorter than that), instead of a bar redrawn ten times a second."""
+
+    def __init__(self, total: int, desc: str, unit: str, file, interval: float):
+        self.total, self.desc, self.unit, self.file, self.interval = total, desc, unit, file, interval
+        self.n = 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= self.interval:
+            self.last = now
+            rate = self.n / max(now - self.start, 1e-9)
+            pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s{pct}, {rate:.1f} {self.unit}/s, "
+                  f"{now - self.start:.0f} s", file=self.file, flush=True)
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "_LineProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress(total: int, desc: str, *, unit: str = "frame", file=None, interval: float = 10.0):
+    """A progress display on stderr for long work: a tqdm bar on a terminal; elsewhere (a log file, a pipe, CI)
+    a plain line every ``interval`` seconds.  Either way it has ``update(n)``, ``set_description``, ``close`` and
+    works as a context manager."""
+    file = sys.stderr if file is None else file
+    isatty = getattr(file, "isatty", None)
+    if isatty is not None and isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit=unit, desc=desc, file=file, dynamic_ncols=True, leave=False)
+    return _LineProgress(total, desc, unit, file, interval)
+
+
+def check_device(device: str | None) -> torch.device:
+    """The ``--device`` argument as a torch.device, with one-line errors for unusable devices."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
+                            "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device}: only cpu and cuda devices are supported")
+    return dev
+
+
+def check_resolution(resolution: int | None) -> None:
+    """``--resolution`` by the engine's own rule (before the engine is loaded), as a one-line error."""
+    if resolution is not None:
+        from lipforcing.engine.engine import parse_resolution
+
+        try:
+            parse_resolution(resolution, resolution)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"--resolution {resolution}: {exc}") from None
+
+
+def check_checkpoint(path: str | None) -> None:
+    if path is not None and not os.path.exists(path):
+        raise UserError(f"--checkpoint {path}: no such file or folder")
+
+
+def set_threads(threads: int | None, model: str, device: torch.device) -> None:
+    """``--threads``: default 1 for the tiny preset on the CPU (its tensors are too small to split), else torch's."""
+    if threads is None:
+        threads = 1 if model == "tiny" and device.type == "cpu" else None
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def load_engine(*, model: str = "tiny", checkpoint: str | None = None, device=None, dtype: str | None = None,
+                seed: int = 0, resolution: int | None = None, cuda_graphs: bool = False, debug: bool = False):
+    """``Engine.load`` for the commands: problems with the checkpoint, resolution or options become one-line
+    :class:`UserError` s (the original exception with ``debug``).  Returns (engine, load seconds)."""
+    from lipforcing import Engine
+
+    dev = check_device(device)
+    check_checkpoint(checkpoint)
+    if cuda_graphs and dev.type != "cuda":
+        raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
+    t = time.perf_counter()
+    try:
+        engine = Engine.load(checkpoint, model=model, device=dev, dtype=DTYPES[dtype] if dtype else None, seed=seed,
+                             resolution=resolution, cuda_graphs=cuda_graphs)
+    except (ValueError, TypeError, OSError, KeyError, ImportError) as exc:
+        if debug:
+            raise
+        msg = " ".join(str(exc).split())
+        if checkpoint is not None:
+            raise UserError(f"cannot load checkpoint {checkpoint}: {msg}") from exc
+        if resolution is not None and "resolution" in msg:
+            raise UserError(f"--resolution {resolution}: {msg}") from exc
+        raise UserError(f"cannot build the {model} engine: {msg}") from exc
+    return engine, time.perf_counter() - t
