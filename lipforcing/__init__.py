@@ -17,6 +17,7 @@ _LAZY = {
     "build_model": "lipforcing.model",
     "load_model": "lipforcing.model",
     "load_vae": "lipforcing.vae",
+    "load_decoder": "lipforcing.decoders",
     "Engine": "lipforcing.engine",
     "Session": "lipforcing.engine",
     "Frame": "lipforcing.engine",

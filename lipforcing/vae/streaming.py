@@ -29,7 +29,7 @@ import torch
 
 from lipforcing.vae.model import WanVAE, _detach_state
 
-__all__ = ["StreamEncoder", "StreamDecoder", "LatentDecoder", "DecoderStream"]
+__all__ = ["StreamEncoder", "StreamDecoder", "StreamingDecoder", "LatentDecoder", "DecoderStream"]
 
 _RANGE_TOL = 1e-3
 
@@ -41,6 +41,23 @@ class DecoderStream(Protocol):
     and 4n later, in about [-1, 1] (the caller clamps)."""
 
     def decode(self, z: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class StreamingDecoder(Protocol):
+    """What the engine holds per session to turn latents into frames: the Wan VAE's :class:`StreamDecoder`
+    (``vae.stream_decoder()``, exact) or a TAEHV :class:`~lipforcing.decoders.TAEHVStreamDecoder` (fast).
+
+    ``decode(latents)``: latents (B, z_dim, n, h, w) in the DiT's normalised space (the default of both), the next
+    n >= 1 latent frames of the clip -> frames (B, 3, F, 8h, 8w) in [-1, 1], F = 1 + 4(n - 1) on the first call
+    and 4n afterwards.  ``flush()``: end the clip and return the frames still held back (B, 3, F', H, W) (F' = 0
+    for both causal decoders).  ``reset()``: forget the clip without returning anything."""
+
+    def reset(self) -> None: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def flush(self) -> torch.Tensor: ...
 
 
 @runtime_checkable
@@ -225,3 +242,13 @@ class StreamDecoder(_Stream):
         x = torch.cat(out, dim=2) if len(out) > 1 else out[0]
         self._count_out += x.shape[2]
         return x
+
+    def flush(self) -> torch.Tensor:
+        """End the clip (:class:`StreamingDecoder`): the frames still held back, (B, 3, 0, H, W) since the Wan
+        decoder is causal (every latent's frames come out with it), then :meth:`reset`.  Before any decode:
+        (0, 3, 0, 0, 0)."""
+        s = self.vae.spatial_factor
+        b, h, w, dev = self._signature if self._signature is not None else (0, 0, 0, self.vae.device)
+        out = torch.empty((b, 3, 0, h * s, w * s), device=dev, dtype=self.vae.dtype)
+        self.reset()
+        return out

@@ -1,0 +1,166 @@
+"""Loading and saving TAEHV checkpoints with the public key names (``taew2_1.pth`` / ``taew2_1.safetensors``).
+
+``.pth`` / ``.pt`` files are read only through ``torch.load(weights_only=True)``; ``.safetensors`` through
+safetensors.  The widths are read off the weight shapes (so the public ``taew2_1`` file and the ``tiny`` checkpoints
+written by ``lipforcing train --stage decoder`` both load), then every key and shape is checked against the
+network built from them.  Files that are not TAEHV checkpoints (a Wan VAE, a DiT, a truncated file, wrong shapes)
+raise ``ValueError`` naming the file and what is wrong.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional
+
+import torch
+
+from lipforcing.decoders.taehv import TAEHV, TAEHVConfig
+
+__all__ = ["load_decoder", "save_decoder", "read_state_dict", "infer_config"]
+
+_LIST_CAP = 8
+_TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+# (key, dim) -> which width it gives; every one must be present in a TAEHV checkpoint
+_WIDTH_KEYS = {
+    "latent_channels": ("decoder.1.weight", 1),
+    "encoder_width": ("encoder.0.weight", 0),
+    "w0": ("decoder.1.weight", 0),
+    "w1": ("decoder.8.weight", 0),
+    "w2": ("decoder.14.weight", 0),
+    "w3": ("decoder.20.weight", 0),
+}
+
+
+def _listing(keys) -> str:
+    keys = sorted(keys)
+    more = f", ... ({len(keys) - _LIST_CAP} more)" if len(keys) > _LIST_CAP else ""
+    return ", ".join(keys[:_LIST_CAP]) + more
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` or ``.pth``/``.pt`` file (on the CPU), with errors naming the file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"decoder checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"decoder checkpoint {path!r} is a folder; expected a taew2_1.pth or .safetensors file")
+    lower = path.lower()
+    if lower.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(path, device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
+            raise ValueError(f"could not read decoder checkpoint {path!r} as safetensors (truncated or not a "
+                             f"safetensors file): {exc}") from None
+    elif lower.endswith(_TORCH_SUFFIXES):
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"could not read decoder checkpoint {path!r} with torch.load(weights_only=True) "
+                             f"(truncated, corrupt, or holding more than tensors): {exc}") from None
+        if isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+            inner = sd.get("state_dict", sd.get("model"))
+            if isinstance(inner, Mapping):
+                sd = inner
+    else:
+        raise ValueError(f"decoder checkpoint {path!r}: unsupported file type; expected .safetensors or "
+                         f".pth/.pt")
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"decoder checkpoint {path!r} does not hold a state dict (got {type(sd).__name__})")
+    not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"decoder checkpoint {path!r}: entries that are not tensors: {_listing(map(str, not_tensors))}")
+    return dict(sd)
+
+
+def _kind_hint(sd: Mapping[str, torch.Tensor]) -> str:
+    keys = set(sd)
+    if {"conv1.weight", "conv2.weight"} & keys or any(k.startswith(("encoder.downsamples.", "decoder.upsamples.",
+                                                                       "encoder.conv1.", "decoder.head."))
+                                                      for k in keys):
+        return " It looks like a Wan VAE checkpoint: load it with lipforcing.load_vae."
+    if any(k.startswith(("patch_embedding.", "blocks.", "model.diffusion_model.")) for k in keys):
+        return " It looks like a diffusion model (DiT) checkpoint: load it with lipforcing.load_model."
+    if any(k.startswith(("post_quant_conv.", "quant_conv.")) for k in keys):
+        return " It looks like a diffusers VAE: load it with lipforcing.load_vae."
+    return ""
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], path: str = "<state dict>") -> TAEHVConfig:
+    """The :class:`TAEHVConfig` whose network has these weights' widths (checked fully by :func:`load_decoder`)."""
+    missing = [key for key, _ in _WIDTH_KEYS.values() if key not in sd]
+    if missing:
+        raise ValueError(f"{path!r} is not a TAEHV checkpoint: missing {_listing(set(missing))} "
+                         f"({len(sd)} tensors, e.g. {_listing(list(sd)[:3]) or 'none'}).{_kind_hint(sd)}")
+    bad = [k for k, _ in _WIDTH_KEYS.values() if sd[k].dim() != 4]
+    if bad:
+        raise ValueError(f"{path!r} is not a TAEHV checkpoint: {_listing(set(bad))} must be 4-D conv weights, got "
+                         + ", ".join(f"{k} {tuple(sd[k].shape)}" for k in sorted(set(bad))))
+    size = {name: int(sd[key].shape[dim]) for name, (key, dim) in _WIDTH_KEYS.items()}
+    try:
+        return TAEHVConfig(latent_channels=size["latent_channels"], encoder_width=size["encoder_width"],
+                           decoder_widths=(size["w0"], size["w1"], size["w2"], size["w3"]))
+    except ValueError as exc:
+        raise ValueError(f"{path!r}: {exc}") from None
+
+
+def load_decoder(path: str | os.PathLike, *, config: TAEHVConfig | str | None = None, device=None, dtype=None,
+                 channels_last: bool = False) -> TAEHV:
+    """Load a TAEHV checkpoint (``taew2_1.pth`` or ``taew2_1.safetensors``, public key names unchanged).
+
+    config : widths to build (a :class:`TAEHVConfig` or preset name); default: read off the weight shapes.
+    device, dtype : where and in which dtype to place the model (default CPU, float32; the public file stores
+        fp16, which is upcast).  channels_last : channels-last weights (faster convolutions on a GPU).
+    Returns the model in eval mode without gradients.  Raises ValueError naming the file for anything that is not
+    a TAEHV checkpoint of that configuration (missing, unexpected or mis-shaped tensors are listed).
+    """
+    path = os.fspath(path)
+    sd = read_state_dict(path)
+    if config is None:
+        config = infer_config(sd, path)
+    elif isinstance(config, str):
+        config = TAEHVConfig.from_name(config)
+    elif not isinstance(config, TAEHVConfig):
+        raise TypeError(f"config must be a TAEHVConfig, a preset name or None, got {type(config).__name__}")
+    with torch.device("meta"):
+        model = TAEHV(config)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = set(want) - set(sd)
+    unexpected = set(sd) - set(want)
+    shapes = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_listing(unexpected)}")
+        if shapes:
+            parts.append("wrong shapes: " + ", ".join(f"{k} {tuple(sd[k].shape)} (expected {want[k]})"
+                                                      for k in shapes[:_LIST_CAP]))
+        raise ValueError(f"{path!r} does not match the TAEHV architecture ({config}): " + "; ".join(parts)
+                         + "." + _kind_hint(sd))
+    not_float = sorted(k for k, v in sd.items() if not v.is_floating_point())
+    if not_float:
+        raise ValueError(f"{path!r}: TAEHV weights must be floating point; {_listing(not_float)} are not")
+    model = model.to_empty(device=device if device is not None else "cpu")
+    model.load_state_dict(sd, strict=True)
+    model = model.to(dtype=dtype if dtype is not None else torch.float32)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval().requires_grad_(False)
+
+
+def save_decoder(model: TAEHV, path: str | os.PathLike) -> None:
+    """Write ``model``'s weights with the public key names (``.safetensors``, or ``.pth`` via ``torch.save``)."""
+    if not isinstance(model, TAEHV):
+        raise TypeError(f"model must be a TAEHV, got {type(model).__name__}")
+    path = os.fspath(path)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if path.lower().endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(sd, path)
+    elif path.lower().endswith(_TORCH_SUFFIXES):
+        torch.save(sd, path)
+    else:
+        raise ValueError(f"path must end in .safetensors or .pth/.pt, got {path!r}")
