@@ -1,4 +1,9 @@
-"""``lipforcing train``: distil a student with :class:`lipforcing.distill.Trainer` from a YAML config."""
+"""``lipforcing train --stage NAME --config run.yaml``: every stage of the recipe from a YAML config.
+
+Stages come from :data:`lipforcing.distill.stages.STAGES` (vae, syncnet, teacher, df, sf, and any registered
+later); ``configs/<stage>.yaml`` in the repository are working examples.  Mistakes in the config or in the files it
+names are one line and exit status 2 (the trainer raises ``TrainConfigError``).
+"""
 from __future__ import annotations
 
 import logging
@@ -6,36 +11,46 @@ from pathlib import Path
 
 from lipforcing.cli import UserError
 
-HELP = "distil a student: stage 1 diffusion forcing (df) or stage 2 Self-Forcing DMD (sf)"
+HELP = "train a stage of the recipe: vae, syncnet, teacher, df (diffusion forcing) or sf (Self-Forcing DMD)"
 
 
 def add_args(p) -> None:
-    from lipforcing.distill.trainer import STAGES
+    from lipforcing.distill.stages import STAGES
 
-    p.add_argument("--stage", required=True, choices=STAGES,
-                   help="df: stage 1 diffusion-forcing init; sf: stage 2 Self-Forcing with Sync-Window DMD")
-    p.add_argument("--config", required=True, help="YAML file with the TrainConfig fields")
+    p.add_argument("--stage", required=True, choices=list(STAGES),
+                   help="; ".join(f"{k}: {v[3]}" for k, v in STAGES.items()))
+    p.add_argument("--config", required=True, help="YAML file with the stage's config fields (see configs/)")
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--iterations", type=int, default=None, help="override iterations")
     p.add_argument("--device", default=None, help="override device (auto, cpu, cuda)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if output_dir has a checkpoint")
 
 
 def run(args) -> int:
+    import torch
+    import yaml
+
+    from lipforcing.distill.stages import stage_classes
+    from lipforcing.distill.stages.base import config_from_yaml
+
     path = Path(args.config)
     if not path.is_file():
         raise UserError(f"--config {args.config!r}: no such file")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     overrides = {"stage": args.stage, "output_dir": args.output_dir, "iterations": args.iterations,
                  "device": args.device}
     if args.no_resume:
         overrides["resume"] = False
-    import torch
-    import yaml
-
-    from lipforcing.distill.trainer import TrainConfig, Trainer
-
+    config_cls, runner_cls = stage_classes(args.stage)
     try:
-        cfg = TrainConfig.from_yaml(path, **overrides)
+        if hasattr(config_cls, "from_yaml"):
+            cfg = config_cls.from_yaml(path, **overrides)
+        else:
+            cfg = config_from_yaml(config_cls, path, **overrides)
     except yaml.YAMLError as exc:
         raise UserError(f"{args.config}: not valid YAML ({' '.join(str(exc).split())})") from None
     except (ValueError, TypeError) as exc:
@@ -46,15 +61,15 @@ def run(args) -> int:
         raise UserError(f"output_dir {cfg.output_dir!r}: cannot create it ({exc.strerror}); pass --output-dir") \
             from None
     logging.getLogger("lipforcing").setLevel(logging.INFO)
-    trainer = Trainer(cfg)
+    trainer = runner_cls(cfg)
     start = trainer.iteration
     ran = trainer.train()
     if trainer.rank == 0:
         last = ran[-1] if ran else {}
-        keys = [k for k in last if k.endswith("loss")]
+        keys = [k for k in last if k.endswith("loss") or k.endswith("psnr")]
         summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys)
-        print(f"lipforcing train {cfg.stage}: iterations {start} -> {trainer.iteration}"
+        print(f"lipforcing train {args.stage}: iterations {start} -> {trainer.iteration}"
               + (f"; last {summary}" if summary else "") + f"; checkpoints in {cfg.output_dir}")
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

@@ -1,0 +1,172 @@
+"""Checkpoint files of every training stage: atomic writes and validated reads.
+
+Every file is written to a temporary file in the same folder, flushed and ``fsync``-ed, then renamed over the
+target (``os.replace`` is atomic on POSIX), and the folder is fsync-ed: a kill at any moment leaves either the
+old file or the new one, never half of one.  The run's ``latest`` pointer (the name of the newest ``ckpt-*``
+folder) is written the same way, after the checkpoint it names is complete.
+
+Reads refuse what cannot be resumed from, with :class:`~lipforcing.distill.errors.TrainConfigError` naming the
+file: unreadable or truncated safetensors, a ``trainer.json`` that is not the expected JSON object, an iteration
+< 0, and weights with NaN or inf values.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lipforcing.distill.errors import TrainConfigError
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "save_tensors", "load_tensors", "flatten_optim",
+           "unflatten_optim", "resolve_checkpoint", "read_trainer_json", "write_checkpoint_meta",
+           "check_finite"]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename, fsync the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_tensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """Save a dict of tensors as safetensors, atomically; metadata values are stored as strings."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(flat, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+
+
+def load_tensors(path, *, finite: bool = True) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file; TrainConfigError naming the file when it is missing, not a
+    regular file, truncated or corrupt, or (``finite=True``) holds NaN/inf values."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise TrainConfigError(f"{p}: no such checkpoint file" if not p.exists() else f"{p}: not a regular file")
+    try:
+        with safe_open(os.fspath(p), "pt") as h:
+            meta = dict(h.metadata() or {})
+            tensors = {k: h.get_tensor(k) for k in h.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+        raise TrainConfigError(f"{p}: not a readable safetensors file (truncated or corrupt?): "
+                               f"{' '.join(str(exc).split())[:200]}") from None
+    if finite:
+        check_finite(tensors, p)
+    return tensors, meta
+
+
+def check_finite(tensors: dict, source) -> None:
+    """TrainConfigError naming up to 5 tensors of ``tensors`` that hold NaN or inf."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise TrainConfigError(f"{source}: NaN/inf values in {', '.join(bad[:5])}{more}; refusing to resume from it")
+
+
+def flatten_optim(osd: dict) -> tuple[dict, dict]:
+    """An optimizer state dict -> (tensors, metadata) for safetensors."""
+    tensors = {}
+    for fqn, st in osd["state"].items():
+        for key, val in st.items():
+            tensors[f"state.{fqn}.{key}"] = val if isinstance(val, torch.Tensor) else torch.tensor(val)
+    return tensors, {"param_groups": json.dumps(osd["param_groups"])}
+
+
+def unflatten_optim(tensors: dict, meta: dict, *, source="optimizer state") -> dict:
+    state: dict = {}
+    for k, v in tensors.items():
+        parts = k.split(".", 1)
+        if len(parts) != 2 or parts[0] != "state" or "." not in parts[1]:
+            raise TrainConfigError(f"{source}: unexpected key {k!r} (not an optimizer state file)")
+        fqn, key = parts[1].rsplit(".", 1)
+        state.setdefault(fqn, {})[key] = v
+    try:
+        groups = json.loads(meta["param_groups"])
+    except (KeyError, ValueError):
+        raise TrainConfigError(f"{source}: missing or invalid 'param_groups' metadata") from None
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint directory from a run directory (its ``latest``), a ``ckpt-*`` directory, or a file."""
+    p = Path(path)
+    if p.is_dir() and (p / "latest").is_file():
+        name = (p / "latest").read_text().strip()
+        if not name or "/" in name or name in (".", ".."):
+            raise TrainConfigError(f"{p / 'latest'}: does not name a checkpoint folder (got {name!r})")
+        p = p / name
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} not found" if p == Path(path) else
+                                f"checkpoint {str(p)!r} (named by {Path(path) / 'latest'}) not found")
+    return p
+
+
+def read_trainer_json(ck: Path) -> dict:
+    """The ``trainer.json`` of checkpoint folder ``ck``, checked: a JSON object with an int ``iteration`` >= 0
+    and a string ``stage``."""
+    f = Path(ck) / "trainer.json"
+    if not f.is_file():
+        raise TrainConfigError(f"{f}: missing (not a complete checkpoint)")
+    try:
+        meta = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TrainConfigError(f"{f}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise TrainConfigError(f"{f}: expected a JSON object, got {type(meta).__name__}")
+    it = meta.get("iteration")
+    if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+        raise TrainConfigError(f"{f}: 'iteration' must be an int >= 0, got {it!r}")
+    if not isinstance(meta.get("stage"), str):
+        raise TrainConfigError(f"{f}: 'stage' must be a string, got {meta.get('stage')!r}")
+    return meta
+
+
+def write_checkpoint_meta(ck: Path, out: Path | None, meta: dict) -> None:
+    """Write ``trainer.json`` into ``ck`` (after the weights), then point ``out/latest`` at it."""
+    def _clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        return v
+
+    atomic_write_text(Path(ck) / "trainer.json", json.dumps({k: _clean(v) for k, v in meta.items()}, indent=1))
+    if out is not None:
+        atomic_write_text(Path(out) / "latest", Path(ck).name)

@@ -1,0 +1,171 @@
+"""``lipforcing train --stage vae``: the Wan-architecture causal VAE (:class:`lipforcing.vae.WanVAE`, a small
+config) trained as an autoencoder on clips of the procedural world.
+
+Default shape: 64 x 64 crops, 4x spatial and 4x temporal compression (``dim_mult`` (1, 2, 2), both resamplings
+temporal), 16 latent channels, so a 21-frame clip becomes 6 latent frames of 16 x 16 (the DiT sees 8 x 8 patches of
+2 x 2) and the mouth (about 14 x 10 pixels when open) spans several latent cells.  Loss per pixel: L1 + MSE, the
+mouth box (from the world's ground truth) weighted ``mouth_weight`` times, plus ``latent_l2`` times the mean square of
+the latent mean (keeps the latent scale bounded; the VAE is deterministic, as Wan's is at inference).
+
+Each checkpoint holds the training weights (``vae_raw.safetensors``, for resuming) and the exported
+``vae.safetensors``: per-channel latent statistics measured on ``stats_clips`` world clips are folded into its
+``conv1``/``conv2`` (exact affine rewrite), so ``lipforcing.load_vae(path)`` and ``Engine.load(vae=path)`` give
+zero-mean, unit-std DiT latents with the stock loader; the measured statistics are in its metadata too.  Metrics: ``loss``, ``psnr`` and
+``mouth_psnr`` (dB, on the training batch).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lipforcing.distill.errors import TrainConfigError
+from lipforcing.distill.stages.base import Stage, StageConfig, check_int, check_positive_number
+
+__all__ = ["VAEStageConfig", "VAEStage", "DEFAULT_VAE", "world_video_batch", "psnr"]
+
+DEFAULT_VAE = {"dim": 16, "z_dim": 16, "dim_mult": [1, 2, 2], "num_res_blocks": 1,
+               "temporal_downsample": [True, True]}
+
+
+@dataclass
+class VAEStageConfig(StageConfig):
+    stage: str = "vae"
+    lr: float = 2e-4
+    vae: dict = field(default_factory=lambda: dict(DEFAULT_VAE))
+    size: int = 64
+    frames: int = 21
+    mouth_weight: float = 3.0
+    latent_l2: float = 1e-4
+    speech: str = "auto"
+    stats_clips: int = 4
+    output_dir: str = "runs/vae"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("size", self.size, minimum=16)
+        check_int("frames", self.frames)
+        check_int("stats_clips", self.stats_clips)
+        check_positive_number("mouth_weight", self.mouth_weight)
+        check_positive_number("latent_l2", self.latent_l2, allow_zero=True)
+        if self.speech not in ("auto", "espeak", "synthetic"):
+            raise TrainConfigError(f"speech must be 'auto', 'espeak' or 'synthetic', got {self.speech!r}")
+        cfg = self.vae_config()
+        if (self.frames - 1) % cfg.temporal_factor:
+            raise TrainConfigError(f"frames must be 1 + {cfg.temporal_factor} k for this VAE, got {self.frames}")
+        if self.size % cfg.spatial_factor:
+            raise TrainConfigError(f"size must be a multiple of {cfg.spatial_factor}, got {self.size}")
+
+    def vae_config(self):
+        from lipforcing.vae import VAEConfig
+
+        if not isinstance(self.vae, dict):
+            raise TrainConfigError(f"vae must be a mapping of VAEConfig fields, got {type(self.vae).__name__}")
+        try:
+            return VAEConfig.from_dict(self.vae)
+        except (TypeError, ValueError) as exc:
+            raise TrainConfigError(f"vae: {exc}") from None
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of videos in [-1, 1] (peak-to-peak 2)."""
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return float(10 * np.log10(4.0 / max(mse, 1e-12)))
+
+
+def world_video_batch(seeds, frames: int, size: int, speech: str = "auto", split: str = "train"):
+    """World clips as a video batch (B, 3, T, H, W) in [-1, 1] and a per-pixel mouth-box mask (B, 1, T, H, W)."""
+    from lipforcing.world import make_clip
+
+    vids, masks = [], []
+    for s in seeds:
+        c = make_clip(int(s), frames, size=size, split=split, speech=speech, reference=False)
+        vids.append(torch.from_numpy(c.frames).permute(3, 0, 1, 2).float() / 127.5 - 1)
+        m = torch.zeros(1, frames, size, size)
+        for f, (t, b, l, r) in enumerate(c.boxes):
+            m[0, f, t:b, l:r] = 1
+        masks.append(m)
+    return torch.stack(vids), torch.stack(masks)
+
+
+class VAEStage(Stage):
+    name = "vae"
+    Config = VAEStageConfig
+
+    def build(self) -> None:
+        from lipforcing.vae import WanVAE
+
+        self.vae = WanVAE(self.cfg.vae_config()).to(self.device)
+        self.vae.check_inputs = False
+        self.models = {"vae_raw": (self.vae, self.optimizer(self.vae))}
+
+    def step(self, k: int) -> dict:
+        c = self.cfg
+        seeds = [self.seed_of(k, "clip", b) for b in range(c.batch_size)]
+        video, box = world_video_batch(seeds, c.frames, c.size, c.speech)
+        video, box = video.to(self.device), box.to(self.device)
+        mu = self.vae.conv1(self.vae.encoder(video))[:, :self.vae.z_dim]        # whole-clip causal pass
+        rec = self.vae.decoder(self.vae.conv2(mu))
+        w = 1.0 + (c.mouth_weight - 1.0) * box
+        err = rec - video
+        pix = (w * (err.abs() + err ** 2)).mean() / w.mean()
+        loss = pix + c.latent_l2 * mu.pow(2).mean()
+        gnorm = self.clip_and_step("vae_raw", loss)
+        with torch.no_grad():
+            r = rec.clamp(-1, 1)
+            mouth_mse = float((((r - video) ** 2) * box).sum() / (3 * box.sum()).clamp(min=1))
+        return {"loss": loss.item(), "psnr": psnr(r, video),
+                "mouth_psnr": float(10 * np.log10(4.0 / max(mouth_mse, 1e-12))), "grad_norm": gnorm,
+                "latent_rms": float(mu.detach().pow(2).mean().sqrt())}
+
+    @torch.no_grad()
+    def latent_stats(self) -> tuple[list, list]:
+        """Per-channel mean and std of the raw latent mean over ``stats_clips`` fixed world clips."""
+        c = self.cfg
+        seeds = [self.seed_of("stats", i) for i in range(c.stats_clips)]
+        video, _ = world_video_batch(seeds, c.frames, c.size, c.speech)
+        self.vae.eval()
+        mu = self.vae.encode(video.to(self.device), normalize=False).float()
+        self.vae.train()
+        mean = mu.mean(dim=(0, 2, 3, 4))
+        std = mu.std(dim=(0, 2, 3, 4)).clamp(min=1e-3)
+        return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+    def export(self, ck) -> None:
+        """``vae.safetensors``: the VAE with its measured latent statistics folded into ``conv1`` / ``conv2`` (see
+        :func:`fold_latent_stats`), loadable by any Wan-VAE loader; the statistics are in its metadata too."""
+        from lipforcing.distill import checkpoint as ckpt
+
+        mean, std = self.latent_stats()
+        sd = fold_latent_stats(self.vae.state_dict(), mean, std, self.vae.config)
+        ckpt.save_tensors(sd, ck / "vae.safetensors",
+                          {"stage": "vae", "vae_config": json.dumps(self.vae.config.to_dict()),
+                           "measured_latents_mean": json.dumps(mean), "measured_latents_std": json.dumps(std),
+                           "note": "measured statistics folded into conv1/conv2 (normalised with the config's)"})
+
+
+def fold_latent_stats(sd: dict, mean, std, config) -> dict:
+    """Rewrite a VAE state dict so that its raw latent mean ``mu`` (measured per-channel ``mean`` / ``std``)
+    comes out as ``mu' = M + S (mu - mean) / std`` with ``M``, ``S`` the config's statistics (Wan2.1's for 16
+    channels), and the decoder undoes it: ``normalize=True`` then yields zero-mean, unit-std DiT latents with the
+    stock loader, and decode(encode(x)) is unchanged.  ``conv1`` (rows of the mean) and ``conv2`` (1x1x1) are affine,
+    so the fold is exact up to rounding."""
+    M = torch.tensor(config.latents_mean, dtype=torch.float64)
+    S = torch.tensor(config.latents_std, dtype=torch.float64)
+    m = torch.tensor(mean, dtype=torch.float64)
+    s = torch.tensor(std, dtype=torch.float64)
+    a, d = S / s, M - S / s * m                       # mu' = a mu + d
+    z = len(M)
+    out = {k: v.clone() for k, v in sd.items()}
+    w1, b1 = out["conv1.weight"].double(), out["conv1.bias"].double()
+    w1[:z] *= a.view(-1, 1, 1, 1, 1)
+    b1[:z] = a * b1[:z] + d
+    w2, b2 = out["conv2.weight"].double(), out["conv2.bias"].double()   # conv2(mu) = W2 (mu' - d) / a + b2
+    b2 = b2 - (w2[:, :, 0, 0, 0] * (d / a)[None]).sum(1)
+    w2 = w2 / a.view(1, -1, 1, 1, 1)
+    dt = sd["conv1.weight"].dtype
+    out.update({"conv1.weight": w1.to(dt), "conv1.bias": b1.to(dt), "conv2.weight": w2.to(dt),
+                "conv2.bias": b2.to(dt)})
+    return out
