@@ -1,24 +1,35 @@
-"""Triton ``chunk_attention``: one chunk's queries against a rolling KV cache plus the chunk's own keys.
+"""Triton ``chunk_attention``: one chunk's queries against a rolling KV cache plus the chunk's own keys, as a
+dense attention.
 
-Algorithm: FlashAttention-2 forward (Dao, 2023) -- one program per (query tile, batch*head), online softmax in
-base 2 with fp32 accumulators -- run over three key segments read *in place*, no gather copies:
+Cache layout (lipforcing.cache.RollingKVCache): S sink slots, then a ring of W = window slots; token p lives in
+slot p (p < S) or S + (p - S) mod W.  Every key a chunk may see is seen by all of its queries and attention does
+not depend on key order, so the step needs no causal mask:
 
-    [ sink slots 0 .. min(pos, S)-1 | ring slots S .. S+min(max(pos-S, 0), R)-1 | current chunk 0 .. n-1 ]
+* ``write=True``: the chunk's K/V are stored first (``_chunk_cache_write_kernel``), then the queries attend to
+  the slots ``[0, min(pos + n, S + W))`` -- a prefix, since the sink fills before the ring.
+* ``write=False``: the queries attend to the cache slots as they are (``[0, min(pos, S + W))``) and then to the
+  chunk's own k, v; the slots the chunk would overwrite hold tokens it must not see and are masked.
 
-``pos`` (tokens written so far) is loaded from device memory inside the kernel, so there is no host sync and a
-chunk step can be captured in a CUDA graph.  The valid slots of each cache segment form a prefix (the cache fills
-the sink first, then the ring in slot order), so each segment is one loop with a runtime trip count.  A ring slot
-``r`` holds stream token ``S + m - ((m - r) mod R)`` with ``m = pos - 1 - S`` (the newest token that maps there).
+A slot is visible when it holds a sink token or a token ``>= lo = max(pos + chunk - W, S)``: a column mask,
+applied by *selection* (masked loads and ``where``), so a NaN in an invisible slot never reaches the output.  For
+full chunks only the stale slots of ``write=False`` and the tail of the last tile are masked.
 
-Dynamic RoPE (``ROPE``): the cache holds un-rotated keys.  q and k tiles are loaded as their even/odd halves
-(x[2j], x[2j+1]), rotated in fp32 with the Wan 3-D tables -- time row = window-relative frame index
-``(min(p, S) + max(0, p - max(end - W, S))) // tokens_per_frame``, height/width rows from ``p % tokens_per_frame`` --
-and the score is ``q_even . k_even + q_odd . k_odd`` (two half-width dots; same FLOPs as one).
+Algorithm of the attention: FlashAttention-2 forward (Dao, 2023) -- one program per (query tile, batch*head),
+online softmax in base 2 with fp32 accumulators; ``pos`` is read from device memory (no host sync, CUDA-graph
+capturable).  The log-sum-exp is stored for the backward.
 
-``write=True`` then runs ``_chunk_cache_write_kernel`` (each chunk token goes to its slot unless a newer token of the
-same chunk maps there too, the rule of ``cache_write_ref``) and advances ``pos`` on the device.
+Dynamic RoPE is *outside* the attention loop: ``_rope_rows_kernel`` rotates the queries and current keys once per
+step and ``_rope_slots_kernel`` the cache keys (at their window-relative frame for this chunk) into the cache's
+shared workspace; the attention then reads plain K tiles.  The same slot kernel can also materialise the whole
+post-write view (K and V, the chunk overlaid on its target slots) for the dense library backends.
+
+Backward (``write=False``): FlashAttention-2 backward from the saved log-sum-exp -- ``_chunk_bwd_dq_kernel``
+walks the keys per query tile, ``_chunk_bwd_dkdv_kernel`` the queries per current-chunk key tile (the cache is a
+constant, so only the chunk's keys get dk, dv).  With RoPE the gradients w.r.t. the rotated q, k are rotated back.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -26,6 +37,26 @@ import triton.language as tl
 
 from lipforcing.kernels._attention_common import (LOG2E, _online_softmax_step, _rope_rotate, block_d, interpreting,
                                                   launch_config, torch_to_dot_precision)
+
+_LN2 = 0.6931471805599453
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU the current device while launching (Triton launches on the current device/stream)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@triton.jit
+def _slot_tokens(s, filled, lo, SINK, RING):
+    """Stream token held by cache slot ``s`` when ``filled`` tokens have been written, and whether the chunk
+    whose window starts at ``lo`` sees it (written, and a sink token or inside the window)."""
+    m = filled - 1 - SINK  # newest written token, counted past the sink
+    r = s - SINK
+    back = ((m - r) % RING + RING) % RING  # non-negative remainder whatever the sign convention
+    p = tl.where(s < SINK, s, SINK + m - back)
+    written = ((s < SINK) & (s < filled)) | ((s >= SINK) & (p >= SINK))  # p >= S implies m >= 0
+    visible = written & ((p < SINK) | (p >= lo))
+    return p, visible
 
 
 @triton.jit
@@ -35,111 +66,169 @@ def _window_frame(p, lo, SINK, TPF):
 
 
 @triton.jit
-def _chunk_segment(acc, m_i, l_i, qa, qb, KB, VB, stride_kn, stride_vn, count, pos, lo, COS, SIN, qk_scale,
-                   SINK, RING, TPF, GRID_W,
-                   SEG: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, ROPE_T: tl.constexpr,
-                   ROPE_TH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-    """Attend to ``count`` keys of one segment (SEG 0 = sink slots, 1 = ring slots, 2 = current chunk)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
+def _rotate_tile(XP, rows_ptr_off, ok, t_frame, in_frame, COS, SIN, GRID_W, HALF: tl.constexpr,
+                 ROPE_T: tl.constexpr, ROPE_TH: tl.constexpr, BLOCK_DH: tl.constexpr, INVERSE: tl.constexpr):
+    """Load rows ``XP + rows_ptr_off`` as (even, odd) halves and rotate them; returns fp32 (even, odd)."""
     dh = tl.arange(0, BLOCK_DH)
+    m = ok[:, None] & (dh[None, :] < HALF)
+    ptr = XP + rows_ptr_off[:, None] + 2 * dh[None, :]
+    xe = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+    xo = tl.load(ptr + 1, mask=m, other=0.0).to(tl.float32)
+    if INVERSE:  # rotate by the negative angles: (a, b) -> (a cos + b sin, -a sin + b cos)
+        ye, yo = _rope_rotate(xe, -xo, t_frame, in_frame, ok, COS, SIN, GRID_W, HALF, ROPE_T, ROPE_TH, BLOCK_DH)
+        return ye, -yo
+    return _rope_rotate(xe, xo, t_frame, in_frame, ok, COS, SIN, GRID_W, HALF, ROPE_T, ROPE_TH, BLOCK_DH)
+
+
+@triton.jit
+def _store_halves(OP, rows_ptr_off, ok, ye, yo, HALF: tl.constexpr, BLOCK_DH: tl.constexpr):
+    dh = tl.arange(0, BLOCK_DH)
+    m = ok[:, None] & (dh[None, :] < HALF)
+    ptr = OP + rows_ptr_off[:, None] + 2 * dh[None, :]
+    tl.store(ptr, ye.to(OP.dtype.element_ty), mask=m)
+    tl.store(ptr + 1, yo.to(OP.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rope_rows_kernel(X, OUT, POS, COS, SIN, sxb, sxm, sxh, sob, som, soh,
+                      H, N_TOK, CHUNK, WINDOW, SINK, TPF, GRID_W,
+                      HEAD_DIM: tl.constexpr, ROPE_T: tl.constexpr, ROPE_TH: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_DH: tl.constexpr, INVERSE: tl.constexpr):
+    """Rotate the current chunk's rows j (stream token pos + j) of X (q or k, or a gradient with INVERSE) into
+    OUT at their window-relative frame."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    pos = tl.load(POS)
+    lo = tl.maximum(pos + CHUNK - WINDOW, SINK)
+    j = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = j < N_TOK
+    p = pos + j
     HALF: tl.constexpr = HEAD_DIM // 2
-    for start in range(0, count, BLOCK_N):
-        j = start + offs_n
-        valid = j < count
-        jj = tl.minimum(j, count - 1)  # keep address and position arithmetic in range for the masked tail
-        if SEG == 0:  # sink slot s holds stream token s
-            row = jj
-            p = jj.to(tl.int64)
-        elif SEG == 1:  # ring slot S + r holds the newest token p >= S with (p - S) mod R == r
-            mm = pos - 1 - SINK
-            p = SINK + mm - (mm - jj) % RING  # mm >= jj here, so the remainder is non-negative
-            row = SINK + jj
-        else:  # current chunk token j is stream token pos + j
-            row = jj
-            p = pos + jj
-        v = tl.load(VB + row[:, None] * stride_vn + d[None, :],
-                    mask=valid[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-        if ROPE:
-            km = valid[:, None] & (dh[None, :] < HALF)
-            k_ptr = KB + row[:, None] * stride_kn + 2 * dh[None, :]
-            ke = tl.load(k_ptr, mask=km, other=0.0).to(tl.float32)
-            ko = tl.load(k_ptr + 1, mask=km, other=0.0).to(tl.float32)
-            ke, ko = _rope_rotate(ke, ko, _window_frame(p, lo, SINK, TPF), p % TPF, valid, COS, SIN, GRID_W,
-                                  HALF, ROPE_T, ROPE_TH, BLOCK_DH)
-            s = tl.dot(qa, tl.trans(ke.to(qa.dtype)), input_precision=DOT_PRECISION)
-            s += tl.dot(qb, tl.trans(ko.to(qb.dtype)), input_precision=DOT_PRECISION)
-        else:
-            k = tl.load(KB + row[:, None] * stride_kn + d[None, :],
-                        mask=valid[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
-            s = tl.dot(qa, tl.trans(k), input_precision=DOT_PRECISION)
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
-    return acc, m_i, l_i
+    ye, yo = _rotate_tile(X + b * sxb + h * sxh, j.to(tl.int64) * sxm, ok, _window_frame(p, lo, SINK, TPF), p % TPF,
+                          COS, SIN, GRID_W, HALF, ROPE_T, ROPE_TH, BLOCK_DH, INVERSE)
+    _store_halves(OUT + b * sob + h * soh, j.to(tl.int64) * som, ok, ye, yo, HALF, BLOCK_DH)
+
+
+@triton.jit
+def _rope_slots_kernel(K, V, KC, VC, POS, COS, SIN, KS, VS,
+                       skb, skm, skh, svb, svm, svh, skcb, skcm, skch, svcb, svcm, svch,
+                       sksb, sksm, sksh, svsb, svsm, svsh,
+                       H, N_TOK, FILLED_ADD, CHUNK, WINDOW, SINK, TPF, GRID_W,
+                       HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, OVERLAY: tl.constexpr, STAGE_V: tl.constexpr,
+                       ROPE_T: tl.constexpr, ROPE_TH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_DH: tl.constexpr):
+    """Write every cache slot s as this chunk sees it into KS (rotated at its window-relative frame with ROPE)
+    and, with STAGE_V, its value into VS.  ``filled = pos + FILLED_ADD`` tokens are taken as written; with
+    OVERLAY the slots of tokens >= pos come from the current chunk's k, v (the post-write view without writing)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    pos = tl.load(POS)
+    lo = tl.maximum(pos + CHUNK - WINDOW, SINK)
+    s = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = s < SINK + WINDOW
+    p, _ = _slot_tokens(s, pos + FILLED_ADD, lo, SINK, WINDOW)
+    pc = tl.maximum(p, 0)
+    s64 = s.to(tl.int64)
+    HALF: tl.constexpr = HEAD_DIM // 2
+    if OVERLAY:
+        from_chunk = ok & (p >= pos) & (p < pos + N_TOK)
+        j = tl.where(from_chunk, p - pos, 0)
+        from_cache = ok & ((p < pos) | (p >= pos + N_TOK))
+    else:
+        from_cache = ok
+    if ROPE:
+        frame = _window_frame(pc, lo, SINK, TPF)
+        ye, yo = _rotate_tile(KC + b * skcb + h * skch, s64 * skcm, from_cache, frame, pc % TPF, COS, SIN, GRID_W,
+                              HALF, ROPE_T, ROPE_TH, BLOCK_DH, False)
+        if OVERLAY:
+            ce, co = _rotate_tile(K + b * skb + h * skh, j * skm, from_chunk, frame, pc % TPF, COS, SIN, GRID_W,
+                                  HALF, ROPE_T, ROPE_TH, BLOCK_DH, False)
+            ye = tl.where(from_chunk[:, None], ce, ye)
+            yo = tl.where(from_chunk[:, None], co, yo)
+        _store_halves(KS + b * sksb + h * sksh, s64 * sksm, ok, ye, yo, HALF, BLOCK_DH)
+    d = tl.arange(0, BLOCK_D)
+    dm = d[None, :] < HEAD_DIM
+    if not ROPE:
+        kx = tl.load(KC + b * skcb + h * skch + s64[:, None] * skcm + d[None, :], mask=from_cache[:, None] & dm,
+                     other=0.0)
+        if OVERLAY:
+            kn = tl.load(K + b * skb + h * skh + j[:, None] * skm + d[None, :], mask=from_chunk[:, None] & dm,
+                         other=0.0)
+            kx = tl.where(from_chunk[:, None], kn, kx)
+        tl.store(KS + b * sksb + h * sksh + s64[:, None] * sksm + d[None, :], kx, mask=ok[:, None] & dm)
+    if STAGE_V:
+        vx = tl.load(VC + b * svcb + h * svch + s64[:, None] * svcm + d[None, :], mask=from_cache[:, None] & dm,
+                     other=0.0)
+        if OVERLAY:
+            vn = tl.load(V + b * svb + h * svh + j[:, None] * svm + d[None, :], mask=from_chunk[:, None] & dm,
+                         other=0.0)
+            vx = tl.where(from_chunk[:, None], vn, vx)
+        tl.store(VS + b * svsb + h * svsh + s64[:, None] * svsm + d[None, :], vx, mask=ok[:, None] & dm)
 
 
 @triton.jit
 def _chunk_attention_fwd_kernel(
-    Q, K, V, KC, VC, POS, COS, SIN, OUT,
-    sqb, sqm, sqh, skb, skm, skh, svb, svm, svh,
-    skcb, skcm, skch, svcb, svcm, svch, sob, som, soh,
-    H, N_TOK, CHUNK, WINDOW, SINK, RING, TPF, GRID_W, qk_scale,
-    HEAD_DIM: tl.constexpr, ROPE: tl.constexpr, ROPE_T: tl.constexpr, ROPE_TH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    Q, KS, VS, KN, VN, POS, OUT, LSE,
+    sqb, sqm, sqh, sksb, sksm, sksh, svsb, svsm, svsh, sknb, sknm, sknh, svnb, svnm, svnh, sob, som, soh,
+    H, N_TOK, FILLED_ADD, CHUNK, WINDOW, SINK, qk_scale,
+    HEAD_DIM: tl.constexpr, WRITTEN: tl.constexpr, STORE_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    """Queries (Q, already rotated with RoPE) against the visible slots of (KS, VS) and -- unless WRITTEN (the
+    chunk is already in the cache) -- the chunk's own keys (KN, VN)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    pos = tl.load(POS)  # int64: tokens already in the stream
-    lo = tl.maximum(pos + CHUNK - WINDOW, SINK)  # first non-sink stream token visible to this chunk
+    pos = tl.load(POS)  # int64: tokens written before this chunk
+    lo = tl.maximum(pos + CHUNK - WINDOW, SINK)
+    filled = pos + FILLED_ADD
+    n_slots = tl.minimum(filled, SINK + WINDOW)
 
     i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = i < N_TOK
-    q_base = Q + b * sqb + h * sqh
-    if ROPE:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        dh = tl.arange(0, BLOCK_DH)
-        qm = row_ok[:, None] & (dh[None, :] < HALF)
-        q_ptr = q_base + i[:, None] * sqm + 2 * dh[None, :]
-        qe = tl.load(q_ptr, mask=qm, other=0.0).to(tl.float32)
-        qo = tl.load(q_ptr + 1, mask=qm, other=0.0).to(tl.float32)
-        p = pos + i
-        qe, qo = _rope_rotate(qe, qo, _window_frame(p, lo, SINK, TPF), p % TPF, row_ok, COS, SIN, GRID_W, HALF,
-                              ROPE_T, ROPE_TH, BLOCK_DH)
-        qa = qe.to(Q.dtype.element_ty)
-        qb = qo.to(Q.dtype.element_ty)
-    else:
-        d = tl.arange(0, BLOCK_D)
-        qa = tl.load(q_base + i[:, None] * sqm + d[None, :], mask=row_ok[:, None] & (d[None, :] < HEAD_DIM),
-                     other=0.0)
-        qb = qa
-
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
-    n_sink = tl.minimum(pos, SINK)
-    n_ring = tl.minimum(tl.maximum(pos - SINK, 0), RING)
-    kc_base = KC + b * skcb + h * skch
-    vc_base = VC + b * svcb + h * svch
-    acc, m_i, l_i = _chunk_segment(acc, m_i, l_i, qa, qb, kc_base, vc_base, skcm, svcm, n_sink, pos, lo, COS, SIN,
-                                   qk_scale, SINK, RING, TPF, GRID_W, 0, ROPE, HEAD_DIM, ROPE_T, ROPE_TH, BLOCK_N,
-                                   BLOCK_D, BLOCK_DH, DOT_PRECISION)
-    acc, m_i, l_i = _chunk_segment(acc, m_i, l_i, qa, qb, kc_base, vc_base, skcm, svcm, n_ring, pos, lo, COS, SIN,
-                                   qk_scale, SINK, RING, TPF, GRID_W, 1, ROPE, HEAD_DIM, ROPE_T, ROPE_TH, BLOCK_N,
-                                   BLOCK_D, BLOCK_DH, DOT_PRECISION)
-    acc, m_i, l_i = _chunk_segment(acc, m_i, l_i, qa, qb, K + b * skb + h * skh, V + b * svb + h * svh, skm, svm,
-                                   N_TOK, pos, lo, COS, SIN, qk_scale, SINK, RING, TPF, GRID_W, 2, ROPE, HEAD_DIM,
-                                   ROPE_T, ROPE_TH, BLOCK_N, BLOCK_D, BLOCK_DH, DOT_PRECISION)
+    k_base = KS + b * sksb + h * sksh
+    v_base = VS + b * svsb + h * svsh
+    offs_n = tl.arange(0, BLOCK_N)
+    for start in range(0, n_slots, BLOCK_N):
+        s_idx = start + offs_n
+        _, vis = _slot_tokens(s_idx, filled, lo, SINK, WINDOW)
+        vis = vis & (s_idx < n_slots)
+        m = vis[:, None] & d_ok[None, :]
+        k = tl.load(k_base + s_idx[:, None] * sksm + d[None, :], mask=m, other=0.0)
+        v = tl.load(v_base + s_idx[:, None] * svsm + d[None, :], mask=m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = tl.where(vis[None, :], s * qk_scale, float("-inf"))
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
+    if not WRITTEN:
+        kn_base = KN + b * sknb + h * sknh
+        vn_base = VN + b * svnb + h * svnh
+        for start in range(0, N_TOK, BLOCK_N):
+            j = start + offs_n
+            ok = j < N_TOK
+            m = ok[:, None] & d_ok[None, :]
+            k = tl.load(kn_base + j[:, None] * sknm + d[None, :], mask=m, other=0.0)
+            v = tl.load(vn_base + j[:, None] * svnm + d[None, :], mask=m, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
 
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only: every real query sees at least its own chunk
-    out = acc / l_i[:, None]
-    d_o = tl.arange(0, BLOCK_D)
-    o_ptr = OUT + b * sob + h * soh + i[:, None] * som + d_o[None, :]
-    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (d_o[None, :] < HEAD_DIM))
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only: every real query sees at least its own chunk
+    out = acc / l_safe[:, None]
+    tl.store(OUT + b * sob + h * soh + i[:, None] * som + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    if STORE_LSE:  # base-e log-sum-exp of the scaled scores: (m + log2 l) * ln 2
+        tl.store(LSE + pid_bh.to(tl.int64) * N_TOK + i, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit
@@ -149,8 +238,8 @@ def _chunk_cache_write_kernel(
     H, N_TOK, SINK, RING,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Store chunk tokens j (stream position pos + j) into their cache slots; a token is skipped when a newer
-    token of the same chunk lands in the same ring slot (chunk longer than the ring) or when R == 0."""
+    """Store chunk token j (stream position pos + j) in its slot: p (sink) or S + (p - S) mod R.  The ring holds
+    a whole window (R >= chunk >= n), so no two tokens of a chunk share a slot.  ``pos`` is not advanced here."""
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -158,11 +247,8 @@ def _chunk_cache_write_kernel(
     pos = tl.load(POS)
     j = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     p = pos + j
-    in_sink = p < SINK
-    slot = tl.where(in_sink, p, SINK + tl.maximum(p - SINK, 0) % tl.maximum(RING, 1))
-    # no later chunk token maps to the same ring slot (never true for R == 0: p < pos + n)
-    newest = p + RING >= pos + N_TOK
-    keep = (j < N_TOK) & (in_sink | newest)
+    slot = tl.where(p < SINK, p, SINK + tl.maximum(p - SINK, 0) % RING)
+    keep = j < N_TOK
     jj = tl.minimum(j, N_TOK - 1)
     d = tl.arange(0, BLOCK_D)
     m = keep[:, None] & (d[None, :] < HEAD_DIM)
@@ -172,10 +258,157 @@ def _chunk_cache_write_kernel(
     tl.store(VC + b * svcb + h * svch + slot[:, None] * svcm + d[None, :], v.to(VC.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _chunk_bwd_dq_kernel(
+    Q, KS, VS, KN, VN, POS, DO, LSE, DELTA, DQ,
+    sqb, sqm, sqh, sksb, sksm, sksh, svsb, svsm, svsh, sknb, sknm, sknh, svnb, svnm, svnh,
+    sdob, sdom, sdoh, sdqb, sdqm, sdqh,
+    H, N_TOK, CHUNK, WINDOW, SINK, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dq of one query tile: dS = P * (dO V^T - delta) over the visible cache slots and the chunk's keys,
+    dq = scale * dS K (P recomputed from the saved log-sum-exp)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    pos = tl.load(POS)
+    lo = tl.maximum(pos + CHUNK - WINDOW, SINK)
+    n_slots = tl.minimum(pos, SINK + WINDOW)
+    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = i < N_TOK
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    qm = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + d[None, :], mask=qm, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + i[:, None] * sdom + d[None, :], mask=qm, other=0.0)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N_TOK + i, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * N_TOK + i, mask=row_ok, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_base = KS + b * sksb + h * sksh
+    v_base = VS + b * svsb + h * svsh
+    for start in range(0, n_slots, BLOCK_N):
+        s_idx = start + offs_n
+        _, vis = _slot_tokens(s_idx, pos, lo, SINK, WINDOW)
+        vis = vis & (s_idx < n_slots)
+        m = vis[:, None] & d_ok[None, :]
+        k = tl.load(k_base + s_idx[:, None] * sksm + d[None, :], mask=m, other=0.0)
+        v = tl.load(v_base + s_idx[:, None] * svsm + d[None, :], mask=m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.where(vis[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    kn_base = KN + b * sknb + h * sknh
+    vn_base = VN + b * svnb + h * svnh
+    for start in range(0, N_TOK, BLOCK_N):
+        j = start + offs_n
+        ok = j < N_TOK
+        m = ok[:, None] & d_ok[None, :]
+        k = tl.load(kn_base + j[:, None] * sknm + d[None, :], mask=m, other=0.0)
+        v = tl.load(vn_base + j[:, None] * svnm + d[None, :], mask=m, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.where(ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    tl.store(DQ + b * sdqb + h * sdqh + i[:, None] * sdqm + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=qm)
+
+
+@triton.jit
+def _chunk_bwd_dkdv_kernel(
+    Q, KN, VN, DO, LSE, DELTA, DK, DV,
+    sqb, sqm, sqh, sknb, sknm, sknh, svnb, svnm, svnh, sdob, sdom, sdoh, sdkb, sdkm, sdkh, sdvb, sdvm, sdvh,
+    H, N_TOK, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dk, dv of one tile of the chunk's keys (every query of the chunk sees every one of them):
+    dv = P^T dO, dk = scale * dS^T q, on transposed scores (keys x queries)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = j < N_TOK
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    km = col_ok[:, None] & d_ok[None, :]
+    k = tl.load(KN + b * sknb + h * sknh + j[:, None] * sknm + d[None, :], mask=km, other=0.0)
+    v = tl.load(VN + b * svnb + h * svnh + j[:, None] * svnm + d[None, :], mask=km, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    for start in range(0, N_TOK, BLOCK_M):
+        i = start + offs_m
+        ok = i < N_TOK
+        qm = ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + d[None, :], mask=qm, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + i[:, None] * sdom + d[None, :], mask=qm, other=0.0)
+        lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N_TOK + i, mask=ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * N_TOK + i, mask=ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.where(ok[None, :] & col_ok[:, None], tl.exp2(s_t - lse2[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    tl.store(DK + b * sdkb + h * sdkh + j[:, None] * sdkm + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+             mask=km)
+    tl.store(DV + b * sdvb + h * sdvh + j[:, None] * sdvm + d[None, :], dv.to(DV.dtype.element_ty), mask=km)
+
+
+# ------------------------------------------------------------------------------------------------- launchers
+
+
 def _rope_parts(head_dim: int) -> tuple[int, int]:
     half = head_dim // 2
     t = half - 2 * (half // 3)
     return t, t + half // 3
+
+
+def _s3(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def workspace_for(k_cache: torch.Tensor, chunk_size: int):
+    """The RollingKVCache workspace shared by caches shaped like ``k_cache`` (created on first use)."""
+    from lipforcing.cache import _workspace
+
+    B, slots, H, D = k_cache.shape
+    return _workspace(B, slots, chunk_size, H, D, k_cache.dtype, k_cache.device)
+
+
+def rope_rows_triton(x, out, pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h, grid_w, *,
+                     inverse=False):
+    """Rotate the chunk rows x (B, n, H, D) into out (same shape) at their window-relative frames."""
+    B, n, H, D = x.shape
+    bt = 16 if interpreting() else 64
+    t, th = _rope_parts(D)
+    _rope_rows_kernel[(triton.cdiv(n, bt), B * H)](
+        x, out, pos, rope_cos, rope_sin, *_s3(x), *_s3(out), H, n, chunk_size, window, sink, grid_h * grid_w,
+        grid_w, HEAD_DIM=D, ROPE_T=t, ROPE_TH=th, BLOCK_T=bt, BLOCK_DH=block_d(D // 2), INVERSE=inverse,
+        num_warps=4)
+    return out
+
+
+def stage_slots_triton(k, v, k_cache, v_cache, pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h, grid_w,
+                       ks, vs, *, filled_add, overlay, stage_v):
+    """Write the slots as this chunk sees them into ks (rotated when rope_cos is given) and, with stage_v, vs."""
+    B, n, H, D = k.shape
+    slots = k_cache.shape[1]
+    bt = 16 if interpreting() else 64
+    t, th = _rope_parts(D)
+    rope = rope_cos is not None
+    cos, sin = (rope_cos, rope_sin) if rope else (pos, pos)
+    _rope_slots_kernel[(triton.cdiv(slots, bt), B * H)](
+        k, v, k_cache, v_cache, pos, cos, sin, ks, vs, *_s3(k), *_s3(v), *_s3(k_cache), *_s3(v_cache), *_s3(ks),
+        *_s3(vs), H, n, filled_add, chunk_size, window, sink, max(grid_h * grid_w, 1), max(grid_w, 1),
+        HEAD_DIM=D, ROPE=rope, OVERLAY=overlay, STAGE_V=stage_v, ROPE_T=t, ROPE_TH=th, BLOCK_T=bt,
+        BLOCK_D=block_d(D), BLOCK_DH=block_d(D // 2), num_warps=4)
 
 
 def chunk_attention_triton_unsupported(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale,
@@ -188,53 +421,103 @@ def chunk_attention_triton_unsupported(q, k, v, k_cache, v_cache, pos, chunk_siz
     return None
 
 
+def _attend(q_eff, ks, vs, kn, vn, pos, out, lse, n, chunk_size, window, sink, scale, *, written):
+    B, _, H, D = q_eff.shape
+    cfg = launch_config(D, q_eff.dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), B * H)
+    _chunk_attention_fwd_kernel[grid](
+        q_eff, ks, vs, kn, vn, pos, out, lse if lse is not None else pos,
+        *_s3(q_eff), *_s3(ks), *_s3(vs), *_s3(kn), *_s3(vn), *_s3(out),
+        H, n, n if written else 0, chunk_size, window, sink, scale * LOG2E,
+        HEAD_DIM=D, WRITTEN=written, STORE_LSE=lse is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_D=block_d(D), DOT_PRECISION=torch_to_dot_precision(q_eff.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
 def chunk_attention_triton(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos,
                            rope_sin, grid_h, grid_w):
     """Triton backend of ``lipforcing.ops.chunk_attention`` (inputs validated by the public op).
 
-    q, k, v: (B, n, H, D); k_cache, v_cache: (B, sink + window - chunk_size, H, D); pos: int64 (1,) device tensor.
-    Returns out (B, n, H, D) in q.dtype.  With ``write`` the chunk is stored in the cache and ``pos`` advances
-    by n (in place, on the device).  Allocates only ``out``; no host synchronisation."""
+    q, k, v: (B, n, H, D); k_cache, v_cache: (B, sink + window, H, D); pos: int64 (1,) device tensor.  Returns
+    (out (B, n, H, D) in q.dtype, lse (B, H, n) float32; lse only for write=False).  With ``write`` the chunk is
+    stored first and ``pos`` advances by n (in place, on the device).  Allocates only the outputs; the rotated
+    q/k live in the cache's workspace; no host synchronisation."""
     B, n, H, D = q.shape
-    ring = window - chunk_size
-    out = torch.empty_like(q)
-    cfg = launch_config(D, q.dtype)
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = None if write else torch.empty((B, H, n), dtype=torch.float32, device=q.device)
     rope = rope_cos is not None
-    rope_t, rope_th = _rope_parts(D)
-    tpf = grid_h * grid_w if rope else 1
-    if not rope:  # unused pointers: any tensor of the right device
-        rope_cos = rope_sin = pos
-    grid = (triton.cdiv(n, bm), B * H)
-    _chunk_attention_fwd_kernel[grid](
-        q, k, v, k_cache, v_cache, pos, rope_cos, rope_sin, out,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        H, n, chunk_size, window, sink, ring, tpf, max(grid_w, 1), scale * LOG2E,
-        HEAD_DIM=D, ROPE=rope, ROPE_T=rope_t, ROPE_TH=rope_th, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(D),
-        BLOCK_DH=block_d(D // 2), DOT_PRECISION=torch_to_dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    if write:
-        chunk_cache_write_triton(k, v, k_cache, v_cache, pos, sink)
-    return out
+    with device_guard(q):
+        ws = workspace_for(k_cache, chunk_size) if rope else None
+        if write:
+            chunk_cache_write_triton(k, v, k_cache, v_cache, pos, sink, advance=False)
+        q_eff, ks, kn = q, k_cache, k
+        if rope:
+            q_eff = rope_rows_triton(q, ws.q[:, :n], pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h,
+                                     grid_w)
+            stage_slots_triton(k, v, k_cache, v_cache, pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h,
+                               grid_w, ws.k, ws.v, filled_add=n if write else 0, overlay=False, stage_v=False)
+            ks = ws.k
+            if not write:
+                kn = rope_rows_triton(k, ws.kc[:, :n], pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h,
+                                      grid_w)
+        _attend(q_eff, ks, v_cache, kn, v, pos, out, lse, n, chunk_size, window, sink, scale, written=write)
+        if write:
+            pos.add_(n)  # in place on the device: no allocation, no sync (after every kernel that read pos)
+    return (out, lse) if lse is not None else out
 
 
-def chunk_cache_write_triton(k, v, k_cache, v_cache, pos, sink):
-    """Store the chunk k, v (B, n, H, D) at stream positions pos .. pos+n-1 of the cache and advance ``pos``
-    (all on the device, same result as ``reference.cache_write_ref``).  Must run after every read of the old
-    cache contents (stream order guarantees it)."""
+def chunk_cache_write_triton(k, v, k_cache, v_cache, pos, sink, *, advance=True):
+    """Store the chunk k, v (B, n, H, D) at stream positions pos .. pos+n-1 of the cache (same result as
+    ``reference.cache_write_ref``) and, with ``advance``, advance ``pos`` on the device."""
     B, n, H, D = k.shape
     ring = k_cache.shape[1] - sink
     bt = 16 if interpreting() else 32
-    _chunk_cache_write_kernel[(triton.cdiv(n, bt), B * H)](
-        k, v, k_cache, v_cache, pos,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        H, n, sink, ring, HEAD_DIM=D, BLOCK_T=bt, BLOCK_D=triton.next_power_of_2(D), num_warps=4,
-    )
-    pos.add_(n)  # in place on the device: no allocation, no sync (runs after the write kernel read pos)
+    with device_guard(k):
+        _chunk_cache_write_kernel[(triton.cdiv(n, bt), B * H)](
+            k, v, k_cache, v_cache, pos, *_s3(k), *_s3(v), *_s3(k_cache), *_s3(v_cache),
+            H, n, sink, ring, HEAD_DIM=D, BLOCK_T=bt, BLOCK_D=triton.next_power_of_2(D), num_warps=4,
+        )
+        if advance:
+            pos.add_(n)
+
+
+def chunk_attention_backward_triton(grad_out, q, k, v, out, lse, k_cache, v_cache, pos, chunk_size, window, sink,
+                                    scale, rope_cos, rope_sin, grid_h, grid_w):
+    """Flash-style backward of the ``write=False`` step: (dq, dk, dv) in the inputs' dtypes.  ``pos`` is the
+    position saved at forward time; the cache is read in place (slots written since are not visible to it)."""
+    B, n, H, D = q.shape
+    rope = rope_cos is not None
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    with device_guard(q):
+        # delta_i = rowsum(dO_i * O_i), (B, H, n) float32
+        delta = (grad_out.float() * out.float()).sum(-1).permute(0, 2, 1).contiguous()
+        q_eff, kn, ks = q, k, k_cache
+        if rope:
+            ws = workspace_for(k_cache, chunk_size)
+            q_eff = rope_rows_triton(q, torch.empty_like(q), pos, chunk_size, window, sink, rope_cos, rope_sin,
+                                     grid_h, grid_w)
+            kn = rope_rows_triton(k, torch.empty_like(k), pos, chunk_size, window, sink, rope_cos, rope_sin,
+                                  grid_h, grid_w)
+            stage_slots_triton(k, v, k_cache, v_cache, pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h,
+                               grid_w, ws.k, ws.v, filled_add=0, overlay=False, stage_v=False)
+            ks = ws.k
+        cfg = launch_config(D, q.dtype, backward=True)
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        common = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(D),
+                      DOT_PRECISION=torch_to_dot_precision(q.dtype), num_warps=cfg["num_warps"],
+                      num_stages=cfg["num_stages"])
+        _chunk_bwd_dq_kernel[(triton.cdiv(n, bm), B * H)](
+            q_eff, ks, v_cache, kn, v, pos, grad_out, lse, delta, dq,
+            *_s3(q_eff), *_s3(ks), *_s3(v_cache), *_s3(kn), *_s3(v), *_s3(grad_out), *_s3(dq),
+            H, n, chunk_size, window, sink, scale * LOG2E, scale, **common)
+        _chunk_bwd_dkdv_kernel[(triton.cdiv(n, bn), B * H)](
+            q_eff, kn, v, grad_out, lse, delta, dk, dv,
+            *_s3(q_eff), *_s3(kn), *_s3(v), *_s3(grad_out), *_s3(dk), *_s3(dv),
+            H, n, scale * LOG2E, scale, **common)
+        if rope:  # gradients w.r.t. the rotated q, k -> w.r.t. q, k (inverse rotation, in place)
+            rope_rows_triton(dq, dq, pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h, grid_w, inverse=True)
+            rope_rows_triton(dk, dk, pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h, grid_w, inverse=True)
+    return dq, dk, dv

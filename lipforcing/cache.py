@@ -1,24 +1,64 @@
 """RollingKVCache: one attention layer's key/value cache for chunk-by-chunk streaming (sink + rolling window)."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from lipforcing import _checks
 
 
+class ChunkWorkspace:
+    """Scratch buffers of the dense chunk step, shared by every cache of the same shape, dtype and device (the
+    layers of a model run one after another on one stream, so one set serves them all).  Allocated when the
+    first such cache is built, never inside a step.
+
+    ``k``/``v`` (B, sink + window, H, D): the keys (rotated for dynamic RoPE) and values of the slots as the
+    attention sees them; ``q``/``kc`` (B, chunk, H, D): the rotated queries and current keys; ``count`` (B,)
+    int32 and ``mask`` (B, 1, 1, sink + window) bool: how many slots a dense backend reads."""
+
+    def __init__(self, batch, slots, chunk, heads, head_dim, dtype, device):
+        big, small = (batch, slots, heads, head_dim), (batch, chunk, heads, head_dim)
+        self.k = torch.zeros(big, dtype=dtype, device=device)
+        self.v = torch.zeros(big, dtype=dtype, device=device)
+        self.q = torch.zeros(small, dtype=dtype, device=device)
+        self.kc = torch.zeros(small, dtype=dtype, device=device)
+        self.count = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.slot_index = torch.arange(slots, dtype=torch.int32, device=device)
+        self.mask = torch.zeros(batch, 1, 1, slots, dtype=torch.bool, device=device)
+
+
+_WORKSPACES: "weakref.WeakValueDictionary[tuple, ChunkWorkspace]" = weakref.WeakValueDictionary()
+
+
+def _workspace(batch, slots, chunk, heads, head_dim, dtype, device) -> ChunkWorkspace:
+    key = (batch, slots, chunk, heads, head_dim, dtype, torch.device(device) if device is not None else None)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = ChunkWorkspace(batch, slots, chunk, heads, head_dim, dtype, device)
+        _WORKSPACES[key] = ws
+    return ws
+
+
 class RollingKVCache:
     """Fixed-size K/V cache of one layer: ``sink`` tokens that are never evicted plus a ring of the newest
-    ``window - chunk_size`` earlier tokens (all sizes in tokens).
+    ``window`` tokens (all sizes in tokens).
 
-    Layout: ``k`` and ``v`` are (batch, sink + ring, heads, head_dim); slots ``[0, sink)`` hold stream tokens
-    ``0 .. sink-1``, and a later token at stream position ``p`` lives in slot ``sink + (p - sink) % ring``.
+    Layout: ``k`` and ``v`` are (batch, sink + window, heads, head_dim); slots ``[0, sink)`` hold stream tokens
+    ``0 .. sink-1`` and a later token at stream position ``p`` lives in slot ``sink + (p - sink) % window``.
     ``pos`` is an int64 tensor of shape (1,) *on the device*: the number of tokens written so far.  Nothing
     allocates after construction and nothing reads ``pos`` on the host, so a chunk step that uses the cache can
     be captured in a CUDA graph.  Keys are stored as given (un-rotated when the model uses dynamic RoPE).
 
+    Why the ring holds a whole window: a chunk step writes its own K/V first and then attends densely to the
+    slots (no mask for full chunks) -- every key visible to a chunk is visible to all its queries, and attention
+    does not depend on key order.  Filled slots always form a prefix (the sink fills first).  Between chunks the
+    ``chunk_size`` oldest ring tokens are stale: the next chunk does not see them and overwrites them.
+
     The next chunk (stream tokens ``pos .. pos+chunk_size-1``) sees the sink tokens and the stream tokens in
     ``[pos + chunk_size - window, pos)``, each once: the rule of ``block_causal_attention``.  Every chunk but the
-    last must be exactly ``chunk_size`` tokens long.
+    last must be exactly ``chunk_size`` tokens long; after a short chunk is written the cache refuses further
+    chunks until :meth:`reset`.
 
     Parameters
     ----------
@@ -42,25 +82,42 @@ class RollingKVCache:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.batch, self.heads, self.head_dim = batch, heads, head_dim
         self.chunk_size, self.window, self.sink = chunk_size, window, sink
-        self.ring = window - chunk_size
+        self.ring = window
         self.dtype = dtype
-        shape = (batch, sink + self.ring, heads, head_dim)
+        shape = (batch, sink + window, heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.pos = torch.zeros(1, dtype=torch.int64, device=device)
+        self.workspace = _workspace(batch, sink + window, chunk_size, heads, head_dim, dtype, self.k.device)
+        # Host-side bookkeeping (no device reads): writes since construction, resets, and the length of the last
+        # chunk written when it was short (the stream must end there).
+        self.writes = 0
+        self.epoch = 0
+        self.short_tail = 0
 
     @property
     def device(self) -> torch.device:
         return self.k.device
 
     @property
-    def capacity(self) -> int:
-        """Slots in the cache (sink + ring), in tokens."""
+    def slots(self) -> int:
+        """Rows of ``k``/``v``: sink + window."""
         return self.sink + self.ring
 
+    @property
+    def capacity(self) -> int:
+        """Earlier tokens the cache keeps visible for the next chunk: sink + window - chunk_size."""
+        return self.sink + self.window - self.chunk_size
+
     def reset(self) -> None:
-        """Empty the cache (in place; the buffers are kept)."""
+        """Empty the cache in place (the buffers are kept): afterwards it is indistinguishable from a new one --
+        positions and contents zeroed, so nothing of the previous stream (a NaN included) can be read again."""
+        self.k.zero_()
+        self.v.zero_()
         self.pos.zero_()
+        self.writes = 0
+        self.epoch += 1
+        self.short_tail = 0
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

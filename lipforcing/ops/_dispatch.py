@@ -2,20 +2,27 @@
 
 Each op declares, per backend, where its implementation lives (a module path and a function name, imported
 lazily) and the op's public function asks :func:`resolve` which one to run.  Order for ``backend="auto"``:
-``cuda`` -> ``triton`` -> ``reference``.  A backend is *applicable* only to CUDA tensors (the Triton interpreter
-is used on CPU tensors only when ``backend="triton"`` is asked for explicitly and ``TRITON_INTERPRET=1``).
+:func:`auto_order` -- measured speed per (op, GPU architecture, dtype, head_dim) from ``dispatch_table.json``
+beside this file when a GPU benchmark run has filled it, else ``cuda`` -> ``triton`` -> ``reference``, except
+on sm_90+ where the Triton kernels (wgmma) come before the mma.sync CUDA kernels.  The optional library backends
+(``flash_attn``, ``cudnn``; chunk_attention only) join ``auto`` only through a measured table entry.  A backend
+is *applicable* only to CUDA tensors (the Triton interpreter is used on CPU tensors only when
+``backend="triton"`` is asked for explicitly and ``TRITON_INTERPRET=1``).
 
 An implementation module may define ``<fn>_unsupported(*args, **kwargs) -> str | None`` next to ``<fn>``: it gets
 the op's arguments and returns why it cannot handle them (dtype, head_dim, ...), or ``None``.
 
-``LIPFORCING_BACKEND`` (``auto | cuda | triton | reference``) replaces ``backend="auto"`` in every call; an
+``LIPFORCING_BACKEND`` (``auto | cuda | triton | reference | flash_attn | cudnn``) replaces ``backend="auto"`` in every call; an
 explicit ``backend=`` argument wins over the environment.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import json
 import logging
 import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -24,7 +31,9 @@ import torch
 logger = logging.getLogger("lipforcing")
 
 BACKENDS = ("cuda", "triton", "reference")
-_CHOICES = ("auto",) + BACKENDS
+OPTIONAL_BACKENDS = ("flash_attn", "cudnn")  # other libraries' kernels (chunk_attention's dense step only)
+_CHOICES = ("auto",) + BACKENDS + OPTIONAL_BACKENDS
+TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
 _logged: set[tuple] = set()
 
 
@@ -62,10 +71,46 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
+def _table() -> tuple[dict, ...]:
+    """Rows of dispatch_table.json: {op, arch, dtype, head_dim, order}."""
+    try:
+        data = json.loads(TABLE_PATH.read_text())
+    except FileNotFoundError:
+        return ()
+    return tuple(data.get("entries", ()))
+
+
+def _arch(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def auto_order(op: str, device: torch.device, dtype: torch.dtype | None = None,
+               head_dim: int | None = None) -> tuple[str, ...]:
+    """Backends ``auto`` tries, fastest first.  A dispatch-table row for (op, arch, dtype, head_dim) wins (its
+    order, then any core backend it leaves out); without one: cuda -> triton -> reference, with triton first on
+    sm_90 and newer (Hopper: Triton issues wgmma, the CUDA kernels are mma.sync)."""
+    arch = _arch(device)
+    if arch is not None:
+        dname = str(dtype).replace("torch.", "") if dtype is not None else None
+        for row in _table():
+            if (row.get("op"), row.get("arch"), row.get("dtype"), row.get("head_dim")) == (op, arch, dname, head_dim):
+                order = [b for b in row["order"] if b in _CHOICES[1:]]
+                return tuple(order + [b for b in BACKENDS if b not in order])
+        if torch.cuda.get_device_capability(device) >= (9, 0):
+            return ("triton", "cuda", "reference")
+    return BACKENDS
+
+
 def _applicable(name: str, device: torch.device, explicit: bool) -> str | None:
     """Why backend ``name`` cannot run on ``device`` at all, or None (``explicit``: the caller asked for it)."""
     if name == "reference":
         return None
+    if name in OPTIONAL_BACKENDS:
+        return None if device.type == "cuda" else f"the {name} backend needs CUDA tensors, got tensors on {device}"
     if name == "cuda":
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got tensors on {device}"
@@ -95,7 +140,12 @@ def resolve(op: str, impls: Mapping[str, Impl], backend: str, device: torch.devi
     skipped ones once per distinct reason.
     """
     want = requested_backend(backend)
-    order = BACKENDS if want == "auto" else (want,)
+    if want == "auto":
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        order = auto_order(op, device, first.dtype if first is not None else None,
+                           first.shape[-1] if first is not None and first.dim() else None)
+    else:
+        order = (want,)
     reasons = []
     for name in order:
         reason = _applicable(name, device, explicit=want != "auto")

@@ -1,12 +1,14 @@
 """``chunk_attention``: one chunk's queries against a RollingKVCache plus the chunk's own keys.
 
 Three custom ops: ``lipforcing::chunk_attention`` (mutates the cache; used for ``write=True``),
-``lipforcing::chunk_attention_read`` (functional, ``write=False``; carries the autograd formula -- PyTorch allows
-one only on functional ops) and its backward ``lipforcing::chunk_attention_backward``.
+``lipforcing::chunk_attention_read`` (functional, ``write=False``, returns the output and the log-sum-exp of the
+scores; carries the autograd formula -- PyTorch allows one only on functional ops) and its backward
+``lipforcing::chunk_attention_backward``.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -20,17 +22,22 @@ from lipforcing.ops.rope import RopeSpec
 
 # Backend signatures:
 #   forward(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos, rope_sin, grid_h,
-#           grid_w) -> out; when write is True it also stores k, v in (k_cache, v_cache) and advances pos (in place).
-#           rope_cos/rope_sin are None for no rotation, else the RopeSpec tables.
-#   backward(grad_out, q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, scale, rope_cos, rope_sin, grid_h,
-#            grid_w) -> (dq, dk, dv) (write=False only: the cache is a constant).
-# For now every backend's backward is the reference (the fast backends only run the forward).
+#           grid_w) -> out, or (out, lse) with lse (B, H, n) float32 base-e log-sum-exp (an empty tensor when the
+#           backend has none); when write is True it also stores k, v in (k_cache, v_cache) and advances pos (in
+#           place).  rope_cos/rope_sin are None for no rotation, else the RopeSpec tables.
+#   backward(grad_out, q, k, v, out, lse, k_cache, v_cache, pos, chunk_size, window, sink, scale, rope_cos,
+#            rope_sin, grid_h, grid_w) -> (dq, dk, dv) (write=False only: the cache is a constant).
 _IMPLS = {
     "reference": Impl(__name__, "_reference"),
     "triton": Impl("lipforcing.kernels.chunk_attention", "chunk_attention_triton"),
     "cuda": Impl("lipforcing.ops.cuda.chunk_attention", "chunk_attention_cuda"),
+    "flash_attn": Impl("lipforcing.ops.chunk_attention_dense", "chunk_attention_flash_attn"),
+    "cudnn": Impl("lipforcing.ops.chunk_attention_dense", "chunk_attention_cudnn"),
 }
-_BWD = {name: Impl(__name__, "_backward_reference") for name in _IMPLS}
+_BWD = {
+    "reference": Impl(__name__, "_backward_reference"),
+    "triton": Impl("lipforcing.kernels.chunk_attention", "chunk_attention_backward_triton"),
+}
 
 
 def _spec(rope_cos, rope_sin, grid_h, grid_w):
@@ -40,14 +47,23 @@ def _spec(rope_cos, rope_sin, grid_h, grid_w):
 def _reference(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos, rope_sin,
                grid_h, grid_w):
     return chunk_attention_ref(q, k, v, k_cache, v_cache, pos, chunk_size=chunk_size, window=window, sink=sink,
-                               write=write, scale=scale, rope=_spec(rope_cos, rope_sin, grid_h, grid_w))
+                               write=write, scale=scale, rope=_spec(rope_cos, rope_sin, grid_h, grid_w),
+                               return_lse=True)
 
 
-def _backward_reference(grad_out, q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, scale, rope_cos,
-                        rope_sin, grid_h, grid_w):
+def _backward_reference(grad_out, q, k, v, out, lse, k_cache, v_cache, pos, chunk_size, window, sink, scale,
+                        rope_cos, rope_sin, grid_h, grid_w):
     return chunk_attention_backward_ref(grad_out, q, k, v, k_cache, v_cache, pos, chunk_size=chunk_size,
                                         window=window, sink=sink, scale=scale,
                                         rope=_spec(rope_cos, rope_sin, grid_h, grid_w))
+
+
+def _run(backend, *args):
+    res = _dispatch.implementation(_IMPLS, backend)(*args)
+    out, lse = res if isinstance(res, tuple) else (res, None)
+    if lse is None:
+        lse = out.new_empty(0, dtype=torch.float32)
+    return out.contiguous(), lse
 
 
 @torch.library.custom_op("lipforcing::chunk_attention", mutates_args=("k_cache", "v_cache", "pos"))
@@ -55,9 +71,8 @@ def _op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor
         pos: torch.Tensor, chunk_size: int, window: int, sink: int, write: bool, scale: float,
         rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor], grid_h: int, grid_w: int,
         backend: str) -> torch.Tensor:
-    out = _dispatch.implementation(_IMPLS, backend)(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink,
-                                                    write, scale, rope_cos, rope_sin, grid_h, grid_w)
-    return out.contiguous()
+    return _run(backend, q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos,
+                rope_sin, grid_h, grid_w)[0]
 
 
 @_op.register_fake
@@ -70,52 +85,84 @@ def _(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, ro
 def _op_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              pos: torch.Tensor, chunk_size: int, window: int, sink: int, scale: float,
              rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor], grid_h: int, grid_w: int,
-             backend: str) -> torch.Tensor:
-    out = _dispatch.implementation(_IMPLS, backend)(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink,
-                                                    False, scale, rope_cos, rope_sin, grid_h, grid_w)
-    return out.contiguous()
+             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _run(backend, q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, False, scale, rope_cos,
+                rope_sin, grid_h, grid_w)
 
 
 @_op_read.register_fake
 def _(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, scale, rope_cos, rope_sin, grid_h, grid_w,
       backend):
-    return torch.empty_like(q)
+    B, n, H, _ = q.shape
+    lse_len = 0 if backend in ("cuda", "flash_attn", "cudnn") else n
+    return torch.empty_like(q), q.new_empty((B, H, lse_len) if lse_len else (0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("lipforcing::chunk_attention_backward", mutates_args=())
-def _op_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, pos: torch.Tensor, chunk_size: int, window: int, sink: int, scale: float,
-                 rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor], grid_h: int, grid_w: int,
+def _op_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                 chunk_size: int, window: int, sink: int, scale: float, rope_cos: Optional[torch.Tensor],
+                 rope_sin: Optional[torch.Tensor], grid_h: int, grid_w: int,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = _dispatch.implementation(_BWD, backend)(grad_out, q, k, v, k_cache, v_cache, pos, chunk_size,
-                                                         window, sink, scale, rope_cos, rope_sin, grid_h, grid_w)
+    dq, dk, dv = _dispatch.implementation(_BWD, backend)(grad_out, q, k, v, out, lse, k_cache, v_cache, pos,
+                                                         chunk_size, window, sink, scale, rope_cos, rope_sin,
+                                                         grid_h, grid_w)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
 @_op_backward.register_fake
-def _(grad_out, q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, scale, rope_cos, rope_sin, grid_h,
-      grid_w, backend):
+def _(grad_out, q, k, v, out, lse, k_cache, v_cache, pos, chunk_size, window, sink, scale, rope_cos, rope_sin,
+      grid_h, grid_w, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _backward_backend(forward_backend: str, lse: torch.Tensor, device: torch.device) -> str:
+    """The Triton flash-style backward when the forward left an LSE and Triton runs here, else the reference."""
+    if forward_backend == "reference" or lse.numel() == 0:
+        return "reference"
+    return "triton" if _dispatch._applicable("triton", device, explicit=True) is None else "reference"
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, scale, rope_cos, rope_sin, grid_h, grid_w, \
         backend = inputs
-    # Snapshot the cache: it is written later (e.g. by the cache-write pass of this very chunk) while the
-    # gradient must be that of the keys/values this forward attended to.
-    ctx.save_for_backward(q, k, v, k_cache.clone(), v_cache.clone(), pos.clone(), rope_cos, rope_sin)
-    ctx.args = (chunk_size, window, sink, scale, grid_h, grid_w, backend)
+    out, lse = output
+    # No copy of the cache: the backward reads it in place with the position saved here (8 bytes).  That is
+    # exact as long as at most one cache write happened in between (a write only overwrites the stale slots this
+    # chunk did not see); the public op checks this before the backward runs.
+    ctx.save_for_backward(q, k, v, out, lse, pos.clone(), rope_cos, rope_sin)
+    ctx.cache = (k_cache, v_cache)
+    ctx.args = (chunk_size, window, sink, scale, grid_h, grid_w, _backward_backend(backend, lse, q.device))
 
 
-def _backward(ctx, grad_out):
-    q, k, v, k_cache, v_cache, pos, rope_cos, rope_sin = ctx.saved_tensors
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, pos, rope_cos, rope_sin = ctx.saved_tensors
+    k_cache, v_cache = ctx.cache
     chunk_size, window, sink, scale, grid_h, grid_w, backend = ctx.args
-    dq, dk, dv = _op_backward(grad_out.contiguous(), q, k, v, k_cache, v_cache, pos, chunk_size, window, sink,
-                              scale, rope_cos, rope_sin, grid_h, grid_w, backend)
+    dq, dk, dv = _op_backward(grad_out.contiguous(), q, k, v, out, lse, k_cache, v_cache, pos, chunk_size,
+                              window, sink, scale, rope_cos, rope_sin, grid_h, grid_w, backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 _op_read.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _cache_unchanged_hook(cache: RollingKVCache):
+    """A grad_fn pre-hook that refuses the backward when the cache was reset or written more than once since
+    the forward (the keys that forward attended to may be gone: snapshot the cache instead)."""
+    ref, epoch, writes = weakref.ref(cache), cache.epoch, cache.writes
+
+    def hook(grad_outputs):
+        c = ref()
+        if c is not None and (c.epoch != epoch or c.writes - writes > 1):
+            raise RuntimeError(
+                "chunk_attention backward: the RollingKVCache was " + ("reset" if c.epoch != epoch else
+                f"written {c.writes - writes} times") + " after this forward, so the keys it attended to may be "
+                "overwritten.  Run the backward before the next chunk's write, or give the forward a snapshot "
+                "(a copy of the cache with cloned k, v, pos), as lipforcing.distill.rollout does.")
+        return None
+
+    return hook
 
 
 def _check_rope(rope, q, cache: RollingKVCache) -> None:
@@ -144,35 +191,43 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Ro
                     rope: RopeSpec | None = None, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Attention of the chunk that comes next in a stream: its queries against the cached sink and window tokens
     and its own keys (bidirectional inside the chunk).  Differentiable in q, k, v when ``write=False``; the cache
-    is a constant (a snapshot of it is kept for the backward, so later writes do not change the gradient).  The
-    backward runs the reference for every backend for now.
+    is a constant, read in place in the backward (no copy), which must therefore run before the cache is written
+    a second time or reset (checked: RuntimeError).  The Triton backward is flash-style (recomputes the scores
+    from the saved log-sum-exp); the reference backward runs for the reference backend and where Triton cannot.
 
     With ``cache.pos = P`` tokens already written, the chunk covers stream tokens ``P .. P+n-1`` and sees::
 
         [ sink: tokens 0..sink-1 | window: tokens P+chunk_size-window .. P-1 | current chunk: k, v ]
 
     each token once -- the rule of ``block_causal_attention`` for that chunk.  Streaming N chunks with
-    ``write=True`` and ``rope=None`` equals ``block_causal_attention`` on the whole sequence.
+    ``write=True`` and ``rope=None`` equals ``block_causal_attention`` on the whole sequence.  The fast backends
+    write first and then attend densely over the cache slots (see RollingKVCache); ``write=False`` reads the
+    current chunk in place of the slots it would overwrite.  Masked slots are selected away, never multiplied by
+    zero: a NaN in a slot the chunk does not see cannot reach the output; NaN/inf in q, k, v propagate.
 
     Parameters
     ----------
-    q, k, v : (batch, n, heads, head_dim), ``n <= cache.chunk_size`` (only the last chunk of a stream may be
-        short), dtype and device of the cache, contiguous last dimension.
+    q, k, v : (batch, n, heads, head_dim), ``n <= cache.chunk_size``, dtype and device of the cache, contiguous
+        last dimension.  Only the last chunk of a stream may be short: once a short chunk has been written
+        (``write=True``) every further call on the cache raises ValueError until ``cache.reset()`` (the host
+        knows n, so this needs no device read; ``write=False`` calls with a short chunk are always allowed).
     cache : the layer's RollingKVCache.  **Mutated** when ``write=True``: k, v are stored (evicting the oldest
-        non-sink tokens) and ``cache.pos`` advances by n, after the attention.
-    write : store this chunk's k, v after attending.  Not differentiable: with gradient mode on and q, k or v
-        requiring grad it raises ValueError (run the cache-write pass under ``torch.no_grad()``).
+        non-sink tokens) and ``cache.pos`` advances by n.
+    write : store this chunk's k, v.  Not differentiable: with gradient mode on and q, k or v requiring grad it
+        raises ValueError (run the cache-write pass under ``torch.no_grad()``).
     rope : ``None`` -- q and k are used as given (absolute mode: already rotated).  A RopeSpec -- dynamic RoPE:
-        the cache holds un-rotated keys; q and every key are rotated inside the op with *window-relative* time
-        positions (sink frames first, then the window in order) and their height/width positions.  chunk_size,
-        window and sink must then be whole frames.
-    scale : softmax scale, default ``head_dim ** -0.5``.
-    backend : ``"auto" | "cuda" | "triton" | "reference"``.
+        the cache holds un-rotated keys; q and every key are rotated with *window-relative* time positions (sink
+        frames first, then the window in order) and their height/width positions.  chunk_size, window and sink
+        must then be whole frames.  The fast backends rotate once per step (q and the visible keys, in a small
+        pass into the cache's shared workspace), never inside the attention loop.
+    scale : softmax scale, default ``head_dim ** -0.5``; finite and > 0.
+    backend : ``"auto" | "cuda" | "triton" | "reference" | "flash_attn" | "cudnn"`` (the last two: the
+        flash-attn package and PyTorch SDPA's cuDNN kernel on the dense step; full chunks on CUDA only).
 
     Returns
     -------
     (batch, n, heads, head_dim) in q's dtype.  No host synchronisation and no allocation besides the output
-    (and, when autograd records the call, the cache snapshot).
+    (and, when autograd records the call, the saved log-sum-exp).
     """
     if not isinstance(cache, RollingKVCache):
         raise TypeError(f"cache must be a lipforcing.RollingKVCache, got {type(cache).__name__}")
@@ -184,6 +239,8 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Ro
         if x.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
     B, n, H, D = q.shape
+    if D == 0:
+        raise ValueError(f"q must have head_dim >= 1, got shape {tuple(q.shape)}")
     if q.device != cache.device:
         raise ValueError(f"q is on {q.device} but the cache is on {cache.device}")
     if q.dtype != cache.dtype:
@@ -193,12 +250,18 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Ro
                          f"{(cache.batch, cache.heads, cache.head_dim)}")
     if not 1 <= n <= cache.chunk_size:
         raise ValueError(f"q has {n} tokens; a chunk must have 1..cache.chunk_size ({cache.chunk_size}) tokens")
+    if cache.short_tail:
+        raise ValueError(f"the cache already holds a short chunk ({cache.short_tail} of {cache.chunk_size} "
+                         "tokens): only the last chunk of a stream may be short; call cache.reset() to start a new "
+                         "stream")
     if not isinstance(write, bool):
         raise TypeError(f"write must be a bool, got {type(write).__name__}")
     if write and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise ValueError("chunk_attention(write=True) is not differentiable: run the cache-write pass under "
                          "torch.no_grad()")
     _checks.scale(scale)
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
     if rope is not None:
         _check_rope(rope, q, cache)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
@@ -208,5 +271,12 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Ro
             gh, gw)
     name = _dispatch.resolve("chunk_attention", _IMPLS, backend, q.device, args, {})
     if write:
-        return _op(*args, name)
-    return _op_read(*args[:9], *args[10:], name)
+        out = _op(*args, name)
+        cache.writes += 1
+        if n < cache.chunk_size:
+            cache.short_tail = n
+        return out
+    out, _ = _op_read(*args[:9], *args[10:], name)
+    if out.grad_fn is not None:
+        out.grad_fn.register_prehook(_cache_unchanged_hook(cache))
+    return out

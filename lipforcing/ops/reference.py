@@ -86,14 +86,16 @@ def block_causal_attention_backward_ref(grad_out, q, k, v, chunk_size: int, wind
 
 
 # ----------------------------------------------------------------------------------------------- rolling cache
-# The cache of one layer holds S = sink slots and R = window - chunk_size ring slots.  A stream token at absolute
-# position p lives in slot p when p < S, else in slot S + (p - S) mod R.  ``pos`` (int64, shape (1,), on the
-# device) counts the tokens written so far.  Everything below is arithmetic on ``pos``: no host syncs.
+# The cache of one layer holds S = sink slots and R = window ring slots.  A stream token at absolute position p
+# lives in slot p when p < S, else in slot S + (p - S) mod R.  ``pos`` (int64, shape (1,), on the device) counts
+# the tokens written so far.  Everything below is arithmetic on ``pos``: no host syncs.  The reference reads the
+# cache as it is *before* the chunk is written (the slots the chunk will overwrite hold tokens it must not see)
+# and appends the current chunk's keys: straight from the rule, independent of the kernels' write-first order.
 
 
 def cache_slot_positions(pos: torch.Tensor, sink: int, ring: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absolute stream position held by each cache slot and whether the slot holds a token the next chunk may
-    see.  Returns (positions (S+R,) int64, valid (S+R,) bool)."""
+    """Absolute stream position held by each cache slot and whether the slot has been written.
+    Returns (positions (S+R,) int64, filled (S+R,) bool)."""
     dev = pos.device
     s = torch.arange(sink, device=dev)
     sink_valid = s < pos
@@ -117,8 +119,8 @@ def window_relative_positions(p: torch.Tensor, end: torch.Tensor, window: int, s
 def cache_write_ref(k, v, k_cache, v_cache, pos, *, sink: int) -> None:
     """Store the chunk k, v (B, n, H, D) at stream positions pos .. pos+n-1 (in place) and advance ``pos``.
 
-    Every slot takes the newest token of the chunk that maps to it (a chunk longer than the ring overwrites its
-    own older tokens), computed as a gather so the result does not depend on write order."""
+    Every slot takes the newest token of the chunk that maps to it, computed as a gather so the result does not
+    depend on write order (with the ring of a whole window a chunk never wraps onto itself)."""
     n = k.shape[1]
     ring = k_cache.shape[1] - sink
     dev = k.device
@@ -140,42 +142,53 @@ def cache_write_ref(k, v, k_cache, v_cache, pos, *, sink: int) -> None:
 
 def _chunk_keys(q, k, v, k_cache, v_cache, pos, chunk_size: int, window: int, sink: int, rope: RopeSpec | None):
     """What chunk_attention_ref and its backward attend with: float32 (q, keys_k, keys_v) -- q and keys rotated
-    when ``rope`` is given, keys = [cache slots | current chunk] -- the (Lk,) validity of the keys, and for the
-    inverse rotation ``(q_t, key_t, token_in_frame)`` of the current chunk (None without rope)."""
+    when ``rope`` is given, keys = [cache slots | current chunk] -- the (Lk,) visibility of the keys (a slot is
+    visible when written and a sink token or inside the window), and for the inverse rotation
+    ``(q_t, key_t, token_in_frame)`` of the current chunk (None without rope).  Invisible keys and values are
+    replaced by zeros (selected, not multiplied), so whatever they hold -- a NaN included -- cannot leak."""
     n = q.shape[1]
     ring = k_cache.shape[1] - sink
-    slot_pos, slot_valid = cache_slot_positions(pos, sink, ring)
+    slot_pos, slot_filled = cache_slot_positions(pos, sink, ring)
+    end = pos + chunk_size
+    lo = torch.clamp(end - window, min=sink)
+    slot_valid = slot_filled & ((slot_pos < sink) | (slot_pos >= lo))
     cur_pos = pos + torch.arange(n, device=q.device)
-    keys_k = torch.cat([k_cache.to(k.dtype), k], dim=1).float()
-    keys_v = torch.cat([v_cache.to(v.dtype), v], dim=1).float()
     valid = torch.cat([slot_valid, torch.ones(n, dtype=torch.bool, device=q.device)])
+    keep = valid[None, :, None, None]
+    keys_k = torch.where(keep, torch.cat([k_cache.to(k.dtype), k], dim=1).float(), 0.0)
+    keys_v = torch.where(keep, torch.cat([v_cache.to(v.dtype), v], dim=1).float(), 0.0)
     qf = q.float()
     rot = None
     if rope is not None:
-        end = pos + chunk_size
         key_abs = torch.cat([slot_pos, cur_pos])
         tpf = rope.tokens_per_frame
         key_t = window_relative_positions(key_abs, end, window, sink) // tpf
         q_t = window_relative_positions(cur_pos, end, window, sink) // tpf
         qf = rotate(qf, q_t, cur_pos % tpf, rope)
-        keys_k = rotate(keys_k, key_t, key_abs.clamp(min=0) % tpf, rope)
+        keys_k = rotate(keys_k, key_t.clamp(min=0), key_abs.clamp(min=0) % tpf, rope)
         rot = (q_t, key_t[-n:], cur_pos % tpf)
     return qf, keys_k, keys_v, valid, rot
 
 
 @_fp32
 def chunk_attention_ref(q, k, v, k_cache, v_cache, pos, *, chunk_size: int, window: int, sink: int,
-                        write: bool, scale: float, rope: RopeSpec | None = None):
-    """Reference of ``lipforcing.ops.chunk_attention`` (one layer, one chunk).  Returns out in q.dtype.
+                        write: bool, scale: float, rope: RopeSpec | None = None, return_lse: bool = False):
+    """Reference of ``lipforcing.ops.chunk_attention`` (one layer, one chunk).  Returns out in q.dtype (and,
+    with ``return_lse``, the base-e log-sum-exp of the scores, (B, H, n) float32).
 
     Keys = [cache slots that are visible | current k].  With ``rope`` the cache holds un-rotated keys and q and
     every key are rotated with window-relative time positions (``window_relative_positions`` // tokens per
-    frame) and their in-frame height/width positions."""
+    frame) and their in-frame height/width positions.  NaN/inf in q or k propagate as IEEE arithmetic makes them
+    (every query sees at least its own chunk, so no row is empty and nothing is replaced by zeros)."""
     qf, keys_k, keys_v, valid, _ = _chunk_keys(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, rope)
-    out, _ = _softmax_attention(qf, keys_k, keys_v, valid[None, None, None, :], scale)
+    s = torch.einsum("bqhd,bkhd->bhqk", qf, keys_k) * scale
+    s = torch.where(valid[None, None, None, :], s, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.softmax(s, dim=-1)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, keys_v).to(q.dtype)
     if write:
         cache_write_ref(k, v, k_cache, v_cache, pos, sink=sink)
-    return out.to(q.dtype)
+    return (out, lse) if return_lse else out
 
 
 @_fp32

@@ -242,12 +242,13 @@ def test_gradient_with_dynamic_rope_matches_rotation_oracle():
 @pytest.mark.parametrize("rope", [False, True])
 def test_gradient_unchanged_by_cache_write_before_backward(rope):
     """The rollout's order: exit forward (write=False, with grad), then the cache-write pass of the same chunk,
-    then the backward.  The gradient is that of the cache the forward saw."""
+    then the backward.  The cache is read in place (no copy); the one write in between only overwrites slots the
+    forward did not see, so the gradient is unchanged.  A second write could evict visible keys: refused."""
     B, H, D, chunk, window, sink = 1, 2, 12, 6, 18, 6
     spec = ops.rope_spec(D, (2, 3), max_frames=8) if rope else None
     cache = lipforcing.RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink)
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(4):
             x = torch.randn(B, chunk, H, D)
             ops.chunk_attention(x, x, x, cache, write=True, rope=spec, backend="reference")
     q, k, v = (torch.randn(B, chunk, H, D) for _ in range(3))
@@ -257,12 +258,20 @@ def test_gradient_unchanged_by_cache_write_before_backward(rope):
     expected = torch.autograd.grad(out, leaves, g)
     leaves = _leaves(q, k, v)
     out = ops.chunk_attention(*leaves, cache, write=False, rope=spec, backend="reference")
-    with torch.no_grad():
-        for _ in range(2):   # this chunk's cache write, and the next one (evicts window tokens)
-            ops.chunk_attention(q, k, v, cache, write=True, rope=spec, backend="reference")
-    got = torch.autograd.grad(out, leaves, g)
+    with torch.no_grad():   # this chunk's cache write
+        ops.chunk_attention(q, k, v, cache, write=True, rope=spec, backend="reference")
+    got = torch.autograd.grad(out, leaves, g, retain_graph=True)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with torch.no_grad():   # the next chunk's write evicts keys the forward saw
+        ops.chunk_attention(q, k, v, cache, write=True, rope=spec, backend="reference")
+    with pytest.raises(RuntimeError, match="written 2 times after this forward.*snapshot"):
+        torch.autograd.grad(out, leaves, g)
+    leaves = _leaves(q, k, v)
+    out = ops.chunk_attention(*leaves, cache, write=False, rope=spec, backend="reference")
+    cache.reset()
+    with pytest.raises(RuntimeError, match="was reset after this forward"):
+        torch.autograd.grad(out, leaves, g)
 
 
 def test_write_true_with_gradient_raises_before_writing():
@@ -290,6 +299,114 @@ def test_opcheck_with_gradient():
     for cos, sin, gh, gw in ((None, None, 0, 0), (spec.cos, spec.sin, 2, 2)):
         torch.library.opcheck(torch.ops.lipforcing.chunk_attention_read.default,
                               (q, k, v, cache.k, cache.v, cache.pos, 4, 12, 2, 0.3, cos, sin, gh, gw, "reference"))
+        out, lse = torch.ops.lipforcing.chunk_attention_read(q.detach(), k.detach(), v.detach(), cache.k, cache.v,
+                                                             cache.pos, 4, 12, 2, 0.3, cos, sin, gh, gw,
+                                                             "reference")
         torch.library.opcheck(torch.ops.lipforcing.chunk_attention_backward.default,
-                              (torch.randn(1, 4, 2, 8), q.detach(), k.detach(), v.detach(), cache.k, cache.v,
-                               cache.pos, 4, 12, 2, 0.3, cos, sin, gh, gw, "reference"))
+                              (torch.randn(1, 4, 2, 8), q.detach(), k.detach(), v.detach(), out, lse, cache.k,
+                               cache.v, cache.pos, 4, 12, 2, 0.3, cos, sin, gh, gw, "reference"))
+
+
+# ---- cache layout, reset, masked slots, NaN/inf and validation (issue 13) ----
+
+def test_cache_layout_holds_a_whole_window():
+    cache = lipforcing.RollingKVCache(2, 3, 8, chunk_size=4, window=12, sink=5)
+    assert cache.k.shape == (2, 5 + 12, 3, 8) and cache.slots == 17
+    assert cache.capacity == 5 + 12 - 4  # earlier tokens the next chunk can see
+    assert cache.workspace is lipforcing.RollingKVCache(2, 3, 8, chunk_size=4, window=12, sink=5).workspace
+
+
+def test_reset_leaves_a_new_cache():
+    """Issue 13: stale values (a NaN included) must not survive reset()."""
+    B, H, D, chunk, window, sink = 1, 2, 8, 4, 12, 3
+    cache = lipforcing.RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink)
+    fresh = lipforcing.RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink)
+    for _ in range(5):
+        x = torch.randn(B, chunk, H, D)
+        x[0, 1, 0, 2] = float("nan")
+        ops.chunk_attention(x, x, x, cache, write=True, backend="reference")
+    ptrs = (cache.k.data_ptr(), cache.v.data_ptr(), cache.pos.data_ptr())
+    cache.reset()
+    assert ptrs == (cache.k.data_ptr(), cache.v.data_ptr(), cache.pos.data_ptr()), "cache reallocated"
+    for a, b in ((cache.k, fresh.k), (cache.v, fresh.v), (cache.pos, fresh.pos)):
+        assert torch.equal(a, b)
+    assert (cache.writes, cache.short_tail) == (fresh.writes, fresh.short_tail)
+    q, k, v = (torch.randn(B, 3 * chunk, H, D) for _ in range(3))
+    torch.testing.assert_close(_stream(q, k, v, cache, chunk), _stream(q, k, v, fresh, chunk), atol=0, rtol=0)
+
+
+def _poison_invisible_slots(cache):
+    """NaN into every slot the next chunk must not see (unwritten, or stale ring tokens)."""
+    from lipforcing.ops.reference import cache_slot_positions
+
+    ring = cache.k.shape[1] - cache.sink
+    p, filled = cache_slot_positions(cache.pos, cache.sink, ring)
+    lo = max(int(cache.pos) + cache.chunk_size - cache.window, cache.sink)
+    visible = filled & ((p < cache.sink) | (p >= lo))
+    cache.k[:, ~visible] = float("nan")
+    cache.v[:, ~visible] = float("nan")
+    return int((~visible).sum())
+
+
+@pytest.mark.parametrize("written", [1, 4, 7])
+def test_nan_in_invisible_slots_never_reaches_the_output(written):
+    B, H, D, chunk, window, sink = 2, 2, 8, 4, 12, 2
+    cache = lipforcing.RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink)
+    with torch.no_grad():
+        for _ in range(written):
+            x = torch.randn(B, chunk, H, D)
+            ops.chunk_attention(x, x, x, cache, write=True, backend="reference")
+    clean = lipforcing.RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink)
+    clean.k.copy_(cache.k), clean.v.copy_(cache.v), clean.pos.copy_(cache.pos)
+    assert _poison_invisible_slots(cache) >= (chunk if written * chunk > sink + window - chunk else 1)
+    q, k, v = _leaves(*(torch.randn(B, chunk, H, D) for _ in range(3)))
+    out = ops.chunk_attention(q, k, v, cache, write=False, backend="reference")
+    torch.testing.assert_close(out, ops.chunk_attention(q, k, v, clean, write=False, backend="reference"))
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert out.isfinite().all() and all(g.isfinite().all() for g in grads)
+
+
+def test_nan_and_inf_in_q_k_propagate_in_the_reference():
+    """Issue 13: the reference used to turn NaN/inf rows into zeros while the kernels return NaN."""
+    B, H, D, chunk = 1, 2, 8, 4
+    cache = lipforcing.RollingKVCache(B, H, D, chunk_size=chunk, window=8, sink=0)
+    q, k, v = (torch.randn(B, chunk, H, D) for _ in range(3))
+    q[0, 1, 0, 3] = float("nan")
+    out = ops.chunk_attention(q, k, v, cache, write=False, backend="reference")
+    assert out[0, 1, 0].isnan().all() and out[0, :, 1].isfinite().all() and out[0, 0].isfinite().all()
+    q[0, 1, 0, 3] = 1.0
+    k[0, 2, 1, 0] = float("inf")  # head 1: a +inf score where q[..., 0] > 0, so inf - inf = NaN in that row
+    q[0, 0, 1, 0] = 1.0
+    out = ops.chunk_attention(q, k, v, cache, write=False, backend="reference")
+    assert out[0, 0, 1].isnan().all() and out[0, :, 0].isfinite().all()
+
+
+@pytest.mark.parametrize("scale,match", [(float("inf"), "scale must be finite"), (float("nan"), "scale must be"),
+                                         (0.0, "scale must be > 0")])
+def test_bad_scale_refused(scale, match):
+    cache = lipforcing.RollingKVCache(1, 2, 8, chunk_size=4, window=8)
+    x = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        ops.chunk_attention(x, x, x, cache, write=False, scale=scale)
+
+
+def test_head_dim_zero_refused():
+    cache = lipforcing.RollingKVCache(1, 2, 8, chunk_size=4, window=8)
+    x = torch.randn(1, 4, 2, 0)
+    with pytest.raises(ValueError, match=r"q must have head_dim >= 1"):
+        ops.chunk_attention(x, x, x, cache, write=False)
+
+
+def test_short_chunk_must_be_the_last():
+    cache = lipforcing.RollingKVCache(1, 2, 8, chunk_size=4, window=8, sink=1)
+    full, short = torch.randn(1, 4, 2, 8), torch.randn(1, 3, 2, 8)
+    ops.chunk_attention(short, short, short, cache, write=False)  # a short read is fine
+    ops.chunk_attention(full, full, full, cache, write=True)
+    ops.chunk_attention(short, short, short, cache, write=True)  # the stream ends here
+    for x, write in ((full, True), (full, False), (short, False)):
+        with pytest.raises(ValueError, match=r"already holds a short chunk \(3 of 4 tokens\).*reset"):
+            ops.chunk_attention(x, x, x, cache, write=write)
+    assert int(cache.pos) == 7
+    cache.reset()
+    ops.chunk_attention(full, full, full, cache, write=True)
+    assert int(cache.pos) == 4
