@@ -6,11 +6,13 @@
   tile's loads plus its base-2 scores.
 * ``_dq_step`` / ``_dkdv_step``: the FlashAttention-2 backward updates of one (query tile, key tile) pair.
 * ``_rope_rotate``: Wan 3-D RoPE on the (even, odd) halves of a tile (adjacent-pair convention, lipforcing.ops.rope).
+* ``device_guard``: the launch device of a tensor's kernels.
 * ``launch_config``: tile sizes per head_dim/dtype, and the dot precision (exact IEEE fp32 for float32 inputs,
   whose error budget is plain PyTorch's fp32 error; TF32 would be ~1e-3).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -25,6 +27,13 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_guard(t: torch.Tensor):
+    """Context that makes ``t``'s GPU the current device (and its current stream the launch stream) for a Triton
+    launch: tensors on cuda:1 while cuda:0 is current would otherwise launch on the wrong device.  A no-op for
+    CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def torch_to_dot_precision(dtype: torch.dtype) -> str:

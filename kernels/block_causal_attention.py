@@ -25,7 +25,8 @@ import triton.language as tl
 
 from lipforcing.kernels._attention_common import (_LN2, _LOG2E, LOG2E, _dkdv_step, _dq_step, _load_kv_scores,
                                                   _load_tile, _online_softmax_step, _store_tile, block_d,
-                                                  interpreting, launch_config, torch_to_dot_precision)
+                                                  device_guard, interpreting, launch_config,
+                                                  torch_to_dot_precision)
 
 _NO_WINDOW = 1 << 30  # window used when there is none (every earlier key visible); keeps the arithmetic int32
 
@@ -73,22 +74,33 @@ def _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, lo, hi, i, end_i, L, 
         k, v, s = _load_kv_scores(q, K_base, V_base, skn, svn, j, hi, d, d < HEAD_DIM, qk_scale, DOT_PRECISION)
         if MASKED:
             ok = _visible(i, j, end_i, L, SINK, WINDOW, HAS_WINDOW) & (j[None, :] < hi)
-            s = tl.where(ok, s, float("-inf"))
+            s = tl.where(ok, s, float("-inf"))  # a NaN score of a hidden key is selected away
+            # P V would multiply a hidden key's value by P = 0 (0 * NaN = NaN): value rows holding a non-finite
+            # entry are replaced by 0 for the product, and the rows that *see* such a key are set to NaN.
+            bad = (v != v) | (tl.abs(v.to(tl.float32)) == float("inf"))
+            bad_key = tl.max(bad.to(tl.int32), 1) > 0
+            v = tl.where(bad_key[:, None], 0.0, v).to(v.dtype)
+            sees_bad = tl.max((ok & bad_key[None, :]).to(tl.int32), 1) > 0
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
+        if MASKED:
+            acc = tl.where(sees_bad[:, None], float("nan"), acc)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _query_tile_key_ranges(m0, L, CHUNK, SINK, WINDOW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key ranges of the query tile starting at m0: (n_sink, w_lo, a, b, end_hi) -- see the module docstring."""
+    """Key ranges of the query tile starting at m0: (s_full, n_sink, w_lo, a, b, end_hi) -- see the module
+    docstring.  Sink keys before the window, [0, n_sink), are visible to every row of the tile (j < sink and
+    j < w_lo <= each row's chunk end), so their whole tiles [0, s_full) need no mask."""
     m_last = tl.minimum(m0 + BLOCK_M, L) - 1
     end_lo = (m0 // CHUNK + 1) * CHUNK  # nominal chunk ends of the first and last row (a short last chunk
     end_hi = (m_last // CHUNK + 1) * CHUNK  # keeps its nominal end for the window rule)
     w_lo = tl.maximum(end_lo - WINDOW, 0)
     n_sink = tl.minimum(SINK, w_lo)
+    s_full = (n_sink // BLOCK_N) * BLOCK_N
     k_hi = tl.minimum(end_hi, L)
     a, b = _split_range(w_lo, end_hi - WINDOW, end_lo, k_hi, BLOCK_N)
-    return n_sink, w_lo, a, b, k_hi
+    return s_full, n_sink, w_lo, a, b, k_hi
 
 
 @triton.jit
@@ -109,10 +121,12 @@ def _block_causal_fwd_kernel(
     K_base = K + b * skb + h * skh
     V_base = V + b * svb + h * svh
 
-    n_sink, w_lo, a, b_, end_hi = _query_tile_key_ranges(m0, L, CHUNK, SINK, WINDOW, BLOCK_M, BLOCK_N)
+    s_full, n_sink, w_lo, a, b_, end_hi = _query_tile_key_ranges(m0, L, CHUNK, SINK, WINDOW, BLOCK_M, BLOCK_N)
     if HAS_WINDOW:
-        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, 0, n_sink, i, end_i, L, SINK, WINDOW,
-                                   qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, 0, s_full, i, end_i, L, SINK, WINDOW,
+                                   qk_scale, False, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, s_full, n_sink, i, end_i, L, SINK,
+                                   WINDOW, qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
     acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, w_lo, a, i, end_i, L, SINK, WINDOW,
                                qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
     acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, K_base, V_base, skn, svn, a, b_, i, end_i, L, SINK, WINDOW,
@@ -160,12 +174,18 @@ def _bwd_dkdv_range(dk, dv, k, v, j, Q_base, DO_base, LSE_base, DELTA_base, sqm,
         delta = tl.load(DELTA_base + i, mask=rows, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse2[None, :])  # P^T, the forward's probabilities
+        # dV = P^T dO, dK = dS^T Q with dS = P * (dP - delta) (times scale, later)
         if MASKED:
+            # hidden (key, row) pairs: P = dS = 0 selected (a NaN delta of a row that does not see the key stays out)
             end_i = (i // CHUNK + 1) * CHUNK
             ok = tl.trans(_visible(i, j, end_i, L, SINK, WINDOW, HAS_WINDOW)) & rows[None, :]
             p_t = tl.where(ok, p_t, 0.0)
-        # dV = P^T dO, dK = dS^T Q with dS = P * (dP - delta) (times scale, later)
-        dk, dv = _dkdv_step(dk, dv, p_t, q, do, v, delta, 1.0, False, DOT_PRECISION)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            ds_t = tl.where(ok, p_t * (dp_t - delta[None, :]), 0.0)
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        else:
+            dk, dv = _dkdv_step(dk, dv, p_t, q, do, v, delta, 1.0, False, DOT_PRECISION)
     return dk, dv
 
 
@@ -229,9 +249,16 @@ def _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, lo
         k, v, s = _load_kv_scores(q, K_base, V_base, skn, svn, j, hi, d, d < HEAD_DIM, qk_scale, DOT_PRECISION)
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
+            # select, never multiply, what hidden keys hold: dS = 0 there and their non-finite k are zeroed (a row
+            # that sees a non-finite k has a NaN lse, hence NaN dS, anyway)
             ok = _visible(i, j, end_i, L, SINK, WINDOW, HAS_WINDOW) & (j[None, :] < hi)
             p = tl.where(ok, p, 0.0)
-        dq = _dq_step(dq, p, k, v, do, delta, DOT_PRECISION)  # dQ = dS K (times scale, later)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = tl.where(ok, p * (dp - delta[:, None]), 0.0)
+            k = tl.where((k == k) & (tl.abs(k.to(tl.float32)) != float("inf")), k, 0.0).to(v.dtype)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        else:
+            dq = _dq_step(dq, p, k, v, do, delta, DOT_PRECISION)  # dQ = dS K (times scale, later)
     return dq
 
 
@@ -254,10 +281,12 @@ def _block_causal_bwd_dq_kernel(
     K_base = K + b * skb + h * skh
     V_base = V + b * svb + h * svh
 
-    n_sink, w_lo, a, b_, end_hi = _query_tile_key_ranges(m0, L, CHUNK, SINK, WINDOW, BLOCK_M, BLOCK_N)
+    s_full, n_sink, w_lo, a, b_, end_hi = _query_tile_key_ranges(m0, L, CHUNK, SINK, WINDOW, BLOCK_M, BLOCK_N)
     if HAS_WINDOW:
-        dq = _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, 0, n_sink, L, SINK, WINDOW,
-                           qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        dq = _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, 0, s_full, L, SINK, WINDOW,
+                           qk_scale, False, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
+        dq = _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, s_full, n_sink, L, SINK,
+                           WINDOW, qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
     dq = _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, w_lo, a, L, SINK, WINDOW,
                        qk_scale, True, HAS_WINDOW, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
     dq = _bwd_dq_range(dq, q, do, lse2, delta, i, end_i, K_base, V_base, skn, svn, a, b_, L, SINK, WINDOW,
@@ -291,18 +320,39 @@ def block_causal_attention_triton(q, k, v, chunk_size, window, sink, scale):
     B, L, H, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    cfg = launch_config(D, q.dtype)
+    cfg = _fwd_config(D, q.dtype)
     has_window, w, s = _mask_args(window, sink)
-    _block_causal_fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
-        q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
-        H, L, chunk_size, w, s, scale * LOG2E,
-        HAS_WINDOW=has_window, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d(D),
-        DOT_PRECISION=torch_to_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with device_guard(q):
+        _block_causal_fwd_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](
+            q, k, v, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            H, L, chunk_size, w, s, scale * LOG2E,
+            HAS_WINDOW=has_window, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d(D),
+            DOT_PRECISION=torch_to_dot_precision(q.dtype), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+        )
     return out, lse
+
+
+def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """The shared forward tiles, with 2 pipeline stages for the 8-warp (head_dim 128, 16-bit) tiles: with 3 the
+    sm_90 kernel needs more than 255 registers and spills (tests/compile compile report)."""
+    cfg = launch_config(head_dim, dtype)
+    return dict(cfg, num_stages=2) if cfg["num_warps"] == 8 else cfg
+
+
+def _bwd_configs(head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(dK/dV config, dQ config).  Every dot of the dK/dV kernel has BLOCK_N (key) rows and every dot of the dQ
+    kernel BLOCK_M (query) rows; on Hopper each warpgroup (4 warps) issues wgmma on its own 64 of those rows, so
+    8 warps get 128 rows -- with 64 both warpgroups would compute the same product.  The dK/dV kernel holds two
+    (128, head_dim) fp32 accumulators, so it runs without load pipelining (2 stages spill at head_dim 128)."""
+    base = launch_config(head_dim, dtype, backward=True)
+    if interpreting() or base["num_warps"] <= 4:
+        return base, base
+    rows = 64 * (base["num_warps"] // 4)
+    return dict(base, BLOCK_N=rows, num_stages=1), dict(base, BLOCK_M=rows)
 
 
 def block_causal_attention_backward_triton(grad_out, q, k, v, out, lse, chunk_size, window, sink, scale):
@@ -314,27 +364,31 @@ def block_causal_attention_backward_triton(grad_out, q, k, v, out, lse, chunk_si
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    cfg = launch_config(D, q.dtype, backward=True)
-    bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(D)
+    kv_cfg, q_cfg = _bwd_configs(D, q.dtype)
+    bd = block_d(D)
     has_window, w, s = _mask_args(window, sink)
     prec = torch_to_dot_precision(q.dtype)
     g = grad_out
-    _bwd_delta_kernel[(triton.cdiv(L, bm), B * H)](
-        out, g, delta, out.stride(0), out.stride(1), out.stride(2), g.stride(0), g.stride(1), g.stride(2), H, L,
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=bd, num_warps=4,
-    )
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
               lse.stride(0), lse.stride(1))
-    meta = dict(HAS_WINDOW=has_window, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PRECISION=prec,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    _block_causal_bwd_dkdv_kernel[(triton.cdiv(L, bn), B * H)](
-        q, k, v, g, lse, delta, dk, dv, *common,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        H, L, chunk_size, w, s, scale * LOG2E, scale, **meta,
-    )
-    _block_causal_bwd_dq_kernel[(triton.cdiv(L, bm), B * H)](
-        q, k, v, g, lse, delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
-        H, L, chunk_size, w, s, scale * LOG2E, scale, **meta,
-    )
+
+    def meta(cfg):
+        return dict(HAS_WINDOW=has_window, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd,
+                    DOT_PRECISION=prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    with device_guard(q):
+        _bwd_delta_kernel[(triton.cdiv(L, q_cfg["BLOCK_M"]), B * H)](
+            out, g, delta, out.stride(0), out.stride(1), out.stride(2), g.stride(0), g.stride(1), g.stride(2), H, L,
+            HEAD_DIM=D, BLOCK_M=q_cfg["BLOCK_M"], BLOCK_D=bd, num_warps=4,
+        )
+        _block_causal_bwd_dkdv_kernel[(triton.cdiv(L, kv_cfg["BLOCK_N"]), B * H)](
+            q, k, v, g, lse, delta, dk, dv, *common,
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            H, L, chunk_size, w, s, scale * LOG2E, scale, **meta(kv_cfg),
+        )
+        _block_causal_bwd_dq_kernel[(triton.cdiv(L, q_cfg["BLOCK_M"]), B * H)](
+            q, k, v, g, lse, delta, dq, *common, dq.stride(0), dq.stride(1), dq.stride(2),
+            H, L, chunk_size, w, s, scale * LOG2E, scale, **meta(q_cfg),
+        )
     return dq, dk, dv
