@@ -208,10 +208,13 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
 
 
-def _prep_frames(frames: torch.Tensor, device, dtype, rgb: bool) -> torch.Tensor:
-    """(T, H, W, 3) uint8 -> (3, T, 224, 224) float in [0, 255], BGR order."""
+def _prep_frames(frames: torch.Tensor, device, dtype, rgb: bool, net=None) -> torch.Tensor:
+    """(T, H, W, 3) uint8 -> (3, T, S, S) float in [0, 255], BGR order; S = the network's ``frame_size`` (224 for
+    SyncNet v2); networks with ``lower_half = True`` see only the lower half of the face (the mouth)."""
     x = frames.to(device).permute(0, 3, 1, 2).to(dtype)                 # (T, 3, H, W)
-    S = SYNCNET_FRAME_SIZE
+    if getattr(net, "lower_half", False):
+        x = x[:, :, x.shape[2] // 2:]
+    S = getattr(net, "frame_size", SYNCNET_FRAME_SIZE)
     if x.shape[-2:] != (S, S):
         x = F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
     if rgb:
@@ -237,7 +240,7 @@ def _embed_one(net: SyncNet, frames: torch.Tensor, audio: torch.Tensor, batch_si
     need = MFCC_PER_FRAME * (n - 1) + MFCC_WINDOW
     if cc.shape[1] < need:
         raise AssertionError(f"MFCC has {cc.shape[1]} frames, need {need}")
-    video = _prep_frames(frames[:n + SYNCNET_WINDOW - 1], dev, dt, rgb)  # (3, T', 224, 224)
+    video = _prep_frames(frames[:n + SYNCNET_WINDOW - 1], dev, dt, rgb, net)  # (3, T', S, S)
     lip, aud = [], []
     for i in range(0, n, batch_size):
         idx = range(i, min(n, i + batch_size))

@@ -49,6 +49,8 @@ import torch
 
 from lipforcing import schedule
 from lipforcing.config import ModelConfig
+from lipforcing.distill import checkpoint as ckpt
+from lipforcing.distill.errors import TrainConfigError
 
 log = logging.getLogger("lipforcing.train")
 
@@ -65,8 +67,12 @@ STAGE_DEFAULTS = {
 }
 
 
-class TrainConfigError(ValueError):
-    """A training configuration that cannot run (the ``lipforcing train`` command prints it as one line)."""
+# the paper's learning rates are for 1.3B; the tiny preset needs about 10x more (measured on the world)
+TINY_STAGE_DEFAULTS = {"df": {"lr": 1e-4}, "sf": {"lr": 2e-5}}
+# the authors' training code: shifted DMD / critic timesteps clamped to <= 0.999, and the training rollout starts
+# from 0.999 * eps (inference starts from eps)
+MAX_DMD_T = 0.999
+ROLLOUT_NOISE_SCALE = 0.999
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -141,8 +147,20 @@ class TrainConfig:
     save_every: int = 0
     log_every: int = 1
     resume: bool = True
+    rollout_noise_scale: float = ROLLOUT_NOISE_SCALE
+    max_dmd_t: float = MAX_DMD_T
 
     def __post_init__(self):
+        try:
+            self._check()
+        except TrainConfigError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise TrainConfigError(str(exc)) from None
+
+    def _check(self):
+        from lipforcing.distill.stages.base import check_int, check_positive_number
+
         if isinstance(self.data, dict):
             self.data = _from_dict(DataConfig, self.data, "data")
         if isinstance(self.reward, dict):
@@ -174,11 +192,30 @@ class TrainConfig:
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.reward.decoder not in ("vae", "latent_rgb"):
             raise ValueError(f"reward.decoder must be 'vae' or 'latent_rgb', got {self.reward.decoder!r}")
+        for name in ("lr", "critic_lr", "grad_clip", "critic_grad_clip"):
+            check_positive_number(name, getattr(self, name), allow_none=True)
+        check_positive_number("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive_number("rollout_noise_scale", self.rollout_noise_scale)
+        check_positive_number("max_dmd_t", self.max_dmd_t)
+        if self.data.kind == "synthetic":
+            for name in ("num_samples", "frames", "height", "width", "text_len"):
+                check_int(f"data.{name}", getattr(self.data, name))
+        if not isinstance(self.model_overrides, dict):
+            raise TrainConfigError(f"model_overrides must be a mapping, got {type(self.model_overrides).__name__}")
+        for what, fn in (("model", self.model_config), ("teacher_model", self.teacher_config)):
+            try:
+                fn()
+            except (TypeError, ValueError) as exc:
+                raise TrainConfigError(f"{what}: {exc}") from None
 
     # stage defaults
     @property
     def student_lr(self) -> float:
-        return STAGE_DEFAULTS[self.stage]["lr"] if self.lr is None else float(self.lr)
+        if self.lr is not None:
+            return float(self.lr)
+        if self.model == "tiny":
+            return TINY_STAGE_DEFAULTS[self.stage]["lr"]
+        return STAGE_DEFAULTS[self.stage]["lr"]
 
     @property
     def student_betas(self) -> tuple:
@@ -266,43 +303,26 @@ def shard_model(model: torch.nn.Module, *, per_block: bool = True) -> torch.nn.M
     return model
 
 
-# --------------------------------------------------------------------------------------------------- checkpoints
-def _save_state_dict(sd: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
+# --------------------------------------------------------------------------------------------------- data
+def build_dataset(d: DataConfig, model_cfg: ModelConfig, *, seed: int = 0):
+    """The dataset of a :class:`DataConfig`; problems with it (missing folder, no files, bad sizes) raise
+    TrainConfigError."""
+    from lipforcing.distill.data import LatentFileDataset, SyntheticLatentDataset
 
-    flat = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
-    save_file(flat, os.fspath(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
-
-
-def _flatten_optim(osd: dict) -> tuple[dict, dict]:
-    tensors = {}
-    for fqn, st in osd["state"].items():
-        for key, val in st.items():
-            tensors[f"state.{fqn}.{key}"] = val if isinstance(val, torch.Tensor) else torch.tensor(val)
-    return tensors, {"param_groups": json.dumps(osd["param_groups"])}
-
-
-def _unflatten_optim(tensors: dict, meta: dict) -> dict:
-    state: dict = {}
-    for k, v in tensors.items():
-        _, rest = k.split(".", 1)
-        fqn, key = rest.rsplit(".", 1)
-        state.setdefault(fqn, {})[key] = v
-    groups = json.loads(meta["param_groups"])
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    return {"state": state, "param_groups": groups}
+    try:
+        if d.kind == "files":
+            ds = LatentFileDataset(d.path, model_cfg)
+        else:
+            ds = SyntheticLatentDataset(model_cfg, num_samples=d.num_samples, frames=d.frames, height=d.height,
+                                        width=d.width, text_len=d.text_len, seed=seed)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise TrainConfigError(f"data: {exc}") from None
+    if len(ds) < 1:
+        raise TrainConfigError("data: the dataset is empty")
+    return ds
 
 
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint directory from a run directory (its ``latest``), a ``ckpt-*`` directory, or a file."""
-    p = Path(path)
-    if p.is_dir() and (p / "latest").is_file():
-        p = p / (p / "latest").read_text().strip()
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
-    return p
+resolve_checkpoint = ckpt.resolve_checkpoint
 
 
 # --------------------------------------------------------------------------------------------------- trainer
@@ -330,24 +350,15 @@ class Trainer:
         self.iteration = 0
         self.history: list[dict] = []
         self.model_cfg = cfg.model_config()
-        self.dataset = dataset if dataset is not None else self._build_dataset()
+        self.dataset = dataset if dataset is not None else build_dataset(cfg.data, self.model_cfg, seed=cfg.seed)
         if len(self.dataset) < 1:
-            raise ValueError("the dataset is empty")
+            raise TrainConfigError("the dataset is empty")
         self._build_models()
         self.reward = reward if reward is not None else self._build_reward()
         if cfg.resume and (self.out / "latest").is_file():
             self.load(self.out)
 
     # ------------------------------------------------------------------------------------------------ setup
-    def _build_dataset(self):
-        from lipforcing.distill.data import LatentFileDataset, SyntheticLatentDataset
-
-        d = self.cfg.data
-        if d.kind == "files":
-            return LatentFileDataset(d.path, self.model_cfg)
-        return SyntheticLatentDataset(self.model_cfg, num_samples=d.num_samples, frames=d.frames, height=d.height,
-                                      width=d.width, text_len=d.text_len, seed=self.cfg.seed)
-
     def _load_or_build(self, path, config: ModelConfig, causal: bool):
         from lipforcing.model import build_model, load_model
 
@@ -355,12 +366,20 @@ class Trainer:
             p = Path(path)
             if p.is_dir():
                 ck = resolve_checkpoint(p)
-                name = "student.safetensors" if causal else "critic.safetensors"
-                if (ck / name).is_file():
-                    p = ck / name
-                elif (ck / "student.safetensors").is_file():
-                    p = ck / "student.safetensors"
-            return load_model(p, config=config, causal=causal, device=self.device)
+                names = ("student", "teacher", "critic") if causal else ("critic", "teacher", "student")
+                for name in names:
+                    if (ck / f"{name}.safetensors").is_file():
+                        p = ck / f"{name}.safetensors"
+                        break
+            elif not p.exists():
+                raise TrainConfigError(f"{p}: no such checkpoint")
+            try:
+                return load_model(p, config=config, causal=causal, device=self.device)
+            except (FileNotFoundError, TrainConfigError):
+                raise
+            except Exception as exc:  # unpickling, safetensors and shape errors: say which file
+                raise TrainConfigError(f"{p}: cannot load model weights ({type(exc).__name__}: "
+                                       f"{' '.join(str(exc).split())[:300]})") from None
         return build_model(config, causal=causal, device=self.device)
 
     def _build_models(self):
@@ -438,7 +457,9 @@ class Trainer:
         else:
             decoder = LatentRGBDecoder(self.model_cfg.out_dim, scale=r.decoder_scale)
         if r.syncnet_path:
-            syncnet = SyncNet.from_file(r.syncnet_path)
+            from lipforcing.distill.syncnet_small import load_syncnet
+
+            syncnet = load_syncnet(r.syncnet_path)
         else:
             log.warning("no reward.syncnet_path: SyncNet has random weights (tests / smoke runs only)")
             torch.manual_seed(self.cfg.seed)
@@ -517,6 +538,7 @@ class Trainer:
 
         gens = self.sample_gens(k, tag + "/noise")
         noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gens]).to(self.device)
+        noise = noise * self.cfg.rollout_noise_scale          # the authors' training rollout starts at 0.999 eps
         exit_step = draw_exit_step(len(self.cfg.timesteps) - 1, generator=self.generator(k, tag + "/exit"),
                                    device=self.device)
         with self.autocast():
@@ -527,6 +549,7 @@ class Trainer:
     def _dmd_noise(self, k: int, tag: str, shape):
         gens = self.sample_gens(k, tag)
         t = torch.cat([schedule.sample_dmd_timesteps(1, generator=g) for g in gens]).to(self.device)
+        t = t.clamp(max=self.cfg.max_dmd_t)                  # shift(0.999) = 0.9998: clamped as the authors do
         eps = torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gens]).to(self.device)
         return t, eps
 
@@ -633,14 +656,18 @@ class Trainer:
                 self.save()
         if ran and not (self.cfg.save_every and self.iteration % self.cfg.save_every == 0):
             self.save()
+        if ran and self.rank == 0:
+            from lipforcing.distill.runlog import plot_curves
+
+            plot_curves(self.out)
         return ran
 
     def _log(self, m: dict) -> None:
         text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
         log.info("train %s: %s", self.cfg.stage, text)
-        self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"stage": self.cfg.stage, **m}) + "\n")
+        from lipforcing.distill.runlog import append_metrics
+
+        append_metrics(self.out, self.cfg.stage, m)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _models(self) -> dict:
@@ -663,40 +690,46 @@ class Trainer:
             payload[name] = (get_model_state_dict(model, options=opts),
                              get_optimizer_state_dict(model, opt, options=opts), model.config)
         if self.rank == 0:
+            # every file atomically (temp + fsync + rename); trainer.json and then `latest` last
             ck.mkdir(parents=True, exist_ok=True)
             for name, (msd, osd, mcfg) in payload.items():
-                _save_state_dict(msd, ck / f"{name}.safetensors",
-                                 {CONFIG_METADATA_KEY: json.dumps(mcfg.to_dict()), "causal": str(name == "student")})
-                tensors, meta = _flatten_optim(osd)
-                _save_state_dict(tensors, ck / f"optim_{name}.safetensors", meta)
-            (ck / "trainer.json").write_text(json.dumps({"iteration": self.iteration, "stage": self.cfg.stage,
-                                                         "config": self.cfg.to_dict()}, indent=1))
-            if path is None:
-                (self.out / "latest").write_text(ck.name)
+                ckpt.save_tensors(msd, ck / f"{name}.safetensors",
+                                  {CONFIG_METADATA_KEY: json.dumps(mcfg.to_dict()), "causal": str(name == "student")})
+                tensors, meta = ckpt.flatten_optim(osd)
+                ckpt.save_tensors(tensors, ck / f"optim_{name}.safetensors", meta)
+            ckpt.write_checkpoint_meta(ck, self.out if path is None else None,
+                                       {"iteration": self.iteration, "stage": self.cfg.stage,
+                                        "config": self.cfg.to_dict()})
         self._barrier()
         return ck
 
     def load(self, path) -> None:
         """Resume from a checkpoint directory (or a run directory's ``latest``): weights, optimiser states and
         the iteration counter."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
         ck = resolve_checkpoint(path)
-        meta = json.loads((ck / "trainer.json").read_text())
+        meta = ckpt.read_trainer_json(ck)                   # iteration >= 0, stage a string
         if meta["stage"] != self.cfg.stage:
-            raise ValueError(f"checkpoint {ck} is from stage {meta['stage']!r}, this run is {self.cfg.stage!r}")
+            raise TrainConfigError(f"checkpoint {ck} is from stage {meta['stage']!r}, this run is "
+                                   f"{self.cfg.stage!r}")
         opts = StateDictOptions(full_state_dict=True)
-        for name, (model, opt) in self._models().items():
-            set_model_state_dict(model, load_file(os.fspath(ck / f"{name}.safetensors")), options=opts)
+        loaded = {}
+        for name in self._models():                         # read and check every file before changing anything
+            sd, _ = ckpt.load_tensors(ck / f"{name}.safetensors")          # NaN/inf weights refused
             f = ck / f"optim_{name}.safetensors"
-            with safe_open(os.fspath(f), "pt") as h:
-                ometa = h.metadata() or {}
-            osd = _unflatten_optim(load_file(os.fspath(f)), ometa)
-            if osd["state"]:
-                set_optimizer_state_dict(model, opt, optim_state_dict=osd, options=opts)
+            tensors, ometa = ckpt.load_tensors(f)
+            loaded[name] = (sd, ckpt.unflatten_optim(tensors, ometa, source=f))
+        for name, (model, opt) in self._models().items():
+            sd, osd = loaded[name]
+            try:
+                set_model_state_dict(model, sd, options=opts)
+                if osd["state"]:
+                    set_optimizer_state_dict(model, opt, optim_state_dict=osd, options=opts)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise TrainConfigError(f"{ck / (name + '.safetensors')}: does not fit this run's {name} "
+                                       f"({' '.join(str(exc).split())[:300]})") from None
         self.iteration = int(meta["iteration"])
         log.info("resumed %s from %s at iteration %d", self.cfg.stage, ck, self.iteration)
 
