@@ -22,16 +22,20 @@ ATOL = {torch.float32: 2e-5, torch.float16: 3e-3}
 
 
 def _stream(B, H, D, chunk, window, sink, lengths, dtype, rope=None):
-    """Run both backends over chunks of the given lengths; returns the max output error."""
+    """Run both backends over chunks of the given lengths, each chunk first with write=False (attend to the cache
+    + the chunk without storing) and then write=True (store first, then attend densely); returns the max output
+    error of both against the reference."""
     kw = dict(chunk_size=chunk, window=window, sink=sink, dtype=dtype, device=DEVICE)
     c_tri, c_ref = RollingKVCache(B, H, D, **kw), RollingKVCache(B, H, D, **kw)
     worst = 0.0
     for n in lengths:
         q, k, v = (torch.randn(B, n, H, D, device=DEVICE).to(dtype) for _ in range(3))
-        out = chunk_attention(q, k, v, c_tri, write=True, rope=rope, backend="triton")
         ref = chunk_attention(q, k, v, c_ref, write=True, rope=rope, backend="reference")
+        read = chunk_attention(q, k, v, c_tri, write=False, rope=rope, backend="triton")
+        out = chunk_attention(q, k, v, c_tri, write=True, rope=rope, backend="triton")
         assert out.shape == q.shape and out.dtype == dtype
-        worst = max(worst, (out.float() - ref.float()).abs().max().item())
+        worst = max(worst, (out.float() - ref.float()).abs().max().item(),
+                    (read.float() - ref.float()).abs().max().item())
         # the cache write is a copy: bit-exact, and pos advances on the device
         assert torch.equal(c_tri.pos, c_ref.pos)
         assert torch.equal(c_tri.k, c_ref.k) and torch.equal(c_tri.v, c_ref.v)
@@ -40,12 +44,12 @@ def _stream(B, H, D, chunk, window, sink, lengths, dtype, rope=None):
 
 # (B, H, D, chunk, window, sink, chunk lengths)
 CASES = {
-    # ring of 48 slots wrapped 4 times, sink not a multiple of the chunk, batch 2
-    "wrap": (2, 2, 32, 48, 96, 16, [48] * 6),
-    # window == chunk: no ring at all, no sink
-    "ring0": (1, 2, 64, 16, 16, 0, [16] * 3),
-    # chunk longer than the ring (48 > 16): the write keeps only the newest tokens per slot; short last chunk
-    "long_chunk": (1, 1, 32, 48, 64, 5, [48, 48, 48, 7]),
+    # ring of 40 slots wrapped 3 times, sink not a multiple of the chunk, batch 2
+    "wrap": (2, 1, 32, 24, 40, 13, [24] * 6),
+    # window == chunk: each chunk sees only itself (and no sink)
+    "window_eq_chunk": (1, 2, 64, 16, 16, 0, [16] * 3),
+    # window not a multiple of the chunk; short last chunk (its oldest window slots are masked)
+    "short_last": (1, 1, 32, 48, 64, 5, [48, 48, 48, 7]),
     # sink bigger than a chunk (filled over two chunks), odd head_dim handled by padding
     "big_sink": (1, 1, 24, 8, 24, 12, [8, 8, 8, 8, 3]),
 }
@@ -61,7 +65,7 @@ def test_absolute_mode_matches_reference(case, dtype):
 # (B, H, D, grid, chunk, window, sink, chunk lengths) -- sizes are whole frames of grid[0]*grid[1] tokens
 ROPE_CASES = {
     "wrap": (2, 1, 32, (2, 4), 16, 48, 8, [16] * 6 + [8]),
-    "ring0_nosink": (1, 2, 64, (2, 2), 8, 8, 0, [8] * 3),
+    "window_eq_chunk_nosink": (1, 2, 64, (2, 2), 8, 8, 0, [8] * 3),
 }
 
 
@@ -110,6 +114,10 @@ def test_gpu_tile_shapes(monkeypatch):
                         lambda *a, **k: dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1))
     err = _stream(1, 1, 32, 40, 72, 3, [40, 40, 40, 21], torch.float32)
     assert err <= ATOL[torch.float32]
+    monkeypatch.setattr(mod, "launch_config",
+                        lambda *a, **k: dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1))
+    err = _backward_errors(1, 1, 24, 12, 36, 6, 5, 10, torch.float32, rope=None)
+    assert max(err) <= GRAD_ATOL[torch.float32], err
 
 
 def test_unsupported_reasons():
@@ -120,3 +128,109 @@ def test_unsupported_reasons():
     if interpreting():
         xb = torch.zeros(1, 4, 1, 32, dtype=torch.bfloat16)
         assert "bfloat16" in why(xb, xb, xb, xb, xb, None, 4, 4, 0, False, 1.0, None, None, 0, 0)
+
+
+# ---- backward (write=False): Triton flash-style vs the reference ----
+
+GRAD_ATOL = {torch.float32: 5e-5, torch.float16: 6e-3}
+
+
+def _backward_errors(B, H, D, chunk, window, sink, written, n, dtype, rope):
+    """Write ``written`` chunks, then compare out, dq, dk, dv of a ``write=False`` step of n tokens."""
+    cache = RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink, dtype=dtype, device=DEVICE)
+    with torch.no_grad():
+        for _ in range(written):
+            x = torch.randn(B, chunk, H, D, device=DEVICE).to(dtype)
+            chunk_attention(x, torch.randn_like(x), torch.randn_like(x), cache, write=True, rope=rope,
+                            backend="reference")
+    q, k, v, g = (torch.randn(B, n, H, D, device=DEVICE).to(dtype) for _ in range(4))
+    results = []
+    for backend in ("triton", "reference"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = chunk_attention(*leaves, cache, write=False, rope=rope, backend=backend)
+        results.append((out, *torch.autograd.grad(out, leaves, g)))
+    for x in results[0]:
+        assert x.dtype == dtype
+    return [(a.float() - b.float()).abs().max().item() for a, b in zip(*results)]
+
+
+# (B, H, D, chunk, window, sink, chunks written, tokens of the step, grid or None)
+BWD_CASES = {
+    "empty_cache": (1, 2, 32, 16, 32, 0, 0, 16, None),
+    "wrapped_sink_odd_d": (2, 1, 24, 6, 18, 5, 7, 6, None),
+    "short_step": (1, 2, 16, 8, 24, 3, 4, 5, None),
+    "rope_wrapped": (1, 2, 24, 6, 18, 6, 6, 6, (2, 3)),
+    "rope_filling": (2, 1, 32, 8, 24, 8, 1, 8, (2, 4)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(BWD_CASES))
+def test_backward_matches_reference(case, dtype):
+    B, H, D, chunk, window, sink, written, n, grid = BWD_CASES[case]
+    rope = None if grid is None else rope_spec(D, grid, max_frames=(sink + window) // (grid[0] * grid[1]) + 1,
+                                               device=DEVICE)
+    errs = _backward_errors(B, H, D, chunk, window, sink, written, n, dtype, rope)
+    assert errs[0] <= ATOL[dtype] and max(errs[1:]) <= GRAD_ATOL[dtype], f"{case}: out/dq/dk/dv errors {errs}"
+
+
+# ---- masked slots, NaN/inf agreement, device guard ----
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nan_in_invisible_slots_and_nan_agreement():
+    """Stale or unwritten slots holding NaN never reach the output (selected away, not multiplied by 0), and
+    NaN/inf in q or k give the same NaN pattern as the reference."""
+    B, H, D, chunk, window, sink = 1, 2, 16, 8, 24, 3
+    kw = dict(chunk_size=chunk, window=window, sink=sink, device=DEVICE)
+    cache = RollingKVCache(B, H, D, **kw)
+    for _ in range(4):
+        x = torch.randn(B, chunk, H, D, device=DEVICE)
+        chunk_attention(x, x, x, cache, write=True, backend="triton")
+    from lipforcing.ops.reference import cache_slot_positions
+
+    p, filled = cache_slot_positions(cache.pos, sink, window)
+    lo = max(int(cache.pos) + chunk - window, sink)
+    hidden = ~(filled & ((p < sink) | (p >= lo)))
+    assert hidden.sum() == chunk
+    cache.k[:, hidden] = float("nan")
+    cache.v[:, hidden] = float("inf")
+    q, k, v = (torch.randn(B, chunk, H, D, device=DEVICE) for _ in range(3))
+    out = chunk_attention(q, k, v, cache, write=False, backend="triton")
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, chunk_attention(q, k, v, cache, write=False, backend="reference"),
+                               atol=2e-5, rtol=0)
+    q[0, 2, 1, 5] = float("nan")
+    k[0, 4, 0, 1] = float("inf")
+    q[0, :, 0, 1] = q[0, :, 0, 1].abs() + 0.1  # +inf scores in head 0
+    got = chunk_attention(q, k, v, cache, write=False, backend="triton")
+    ref = chunk_attention(q, k, v, cache, write=False, backend="reference")
+    assert got.isnan().any()
+    assert torch.equal(got.isnan(), ref.isnan())
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=0, equal_nan=True)
+
+
+def test_device_guard_entered(monkeypatch):
+    """Every launcher runs under device_guard(tensor) (torch.cuda.device on a GPU): record that it is entered
+    with the inputs' device, for the forward (both write modes, with RoPE) and the backward."""
+    import contextlib
+
+    import lipforcing.kernels.chunk_attention as mod
+
+    seen = []
+
+    @contextlib.contextmanager
+    def guard(t):
+        seen.append(t.device)
+        yield
+
+    monkeypatch.setattr(mod, "device_guard", guard)
+    D = 16
+    spec = rope_spec(D, (1, 2), max_frames=8, device=DEVICE)
+    cache = RollingKVCache(1, 1, D, chunk_size=2, window=4, sink=2, device=DEVICE)
+    x = torch.randn(1, 2, 1, D, device=DEVICE)
+    chunk_attention(x, x, x, cache, write=True, rope=spec, backend="triton")
+    assert seen and set(seen) == {x.device}
+    seen.clear()
+    leaf = x.clone().requires_grad_()
+    chunk_attention(leaf, x, x, cache, write=False, backend="triton").sum().backward()
+    assert len(seen) >= 2 and set(seen) == {x.device}
