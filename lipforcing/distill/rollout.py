@@ -12,10 +12,10 @@ Rollout (Lip Forcing section 4.1 / Self Forcing), for every chunk in stream orde
 ``G`` is the student's own streaming forward, ``CausalLipSyncDiT.forward_chunk``.  ``exit_step`` is drawn once
 per rollout (uniform over the denoising steps; on rank 0 and broadcast when torch.distributed is initialised) and
 shared by all chunks.  Past K/V live in the student's RollingKVCaches, written under ``no_grad``; the exit forward
-(``write=False``) is differentiable in the current chunk's q, k, v and reads the cache as a constant (a snapshot
-kept by ``ops.chunk_attention`` for the backward, so the cache write that follows does not change the gradient).
-Gradient therefore flows only through the current chunk's exit forward.  With gradient checkpointing, whose
-backward re-runs the exit forward after later chunks were written, that forward reads a copy of the caches.
+(``write=False``) is differentiable in the current chunk's q, k, v and reads the cache as a constant.  Gradient
+therefore flows only through the current chunk's exit forward.  ``ops.chunk_attention`` keeps no copy of the cache
+for its backward, which runs after later chunks were written (and, with gradient checkpointing, re-runs the exit
+forward), so that forward reads a copy of the caches.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from lipforcing.model.teacher import Condition
 # --------------------------------------------------------------------------------------------------- rollout
 def _snapshot(state):
     """A shallow copy of a StreamState whose KV caches are copies (k, v, pos cloned): the exit forward reads
-    these when gradient checkpointing will re-run it in the backward, after the real caches were written."""
+    these, since its backward (and a gradient-checkpointing re-run) comes after the real caches were written."""
     snap = copy.copy(state)
     snap.caches = []
     for cache in state.caches:
@@ -108,8 +108,6 @@ def self_forcing_rollout(student, noise: torch.Tensor, cond: Condition, *,
     dev_type = noise.device.type
     if torch.is_autocast_enabled(dev_type):
         state.dtype = torch.get_autocast_dtype(dev_type)   # caches hold what the autocast linears produce
-    # gradient checkpointing recomputes each block of the exit forward in the backward pass
-    recompute = grad and bool(getattr(student, "gradient_checkpointing", False)) and student.training
     outs = []
     for a, b in chunk_bounds(Fr, student.config.chunk_frames):
         y = cond.y[:, :, a:b]
@@ -121,7 +119,8 @@ def self_forcing_rollout(student, noise: torch.Tensor, cond: Condition, *,
             inp = torch.cat([x, y.to(x.dtype)], dim=1)
             if s == exit_step:
                 with torch.set_grad_enabled(grad):
-                    v = student.forward_chunk(inp, schedule.timestep_input(t), _snapshot(state) if recompute
+                    # a snapshot: chunk_attention's backward reads the caches in place, and later chunks write them
+                    v = student.forward_chunk(inp, schedule.timestep_input(t), _snapshot(state) if grad
                                               else state, audio, write=False)
                     x0 = schedule.x0_from_velocity(x, v.float(), t)
                 break

@@ -8,7 +8,6 @@ scores; carries the autograd formula -- PyTorch allows one only on functional op
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Optional
 
 import torch
@@ -150,11 +149,11 @@ _op_read.register_autograd(_backward, setup_context=_setup_context)
 def _cache_unchanged_hook(cache: RollingKVCache):
     """A grad_fn pre-hook that refuses the backward when the cache was reset or written more than once since
     the forward (the keys that forward attended to may be gone: snapshot the cache instead)."""
-    ref, epoch, writes = weakref.ref(cache), cache.epoch, cache.writes
+    epoch, writes = cache.epoch, cache.writes
 
     def hook(grad_outputs):
-        c = ref()
-        if c is not None and (c.epoch != epoch or c.writes - writes > 1):
+        c = cache  # a strong reference: the saved tensors outlive the cache object, so its history must too
+        if c.epoch != epoch or c.writes - writes > 1:
             raise RuntimeError(
                 "chunk_attention backward: the RollingKVCache was " + ("reset" if c.epoch != epoch else
                 f"written {c.writes - writes} times") + " after this forward, so the keys it attended to may be "
