@@ -148,9 +148,12 @@ def resolve(op: str, impls: Mapping[str, Impl], backend: str, device: torch.devi
         order = (want,)
     reasons = []
     for name in order:
-        reason = _applicable(name, device, explicit=want != "auto")
-        if reason is None and name not in impls:
-            reason = f"{op} has no {name} implementation yet"
+        if name in OPTIONAL_BACKENDS and name not in impls:
+            reason = f"{op} has no {name} implementation (the library backends serve chunk_attention only)"
+        else:
+            reason = _applicable(name, device, explicit=want != "auto")
+            if reason is None and name not in impls:
+                reason = f"{op} has no {name} implementation yet"
         if reason is None:
             try:
                 _, unsupported = impls[name].load()

@@ -410,3 +410,57 @@ def test_short_chunk_must_be_the_last():
     cache.reset()
     ops.chunk_attention(full, full, full, cache, write=True)
     assert int(cache.pos) == 4
+
+
+# ---- backend order for auto (mocked GPU capabilities; no GPU needed) ----
+
+def _fake_gpu(monkeypatch, cc):
+    from lipforcing.ops import _dispatch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    return _dispatch
+
+
+@pytest.mark.parametrize("cc,first", [((8, 0), "cuda"), ((8, 9), "cuda"), ((9, 0), "triton"), ((10, 0), "triton")])
+def test_auto_order_without_measurements(monkeypatch, cc, first):
+    d = _fake_gpu(monkeypatch, cc)
+    monkeypatch.setattr(d, "_table", lambda: ())
+    order = d.auto_order("chunk_attention", torch.device("cuda", 0), torch.bfloat16, 128)
+    assert order[0] == first and sorted(order) == sorted(d.BACKENDS)
+    assert d.auto_order("chunk_attention", torch.device("cpu")) == d.BACKENDS
+
+
+def test_auto_order_follows_the_measured_table(monkeypatch):
+    d = _fake_gpu(monkeypatch, (9, 0))
+    rows = ({"op": "chunk_attention", "arch": "sm_90", "dtype": "bfloat16", "head_dim": 128,
+             "order": ["flash_attn", "cuda", "bogus"]},
+            {"op": "chunk_attention", "arch": "sm_80", "dtype": "bfloat16", "head_dim": 128, "order": ["cudnn"]})
+    monkeypatch.setattr(d, "_table", lambda: rows)
+    dev = torch.device("cuda", 0)
+    assert d.auto_order("chunk_attention", dev, torch.bfloat16, 128) == ("flash_attn", "cuda", "triton", "reference")
+    # no row for this dtype / head_dim / op: the built-in rule (triton first on sm_90)
+    assert d.auto_order("chunk_attention", dev, torch.float16, 128)[0] == "triton"
+    assert d.auto_order("chunk_attention", dev, torch.bfloat16, 64)[0] == "triton"
+    assert d.auto_order("denoise_update", dev, torch.bfloat16, 128)[0] == "triton"
+
+
+def test_shipped_dispatch_table_is_valid():
+    import json
+
+    from lipforcing.ops import _dispatch
+
+    data = json.loads(_dispatch.TABLE_PATH.read_text())
+    assert "note" in data and isinstance(data["entries"], list)
+    for row in data["entries"]:
+        assert {"op", "arch", "dtype", "head_dim", "order"} <= set(row)
+        assert set(row["order"]) <= set(_dispatch.BACKENDS + _dispatch.OPTIONAL_BACKENDS)
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "cudnn"])
+def test_library_backends_need_cuda(backend):
+    cache = lipforcing.RollingKVCache(1, 2, 8, chunk_size=4, window=8)
+    x = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ops.BackendUnavailable, match=f"{backend}.*needs CUDA tensors"):
+        ops.chunk_attention(x, x, x, cache, write=False, backend=backend)
+    with pytest.raises(ops.BackendUnavailable, match="no flash_attn implementation"):
+        ops.block_causal_attention(x, x, x, chunk_size=4, backend="flash_attn")
