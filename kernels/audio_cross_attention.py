@@ -9,16 +9,22 @@ One program owns a tile of BLOCK_M query rows of one (batch, head).  It reads th
    of the whole tile over frame f's audio window and keeps the result only for the rows of frame f;
 3. writes ``out = O_t + audio_scale * O_a`` once, plus both log-sum-exps (natural log, float32).
 
-Backward (three kernels, no atomics), with ``dO_a = audio_scale * dO`` the gradient reaching the audio branch:
+Backward (three kernels, no atomics).  The gradient reaching the audio branch is ``dO_a = audio_scale * dO``;
+one convention in every kernel: the dots take dO in its storage dtype and ``audio_scale`` multiplies their fp32
+results (``dP_a = audio_scale * dO V_a^T``, ``dV_a = audio_scale * P_a^T dO``), never a rounded copy of dO_a.
 
-* ``_audio_cross_attention_bwd_dq_kernel`` (per query tile): recomputes ``O_a`` (only A <= a few tens of keys),
-  ``delta_a = rowsum(dO_a * O_a)``, ``delta_t = rowsum(dO * out) - delta_a`` (= rowsum(dO * O_t)), and
-  ``dq = scale * (dS_t K_t + dS_a K_a)`` where ``dS = P * (dP - delta)``, ``dP = dO V^T``.  It stores the two
-  deltas (float32 scratch) for the next kernels.
+* ``_audio_cross_attention_bwd_dq_kernel`` (per query tile): ``delta_a = rowsum(P_a * dP_a)`` (= rowsum(dO_a *
+  O_a)), ``delta_t = rowsum(dO * out) - delta_a`` (= rowsum(dO * O_t)), and ``dq = scale * (dS_t K_t + dS_a K_a)``
+  where ``dS = P * (dP - delta)``, ``dP = dO V^T``.  It stores the two deltas (float32 scratch).
 * ``_audio_cross_attention_bwd_dkdv_text_kernel`` (per text key tile, loops over every query):
   ``dV_t = P_t^T dO``, ``dK_t = scale * dS_t^T Q``.
 * ``_audio_cross_attention_bwd_dkdv_audio_kernel`` (per frame and audio key tile, loops over the frame's
   queries): ``dV_a = P_a^T dO_a``, ``dK_a = scale * dS_a^T Q``.
+
+When one tile holds a frame's whole audio window (A <= 64, ``ONE_A_TILE``), both audio kernels normalise P_a in
+registers (``exp2(s - max) / sum``) and take delta_a from the dP_a they hold, so where the true gradient is 0 the
+two terms of dS_a cancel exactly (one audio token: P_a = 1, dS_a = dP_a - dP_a = 0), as PyTorch's softmax
+backward does.  Longer windows use the forward's lse and the stored delta_a.
 
 Layouts: q/out (B, Lq, H, D), text_k/v (B, T, H, D), audio_k/v (B, F, A, H, D), any strides with a contiguous
 last dimension; lse (B, H, Lq) float32 contiguous.
@@ -64,12 +70,33 @@ def _fwd_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4, num_stages=3)
 
 
-def _bwd_config(head_dim: int, dtype: torch.dtype) -> dict:
+def _bwd_config(head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(dQ kernel tiles, text dK/dV kernel tiles): BLOCK_M query rows, BLOCK_N text key rows each.
+
+    Every dot of the dQ kernel has BLOCK_M rows and every dot of the text dK/dV kernel BLOCK_N rows; on Hopper
+    each warpgroup (4 warps) issues wgmma on its own 64 of them, so 8 warps get 128 (with 64 both warpgroups
+    would compute the same product).  The text dK/dV kernel holds two (128, head_dim) fp32 accumulators and runs
+    without load pipelining (more stages spill at head_dim 128, tests/compile compile report).  The audio dK/dV
+    kernel has only BLOCK_A <= 64 rows: one warpgroup (``_AUDIO_BWD_WARPS``) with the dK/dV query step."""
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+        small = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+        return small, small
     if dtype == torch.float32 or head_dim > 128:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8 if head_dim > 64 else 4, num_stages=2)
+        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        return small, small
+    if head_dim > 64:
+        return (dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1),
+                dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=1))
+    tiles = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return tiles, tiles
+
+
+_AUDIO_BWD_WARPS = 4  # one warpgroup: the audio dK/dV tile has BLOCK_A <= 64 rows
+
+
+def _block_a_bwd(audio_window: int) -> int:
+    # The audio dK/dV kernel's dots have BLOCK_A rows: at least 64 on GPUs, the rows of one wgmma.
+    return _block_a(audio_window) if interpreting() else max(64, _block_a(audio_window))
 
 
 def _device_ctx(t: torch.Tensor):
@@ -279,7 +306,7 @@ def _audio_cross_attention_bwd_dq_kernel(
     H, Lq, T, A, tokens_per_frame, D,
     scale, audio_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    ONE_A_TILE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_bh, b, h, m_start, rows, row_ok, offs_d, d_ok = _query_tile(H, Lq, D, BLOCK_M, BLOCK_D)
     qd_mask = row_ok[:, None] & d_ok[None, :]
@@ -291,12 +318,10 @@ def _audio_cross_attention_bwd_dq_kernel(
     lse_off = pid_bh.to(tl.int64) * Lq + rows
     lse_t2 = tl.load(LseT + lse_off, mask=row_ok, other=0.0) * _LOG2E
     lse_a2 = tl.load(LseA + lse_off, mask=row_ok, other=0.0) * _LOG2E
-    do_a = (do.to(tl.float32) * audio_scale).to(do.dtype)  # gradient reaching the audio branch
-
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # Audio branch, frame by frame (a tile may straddle frames).  Pass 1 recomputes O_a to get delta_a; pass 2
-    # accumulates dS_a K_a.  Rows of other frames get P = 0.
+    # Audio branch, frame by frame (a tile may straddle frames).  Rows of other frames take no part: their dS is
+    # selected to 0 and the frame's dq term is kept only for the frame's rows (never 0 * a hidden NaN).
     frame, f_lo, f_hi = _tile_frames(rows, m_start, Lq, tokens_per_frame, BLOCK_M)
     offs_a = tl.arange(0, BLOCK_A)
     delta_a = tl.zeros([BLOCK_M], tl.float32)
@@ -304,20 +329,32 @@ def _audio_cross_attention_bwd_dq_kernel(
         in_f = frame == f
         ak_base = AK + b * stride_akb + f * stride_akf + h * stride_akh
         av_base = AV + b * stride_avb + f * stride_avf + h * stride_avh
-        o_f = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for a_start in range(0, A, BLOCK_A):
-            cols = a_start + offs_a
-            k, v, p = _probs(q, ak_base, av_base, stride_aka, stride_ava, cols, A, offs_d, d_ok, lse_a2, qk_scale,
-                             DOT_PRECISION)
-            p = tl.where(in_f[:, None], p, 0.0)
-            o_f += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        delta_f = tl.sum(do_a.to(tl.float32) * o_f, 1)
-        for a_start in range(0, A, BLOCK_A):
-            cols = a_start + offs_a
-            k, v, p = _probs(q, ak_base, av_base, stride_aka, stride_ava, cols, A, offs_d, d_ok, lse_a2, qk_scale,
-                             DOT_PRECISION)
-            p = tl.where(in_f[:, None], p, 0.0)
-            dq = _dq_step(dq, p, k, v, do_a, delta_f, DOT_PRECISION)
+        dq_f = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if ONE_A_TILE:
+            k, v, s = _load_kv_scores(q, ak_base, av_base, stride_aka, stride_ava, offs_a, A, offs_d, d_ok, qk_scale,
+                                      DOT_PRECISION)
+            p = tl.where((offs_a < A)[None, :], s, float("-inf"))
+            p = tl.exp2(p - tl.max(p, 1)[:, None])
+            p = p / tl.sum(p, 1)[:, None]
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) * audio_scale
+            delta_f = tl.sum(p * dp, 1)
+            ds = tl.where(in_f[:, None], p * (dp - delta_f[:, None]), 0.0)
+            dq_f += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        else:
+            # pass 1: delta_a = rowsum(P dP) over the whole window; pass 2: dS K
+            delta_f = tl.zeros([BLOCK_M], tl.float32)
+            for a_start in range(0, A, BLOCK_A):
+                k, v, p = _probs(q, ak_base, av_base, stride_aka, stride_ava, a_start + offs_a, A, offs_d, d_ok,
+                                 lse_a2, qk_scale, DOT_PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) * audio_scale
+                delta_f += tl.sum(p * dp, 1)
+            for a_start in range(0, A, BLOCK_A):
+                k, v, p = _probs(q, ak_base, av_base, stride_aka, stride_ava, a_start + offs_a, A, offs_d, d_ok,
+                                 lse_a2, qk_scale, DOT_PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) * audio_scale
+                ds = tl.where(in_f[:, None], p * (dp - delta_f[:, None]), 0.0)
+                dq_f += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = tl.where(in_f[:, None], dq + dq_f, dq)
         delta_a = tl.where(in_f, delta_f, delta_a)
 
     # Text branch: rowsum(dO * O_t) = rowsum(dO * out) - rowsum(dO_a * O_a).
@@ -379,7 +416,8 @@ def _audio_cross_attention_bwd_dkdv_audio_kernel(
     stride_dvb, stride_dvf, stride_dva, stride_dvh,
     H, Lq, A, tokens_per_frame, D, n_a_tiles,
     scale, audio_scale,
-    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr, ONE_A_TILE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_fa = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -393,11 +431,34 @@ def _audio_cross_attention_bwd_dkdv_audio_kernel(
     k = _load_tile(AK + b * stride_akb + f * stride_akf + h * stride_akh, cols, stride_aka, offs_d, kv_mask)
     v = _load_tile(AV + b * stride_avb + f * stride_avf + h * stride_avh, cols, stride_ava, offs_d, kv_mask)
     lse_base = pid_bh.to(tl.int64) * Lq
-    # dO reaches the audio branch times audio_scale: scaled in dP here and in dv below.
-    dk, dv = _dkdv_over_queries(k, v, col_ok, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
-                                stride_ql, stride_dol, LseA + lse_base, DeltaA + lse_base, f * tokens_per_frame,
-                                tokens_per_frame, offs_d, d_ok, qk_scale, audio_scale, True, BLOCK_M, BLOCK_A,
-                                BLOCK_D, DOT_PRECISION)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    row0 = f * tokens_per_frame
+    dk = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    # Transposed scores (audio keys x the frame's queries).  Only the frame's own rows: no hidden pairs.
+    for i_start in range(0, tokens_per_frame, BLOCK_M):
+        i = i_start + offs_m
+        row_ok = i < tokens_per_frame
+        rows = row0 + i
+        qd_mask = row_ok[:, None] & d_ok[None, :]
+        q = _load_tile(q_base, rows, stride_ql, offs_d, qd_mask)
+        do = _load_tile(do_base, rows, stride_dol, offs_d, qd_mask)
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * audio_scale  # dP_a^T
+        if ONE_A_TILE:  # the whole window is here: normalise over it and take delta from this dP
+            pt = tl.where(col_ok[:, None], st, float("-inf"))
+            pt = tl.exp2(pt - tl.max(pt, 0)[None, :])
+            pt = pt / tl.sum(pt, 0)[None, :]
+            delta = tl.sum(pt * dpt, 0)
+        else:
+            lse2 = tl.load(LseA + lse_base + rows, mask=row_ok, other=0.0) * _LOG2E
+            pt = tl.where(col_ok[:, None], tl.exp2(st - lse2[None, :]), 0.0)
+            delta = tl.load(DeltaA + lse_base + rows, mask=row_ok, other=0.0)
+        pt = tl.where(row_ok[None, :], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dk += tl.dot((pt * (dpt - delta[None, :])).to(q.dtype), q, input_precision=DOT_PRECISION)
     dk = dk * scale
     dv = dv * audio_scale
     _store_tile(DAK + b * stride_dkb + f * stride_dkf + h * stride_dkh, cols, stride_dka, offs_d, dk, kv_mask)
@@ -424,12 +485,12 @@ def audio_cross_attention_backward_triton(grad_out, q, text_k, text_v, audio_k, 
     B, Lq, H, D = q.shape
     T = text_k.shape[1]
     F, A = audio_k.shape[1], audio_k.shape[2]
-    cfg = _bwd_config(D, q.dtype)
-    if block_m is not None:
-        cfg["BLOCK_M"] = block_m
-    if block_n is not None:
-        cfg["BLOCK_N"] = block_n
-    BM, BN = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    q_cfg, kv_cfg = (dict(c) for c in _bwd_config(D, q.dtype))
+    for c in (q_cfg, kv_cfg):
+        if block_m is not None:
+            c["BLOCK_M"] = block_m
+        if block_n is not None:
+            c["BLOCK_N"] = block_n
     BA, BD = _block_a(A), block_d(D)
     prec = torch_to_dot_precision(q.dtype)
     dev = q.device
@@ -442,7 +503,7 @@ def audio_cross_attention_backward_triton(grad_out, q, text_k, text_v, audio_k, 
     delta_a = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
     do = grad_out
     with _device_ctx(q):
-        _audio_cross_attention_bwd_dq_kernel[(triton.cdiv(Lq, BM), B * H)](
+        _audio_cross_attention_bwd_dq_kernel[(triton.cdiv(Lq, q_cfg["BLOCK_M"]), B * H)](
             q, text_k, text_v, audio_k, audio_v, out, do, lse_text, lse_audio, dq, delta_t, delta_a,
             q.stride(0), q.stride(1), q.stride(2),
             text_k.stride(0), text_k.stride(1), text_k.stride(2),
@@ -454,10 +515,10 @@ def audio_cross_attention_backward_triton(grad_out, q, text_k, text_v, audio_k, 
             dq.stride(0), dq.stride(1), dq.stride(2),
             H, Lq, T, A, tokens_per_frame, D,
             scale, audio_scale,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_A=BA, BLOCK_D=BD, DOT_PRECISION=prec, **cfg,
+            BLOCK_A=BA, BLOCK_D=BD, ONE_A_TILE=A <= BA, DOT_PRECISION=prec, **q_cfg,
         )
         if T > 0:
-            _audio_cross_attention_bwd_dkdv_text_kernel[(triton.cdiv(T, BN), B * H)](
+            _audio_cross_attention_bwd_dkdv_text_kernel[(triton.cdiv(T, kv_cfg["BLOCK_N"]), B * H)](
                 q, text_k, text_v, do, lse_text, delta_t, dtk, dtv,
                 q.stride(0), q.stride(1), q.stride(2),
                 text_k.stride(0), text_k.stride(1), text_k.stride(2),
@@ -467,8 +528,9 @@ def audio_cross_attention_backward_triton(grad_out, q, text_k, text_v, audio_k, 
                 dtv.stride(0), dtv.stride(1), dtv.stride(2),
                 H, Lq, T, D,
                 scale,
-                BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, DOT_PRECISION=prec, **cfg,
+                BLOCK_D=BD, DOT_PRECISION=prec, **kv_cfg,
             )
+        BA = _block_a_bwd(A)
         n_a_tiles = triton.cdiv(A, BA)
         _audio_cross_attention_bwd_dkdv_audio_kernel[(F * n_a_tiles, B * H)](
             q, audio_k, audio_v, do, lse_audio, delta_a, dak, dav,
@@ -480,6 +542,7 @@ def audio_cross_attention_backward_triton(grad_out, q, text_k, text_v, audio_k, 
             dav.stride(0), dav.stride(1), dav.stride(2), dav.stride(3),
             H, Lq, A, tokens_per_frame, D, n_a_tiles,
             scale, audio_scale,
-            BLOCK_M=BM, BLOCK_A=BA, BLOCK_D=BD, DOT_PRECISION=prec, **cfg,
+            BLOCK_M=kv_cfg["BLOCK_M"], BLOCK_A=BA, BLOCK_D=BD, ONE_A_TILE=n_a_tiles == 1, DOT_PRECISION=prec,
+            num_warps=min(kv_cfg["num_warps"], _AUDIO_BWD_WARPS), num_stages=kv_cfg["num_stages"],
         )
     return dq, dtk, dtv, dak, dav

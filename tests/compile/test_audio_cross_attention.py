@@ -36,16 +36,19 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     D, A = 128, 32
     common = dict(BLOCK_A=m._block_a(A), BLOCK_D=D, DOT_PRECISION="tf32")
     fwd = m._fwd_config(D, torch.bfloat16)
-    bwd = m._bwd_config(D, torch.bfloat16)
+    bwd, kv = m._bwd_config(D, torch.bfloat16)
     fopt = dict(num_warps=fwd.pop("num_warps"), num_stages=fwd.pop("num_stages"))
     bopt = dict(num_warps=bwd.pop("num_warps"), num_stages=bwd.pop("num_stages"))
+    kvopt = dict(num_warps=kv.pop("num_warps"), num_stages=kv.pop("num_stages"))
+    aopt = dict(num_warps=m._AUDIO_BWD_WARPS, num_stages=kvopt["num_stages"])
     jobs = [(m._audio_cross_attention_fwd_kernel, {**common, **fwd}, fopt, 80),
             (m._audio_cross_attention_fwd_kernel, {**common, **fwd}, fopt, 90),
-            (m._audio_cross_attention_bwd_dq_kernel, {**common, **bwd}, bopt, 90),
+            (m._audio_cross_attention_bwd_dq_kernel, {**common, **bwd, "ONE_A_TILE": True}, bopt, 90),
             (m._audio_cross_attention_bwd_dkdv_text_kernel,
-             dict(BLOCK_M=bwd["BLOCK_M"], BLOCK_N=bwd["BLOCK_N"], BLOCK_D=D, DOT_PRECISION="tf32"), bopt, 90),
+             dict(BLOCK_M=kv["BLOCK_M"], BLOCK_N=kv["BLOCK_N"], BLOCK_D=D, DOT_PRECISION="tf32"), kvopt, 90),
             (m._audio_cross_attention_bwd_dkdv_audio_kernel,
-             dict(BLOCK_M=bwd["BLOCK_M"], BLOCK_A=m._block_a(A), BLOCK_D=D, DOT_PRECISION="tf32"), bopt, 90)]
+             dict(BLOCK_M=kv["BLOCK_M"], BLOCK_A=m._block_a_bwd(A), BLOCK_D=D, ONE_A_TILE=True, DOT_PRECISION="tf32"),
+             aopt, 90)]
     print(json.dumps([build(*job) for job in jobs]))
 """)
 

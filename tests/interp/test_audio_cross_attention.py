@@ -156,3 +156,16 @@ def test_cuda_backend_refuses_cpu_tensors_with_a_reason():
     assert "needs CUDA tensors" in why(*xs, 8, 1.0, 0.125)
     with pytest.raises(ops.BackendUnavailable, match="cuda"):
         ops.audio_cross_attention(*xs, tokens_per_frame=8, backend="cuda")
+
+
+@pytest.mark.parametrize("audio_scale", [0.7, 1.3])
+def test_backward_one_audio_token_cancels_exactly_fp16(audio_scale):
+    """With one audio token per frame the audio softmax is constant (P = 1), so the true d audio_k is exactly 0.
+    Both backward kernels must scale dO the same way and take delta from their own dP for the two terms of
+    dS = P (dP - delta) to cancel bit for bit (plain PyTorch's softmax backward gives 0 too)."""
+    B, F, tpf, H, D, T, A = 1, 3, 24, 2, 32, 9, 1
+    xs = tuple(x.requires_grad_(True) for x in _inputs(B, F, tpf, H, D, T, A, torch.float16))
+    out = ops.audio_cross_attention(*xs, tokens_per_frame=tpf, audio_scale=audio_scale, backend="triton")
+    dq, _, _, dak, dav = torch.autograd.grad(out, xs, torch.randn_like(out))
+    assert torch.count_nonzero(dak) == 0, f"|d audio_k| max {dak.abs().max().item():.3g}, expected exactly 0"
+    assert torch.isfinite(dq).all() and dav.abs().max() > 0
