@@ -1,10 +1,9 @@
-"""Face helpers: the procedural mouth mask, its latent channel, ping-pong indexing, reading a reference video."""
+"""The procedural mouth mask, its latent channel, user mask images, ping-pong indexing."""
 import numpy as np
 import pytest
 import torch
 
 from lipforcing import face
-from lipforcing.media import MediaError, read_video
 
 
 def test_mouth_mask_shape_and_area():
@@ -51,41 +50,38 @@ def test_pingpong_index(n):
     assert all(abs(a - b) == 1 for a, b in zip(seq, seq[1:]))      # never jumps or repeats a frame
 
 
-def test_read_video_roundtrip(tmp_path):
-    av = pytest.importorskip("av")
-    path = tmp_path / "ref.mkv"
-    frames = np.zeros((6, 16, 16, 3), np.uint8)
-    for i in range(6):
-        frames[i] = 30 * i + 20
-    with av.open(str(path), "w") as c:
-        st = c.add_stream("ffv1", rate=25)
-        st.width, st.height, st.pix_fmt = 16, 16, "bgr0"
-        for f in frames:
-            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(pkt)
-        for pkt in st.encode():
-            c.mux(pkt)
-    got, fps = read_video(path)
-    assert fps == 25
-    assert got.shape == (6, 16, 16, 3) and got.dtype == np.uint8
-    np.testing.assert_array_equal(got, frames)                       # ffv1 in bgr0 is lossless
-    assert read_video(path, max_frames=2)[0].shape[0] == 2
-    with pytest.raises(MediaError, match="no such file"):
-        read_video(tmp_path / "missing.mp4")
+def test_load_mask_image_and_arrays(tmp_path):
+    """LatentSync's convention (white = keep) from a PNG, a uint8 array and a float array; resized to the crop."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng()
+    keep = np.full((256, 256), 255, np.uint8)
+    top = int(rng.integers(100, 160))
+    keep[top:, 40:216] = 0                                     # black = regenerate
+    path = tmp_path / "mask.png"
+    cv2.imwrite(str(path), keep)
+    gen = face.load_mask(path, (64, 64))
+    assert gen.shape == (64, 64) and gen.dtype == torch.bool
+    want = torch.nn.functional.interpolate(torch.from_numpy(keep / 255.0)[None, None].float(), size=(64, 64),
+                                           mode="area")[0, 0] < 0.5
+    assert torch.equal(gen, want)
+    assert torch.equal(face.load_mask(keep, (64, 64)), gen)
+    assert torch.equal(face.load_mask(np.stack([keep] * 3, -1), (64, 64)), gen)     # colour image
+    assert torch.equal(face.load_mask(keep / 255.0, (64, 64)), gen)
+    assert torch.equal(face.load_mask(keep, (256, 256)), torch.from_numpy(keep == 0))
 
 
-def test_session_from_video_path(tmp_path, engine):
-    av = pytest.importorskip("av")
-    path = tmp_path / "ref.mkv"
-    with av.open(str(path), "w") as c:
-        st = c.add_stream("ffv1", rate=25)
-        st.width, st.height, st.pix_fmt = 16, 16, "bgr0"
-        for i in range(3):
-            f = np.full((16, 16, 3), 60 * i, np.uint8)
-            for pkt in st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(pkt)
-        for pkt in st.encode():
-            c.mux(pkt)
-    s = engine.session(str(path))
-    assert tuple(s.reference.shape) == (3, 16, 16, 3)
-    s.close()
+def test_load_mask_errors(tmp_path):
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ValueError, match="cannot decode it as an image"):
+        face.load_mask(bad, (64, 64))
+    with pytest.raises(ValueError, match="no such file"):
+        face.load_mask(tmp_path / "missing.png", (64, 64))
+    with pytest.raises(ValueError, match=r"is 300x200 pixels .* crop is 64x64"):
+        face.load_mask(np.zeros((200, 300), np.uint8), (64, 64))
+    with pytest.raises(ValueError, match="at least 16x16"):
+        face.load_mask(np.zeros((8, 8), np.uint8), (64, 64))
+    with pytest.raises(ValueError, match="white everywhere"):
+        face.load_mask(np.full((64, 64), 255, np.uint8), (64, 64))
+    with pytest.raises(TypeError, match="image path or an array"):
+        face.load_mask(3, (64, 64))

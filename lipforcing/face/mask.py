@@ -1,4 +1,4 @@
-"""Face-crop helpers for the streaming engine: the lower-face (mouth) mask and ping-pong indexing.
+"""The mouth mask of an aligned face crop: the procedural lower-face region, a user's mask image, the latent channel.
 
 The model regenerates the lower face of aligned face crops.  Lip Forcing uses LatentSync's fixed ``mask.png``
 (white = keep the upper face, black = mouth region, about 41 % of the crop, boundary about half-way down); that
@@ -21,11 +21,15 @@ The mask is applied in two places (as in the paper's reference code):
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mouth_mask", "keep_mask", "latent_mask", "pingpong_index"]
+__all__ = ["mouth_mask", "keep_mask", "latent_mask", "load_mask", "MIN_MASK_SIZE"]
+
+MIN_MASK_SIZE = 16
 
 
 def _positive_int(name: str, v) -> int:
@@ -72,11 +76,50 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return 1.0 - (small > 0.5).to(torch.float32)
 
 
-def pingpong_index(i: int, n: int) -> int:
-    """Frame of an ``n``-frame clip shown at step ``i`` when the clip is played forwards, backwards, forwards...
-    (0, 1, ..., n-1, n-2, ..., 1, 0, 1, ...); the turning frames are not repeated.  ``n == 1`` always gives 0."""
-    if n <= 1:
-        return 0
-    period = 2 * n - 2
-    r = i % period
-    return r if r < n else period - r
+def load_mask(mask, resolution: tuple[int, int]) -> torch.Tensor:
+    """A user's mouth mask in LatentSync's ``mask.png`` convention (white = keep, black = regenerate), as the
+    (H, W) bool generate-mask of a crop of ``resolution``.
+
+    ``mask``: an image path (PNG/JPEG/..., read with OpenCV, colour averaged to grey), or an (h, w) / (h, w, C)
+    numpy array or tensor (uint8 0..255, or float 0..1).  Its aspect ratio must match the crop's (it describes the
+    whole crop); it is resized (area averaging) to ``resolution`` and thresholded at half grey.
+    """
+    H, W = _positive_int("height", resolution[0]), _positive_int("width", resolution[1])
+    if isinstance(mask, (str, os.PathLike)):
+        path = os.fspath(mask)
+        if not os.path.isfile(path):
+            raise ValueError(f"mask: {path}: no such file (give a mask image, white = keep, black = mouth)")
+        from lipforcing.face._nets import cv2_module
+        cv2 = cv2_module()
+        img = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ValueError(f"mask: {path}: cannot decode it as an image (corrupt or not an image; give a PNG with "
+                             "white = keep, black = mouth)")
+        arr = img.astype(np.float64) / (65535.0 if img.dtype == np.uint16 else 255.0)
+        if arr.ndim == 3:
+            arr = arr[..., :3].mean(-1) if arr.shape[2] >= 3 else arr[..., 0]
+        where = path
+    elif isinstance(mask, (np.ndarray, torch.Tensor)):
+        arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        if arr.ndim == 3:
+            arr = arr[..., :3].astype(np.float64).mean(-1)
+        if arr.ndim != 2:
+            raise ValueError(f"mask must be an (h, w) or (h, w, C) image, got shape {tuple(mask.shape)}")
+        arr = arr.astype(np.float64) / (255.0 if np.asarray(mask).dtype == np.uint8 or arr.max() > 1 else 1.0)
+        where = "mask array"
+    else:
+        raise TypeError(f"mask must be an image path or an array, got {type(mask).__name__}")
+    h, w = arr.shape
+    if min(h, w) < MIN_MASK_SIZE:
+        raise ValueError(f"mask: {where} is {w}x{h} pixels; it must be at least {MIN_MASK_SIZE}x{MIN_MASK_SIZE}")
+    if abs(w / h - W / H) > 0.02 * (W / H):
+        raise ValueError(f"mask: {where} is {w}x{h} pixels (width x height) but the face crop is {W}x{H}; give a "
+                         f"mask with the crop's aspect ratio ({W}:{H}), e.g. {W}x{H}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"mask: {where} contains NaN or inf")
+    t = torch.from_numpy(np.ascontiguousarray(arr, np.float32))[None, None]
+    keep = F.interpolate(t, size=(H, W), mode="area")[0, 0] if (h, w) != (H, W) else t[0, 0]
+    gen = keep < 0.5
+    if not gen.any():
+        raise ValueError(f"mask: {where} is white everywhere (nothing to regenerate); black marks the mouth region")
+    return gen
