@@ -234,3 +234,33 @@ def test_device_guard_entered(monkeypatch):
     leaf = x.clone().requires_grad_()
     chunk_attention(leaf, x, x, cache, write=False, backend="triton").sum().backward()
     assert len(seen) >= 2 and set(seen) == {x.device}
+
+
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_dense_staging_of_the_library_backends(use_rope):
+    """The flash_attn / cudnn backends attend densely to the first ``workspace.count`` slots of what
+    ``chunk_attention_dense._prepare`` hands them: check that buffer with plain attention on the CPU, for write=False
+    (chunk overlaid on its target slots, cache untouched) and write=True, while the cache fills and after it wraps."""
+    from lipforcing.ops.chunk_attention_dense import _prepare
+
+    B, H, D, grid, chunk, window, sink = 2, 1, 16, (1, 2), 4, 10, 2
+    rope = rope_spec(D, grid, max_frames=8, device=DEVICE) if use_rope else None
+    cos, sin, gh, gw = (rope.cos, rope.sin, *grid) if use_rope else (None, None, 0, 0)
+    kw = dict(chunk_size=chunk, window=window, sink=sink, device=DEVICE)
+    cache, ref_cache = RollingKVCache(B, H, D, **kw), RollingKVCache(B, H, D, **kw)
+    for _ in range(6):
+        q, k, v = (torch.randn(B, chunk, H, D, device=DEVICE) for _ in range(3))
+        expected = chunk_attention(q, k, v, ref_cache, write=True, rope=rope, backend="reference")
+        for write in (False, True):
+            before = (cache.k.clone(), cache.pos.clone())
+            q_eff, ks, vs, ws = _prepare(q, k, v, cache.k, cache.v, cache.pos, chunk, window, sink, write, cos, sin,
+                                         gh, gw)
+            count = int(ws.count[0])
+            assert ws.count.tolist() == [min(int(cache.pos) + chunk, sink + window)] * B
+            if not write:
+                assert torch.equal(cache.k, before[0]) and torch.equal(cache.pos, before[1])
+            s = torch.einsum("bqhd,bkhd->bhqk", q_eff.float(), ks[:, :count].float()) * D ** -0.5
+            out = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s, -1), vs[:, :count].float())
+            torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
+        cache.pos.add_(chunk)  # _prepare leaves pos to the backend
+        assert torch.equal(cache.k, ref_cache.k)
