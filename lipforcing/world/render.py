@@ -5,7 +5,8 @@ mapped to pixels through the frame's head pose (shift, tilt, scale).  Edges are 
 coverage is ``clip(0.5 - d, 0, 1)`` with ``d`` the ellipse's approximate signed distance in pixels, so small
 crops (64 x 64) still show a smoothly varying mouth.  Layers, back to front: background gradient, long hair,
 face (radially shaded), hair on top, brows, eyes (white, iris, pupil; lids close with the blink), nose shadow,
-lips, the dark mouth opening, upper teeth (when the mouth is open).
+lips, the dark mouth opening, upper teeth (a band 0.4 x the opening's height, so the dark area grows
+monotonically with the opening).
 
 The mouth: lip half-width ``mouth_rx * (1 + 0.35 (spread - 0.5)) * (1 - 0.12 opening)``, opening half-height
 ``0.065 * opening`` (relative to the crop), lips 0.014 thick around it.
@@ -93,9 +94,8 @@ def _draw(identity: Identity, size, pose, closure: float, opening: float, spread
     if oh > 1e-4:
         inner = cv.coverage(mx, my, rx * 0.88, oh)
         cv.paint(inner, _MOUTH_DARK)
-        if opening > 0.25:
-            teeth = cv.coverage(mx, my - oh, rx * 0.6, 0.45 * oh) * inner
-            cv.paint(teeth * min(1.0, (opening - 0.25) * 4), _TEETH)
+        teeth = cv.coverage(mx, my - oh, rx * 0.6, 0.4 * oh) * inner       # scales with the opening, so the
+        cv.paint(teeth, _TEETH)                                              # dark area grows monotonically
     return cv.img
 
 

@@ -169,3 +169,23 @@ def fold_latent_stats(sd: dict, mean, std, config) -> dict:
     out.update({"conv1.weight": w1.to(dt), "conv1.bias": b1.to(dt), "conv2.weight": w2.to(dt),
                 "conv2.bias": b2.to(dt)})
     return out
+
+
+def resolve_vae(path, *, device=None):
+    """A trained VAE from a vae run folder (its ``latest`` checkpoint), a checkpoint folder or a weight file;
+    a preset name (``"tiny"``, ``"wan2.1"``) gives random weights of that preset."""
+    from pathlib import Path
+
+    from lipforcing.distill import checkpoint as ckpt
+    from lipforcing.vae import WanVAE, load_vae
+
+    p = Path(path)
+    if not p.exists() and str(path) in ("tiny", "wan2.1"):
+        return WanVAE(str(path)).to(device).eval()
+    if p.is_dir():
+        p = ckpt.resolve_checkpoint(p)
+        if p.is_dir():
+            p = p / "vae.safetensors"
+    if not p.is_file():
+        raise TrainConfigError(f"{path}: no VAE weights (expected a vae run folder, a checkpoint folder or a file)")
+    return load_vae(p, device=device)
