@@ -217,7 +217,7 @@ def stream_utterance(session, pcm: np.ndarray, plan: StreamPlan, chunks: int, ba
             session.end_of_speech()
         if first_ready is None:
             first_ready = time.perf_counter()
-        for frame in session.frames():
+        for frame in session.frames(block=True):     # this chunk's frames (computed by the scheduler)
             now = time.perf_counter()
             if res.first_frame_s is None:
                 res.first_frame_s = now - first_ready

@@ -6,7 +6,7 @@
                                     audio_encoder="wav2vec2-base-960h/", text="prompt_embedding.pt")
     sess = engine.session(face_frames)          # (N, 512, 512, 3) uint8 aligned face crops, or a video path
     sess.push_audio(pcm)                        # int16 / float32 mono, any length, any number of times
-    for frame in sess.frames():                 # non-blocking drain: the frames that are ready now
+    for frame in sess.frames():                 # non-blocking: the frames that are ready now
         show(frame.image, frame.pts); play(frame.audio)
     sess.end_of_speech()                        # flush the last partial chunk
     for frame in sess.frames(): ...             # after end_of_speech: all the remaining frames
@@ -31,11 +31,14 @@ audio front end's lookahead have arrived (``Engine.latency_report()``).  Per chu
   6. ``vae_decode``      streaming decode of x0 to frames (uint8, moved to the host)
   7. ``cache_write``     a third pass on the clean x0 at t = 0 writes the chunk's K/V into the rolling cache
 
-Work happens synchronously, in the caller's thread, inside :meth:`Session.frames` (chunks are computed lazily
-as the iterator is advanced); ``push_audio`` only validates, resamples and buffers.  One :class:`Engine` serves
-many sessions: the weights, VAE, audio front end and text K/V are held once; each session holds its KV caches,
-streaming VAE/feature state and at most ``max_buffer_seconds`` of audio (memory is constant over arbitrarily
-long streams).  Chunk steps of different sessions are serialised by an engine lock.
+Threads.  Nothing is computed in the caller's thread: ``push_audio`` validates, resamples and buffers;
+the engine's scheduler (:mod:`lipforcing.engine.scheduler`, one daemon worker thread per engine) runs the chunks
+that are ready, earliest deadline first, batching the chunks of several sessions into one DiT pass; ``frames()``
+hands out what is ready (``frames(block=True, timeout=...)`` waits; ``async for f in session.aframes()`` and
+``await session.apush_audio(...)`` are the asyncio forms).  One :class:`Engine` serves many sessions: the
+weights, VAE, audio front end and text K/V are held once; each session holds its KV caches, streaming
+VAE/feature state, at most ``max_buffer_seconds`` of audio and about 4 s of frames not yet taken (memory is
+constant over arbitrarily long streams).  ``engine.close()`` closes the sessions and stops the worker.
 
 Utterances.  ``end_of_speech()`` ends an utterance: its last chunk is computed on audio padded with silence and
 only the frames covered by real audio are emitted.  ``interrupt()`` drops the buffered audio and the frames not
@@ -52,6 +55,7 @@ no-op context; a profiler replaces it with any callable returning a context mana
 from lipforcing.engine.chunk_step import STAGES
 from lipforcing.engine.engine import Engine
 from lipforcing.engine.frame import Frame
+from lipforcing.engine.scheduler import AdmissionError, Scheduler
 from lipforcing.engine.session import Session
 
-__all__ = ["Engine", "Session", "Frame", "STAGES"]
+__all__ = ["Engine", "Session", "Frame", "STAGES", "Scheduler", "AdmissionError"]

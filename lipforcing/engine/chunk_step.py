@@ -3,19 +3,25 @@ audio-feature state), the eager DiT passes and, with ``cuda_graphs=True``, the s
 (:class:`ChunkGraphs`)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from lipforcing import schedule
-from lipforcing.audio.pcm import SAMPLES_PER_FRAME
+from lipforcing.audio.pcm import FPS, SAMPLES_PER_FRAME
+from lipforcing.config import VIDEO_FRAMES_PER_LATENT
+from lipforcing.engine.frame import Frame
 
 if TYPE_CHECKING:
     from lipforcing.engine.engine import Engine
-    from lipforcing.engine.frame import Utterance
 
-__all__ = ["STAGES", "ChunkRunner", "ChunkGraphs", "eager_dit", "eager_write", "noise_offsets", "model_input"]
+__all__ = ["STAGES", "ChunkJob", "ChunkRunner", "ChunkGraphs", "run_chunk_step", "forward_chunks", "eager_dit",
+           "eager_write", "noise_offsets", "model_input"]
 
 STAGES = ("audio_features", "vae_encode", "dit_pass_1", "denoise_update", "dit_pass_2", "vae_decode",
           "cache_write")
@@ -50,13 +56,13 @@ class ChunkRunner:
         self.ref_latent = None
 
     # one chunk ------------------------------------------------------------------------------------------------
-    def features(self, utt: Utterance, lo: int, hi: int, last: bool) -> torch.Tensor:
-        """Feature rows of local frames [lo, hi): push the utterance's samples up to the chunk's need (a fixed
-        point for each chunk, so the pushes never depend on how the host split the audio)."""
-        need = utt.pcm.end if last else min(hi * SAMPLES_PER_FRAME + self.e.lookahead_samples, utt.pcm.end)
-        if need > self.fed:
-            self.feat_rows.append(self.feat.push(utt.pcm.read(self.fed, need)))
-            self.fed = need
+    def features(self, new_samples: torch.Tensor | None, lo: int, hi: int, last: bool) -> torch.Tensor:
+        """Feature rows of local frames [lo, hi).  ``new_samples``: the utterance's samples from ``fed`` up to the
+        chunk's need (a fixed point for each chunk, so the pushes never depend on how the host split the audio;
+        :meth:`need` says where it is); ``last``: the utterance's last chunk (the stream is flushed)."""
+        if new_samples is not None and new_samples.numel():
+            self.feat_rows.append(self.feat.push(new_samples))
+            self.fed += new_samples.numel()
         if last:
             self.feat_rows.append(self.feat.flush())
         rows = torch.cat(self.feat_rows) if len(self.feat_rows) != 1 else self.feat_rows[0]
@@ -69,6 +75,10 @@ class ChunkRunner:
         self.feat_rows = [rows[hi - self.feat_start:].clone()]   # a copy, so the consumed rows can be freed
         self.feat_start = hi
         return out
+
+    def need(self, pcm_end: int, hi: int, last: bool) -> int:
+        """Samples of the utterance the features of a chunk ending at local frame ``hi`` need pushed."""
+        return pcm_end if last else min(hi * SAMPLES_PER_FRAME + self.e.lookahead_samples, pcm_end)
 
     def conditioning(self, frames_u8: torch.Tensor) -> torch.Tensor:
         """(n, H, W, 3) uint8 reference frames -> y (1, 49, 3, h, w): [ref latent, mask, masked, unmasked]."""
@@ -202,3 +212,219 @@ class ChunkGraphs:
         with e.stage("denoise_update"):
             g["denoise_update_2"].replay()
         return self.x0, g["cache_write"].replay
+
+
+# ------------------------------------------------------------------------------------------------------ batching
+def forward_chunks(model, x: torch.Tensor, timestep, states: list, audio: torch.Tensor | None, *,
+                   write: bool, split_linear: bool = False) -> torch.Tensor:
+    """:meth:`CausalLipSyncDiT.forward_chunk` for B independent streams at once: one pass of the student at batch
+    B in which every stream ``b`` attends to its own KV caches (``states[b]``, each a batch-1 ``StreamState``).
+
+    x : (B, in_dim, F, h, w); timestep : a number (the same for every stream); audio : (B, F, 4, audio_dim).
+    Everything but self-attention (patch embedding, modulation, text/audio cross-attention, FFN, head) runs at
+    batch B; self-attention runs per stream on row ``b`` with ``states[b].caches[i]``; the time embedding, the same
+    for every stream, is computed once.  States are **mutated** like ``forward_chunk`` when ``write=True``.
+    Returns the velocity (B, 16, F, h, w) float32.
+
+    split_linear : run every linear layer once per stream instead of on the B*L rows at once.  A BLAS GEMM's
+    rounding can depend on the number of rows (MKL's does), so only the split form is bit-exact with running
+    each stream alone; the engine uses it on the CPU and the folded form (the fast one) on a GPU, where results
+    agree within rounding.
+    """
+    from lipforcing import ops
+    from lipforcing.model.layers import frame_timesteps, patchify
+    from lipforcing.ops.rope import apply_rope
+
+    if len(states) == 1:
+        return model.forward_chunk(x, timestep, states[0], audio, write=write)
+    c = model.config
+    B, Fr, gh, gw = model._check_x(x)
+    if B != len(states) or any(s.batch != 1 for s in states):
+        raise ValueError(f"x has batch {B}; expected one batch-1 stream state per row, got {len(states)} states")
+    for s in states:
+        if s.grid is None:
+            model._allocate(s, (gh, gw))
+        elif s.grid != (gh, gw):
+            raise ValueError(f"x has a latent grid of {(gh, gw)} tokens but a stream was set up for {s.grid}")
+    tpf = gh * gw
+    if not isinstance(timestep, (int, float)):
+        raise TypeError(f"timestep must be a number shared by the streams, got {type(timestep).__name__}")
+    e, e0 = model.embed_time(frame_timesteps(timestep, 1, Fr, x.device))
+    e, e0 = e.expand(B, *e.shape[1:]).contiguous(), e0.expand(B, *e0.shape[1:]).contiguous()
+    backend = model.attn_backend
+    text_kv = _batched_text_kv(states, B)
+    mode = _SplitLinear() if split_linear else contextlib.nullcontext()
+
+    def attend_for(i):
+        def attend(q, k, v):
+            out = []
+            for b, s in enumerate(states):
+                qb, kb, vb = q[b:b + 1], k[b:b + 1], v[b:b + 1]
+                if c.rope_mode == "absolute":
+                    spec = model.rope_table(s.grid, s.frame + Fr, x.device)
+                    t_pos = (torch.arange(Fr, device=x.device) + s.frame).repeat_interleave(tpf)
+                    qb = apply_rope(qb, t_pos, spec).to(vb.dtype)
+                    kb = apply_rope(kb, t_pos, spec).to(vb.dtype)
+                    out.append(ops.chunk_attention(qb, kb, vb, s.caches[i], write=write, backend=backend))
+                else:
+                    out.append(ops.chunk_attention(qb, kb, vb, s.caches[i], write=write, rope=s.rope,
+                                                   backend=backend))
+            return torch.cat(out)
+        return attend
+
+    with mode:
+        audio_tok = model.audio_tokens(audio, B, Fr)
+        tokens = patchify(x, model.patch_embedding.weight, model.patch_embedding.bias, c.patch_size).float()
+        h = model.run_blocks(tokens, e0, attend_for, text_kv, audio_tok, tokens_per_frame=tpf,
+                             audio_scale=states[0].audio_scale, side_effects=write)
+        out = model.output(h, e, (Fr, gh, gw))
+    if write:
+        for s in states:
+            s.frame += Fr
+    return out
+
+
+class _SplitLinear(TorchFunctionMode):
+    """``F.linear`` on a (B, ..., K) input with B > 1 as B separate calls (see ``forward_chunks``)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x = args[0] if args else kwargs["input"]
+            if x.dim() >= 3 and x.shape[0] > 1:
+                rest = list(args[1:])
+                weight = rest.pop(0) if rest else kwargs["weight"]
+                bias = rest.pop(0) if rest else kwargs.get("bias")
+                return torch.stack([func(x[i], weight, bias) for i in range(x.shape[0])])
+        return func(*args, **kwargs)
+
+
+def _batched_text_kv(states: list, batch: int) -> list:
+    """Per block the text (k, v) of every stream stacked on the batch axis (one shared tensor when every stream
+    holds the same one, which is the engine's case: the prompt embedding is the engine's)."""
+    out = []
+    for i in range(len(states[0].text_kv)):
+        ks = [s.text_kv[i][0] for s in states]
+        vs = [s.text_kv[i][1] for s in states]
+        if all(k is ks[0] for k in ks) and all(v is vs[0] for v in vs):
+            out.append((ks[0].expand(batch, *ks[0].shape[1:]), vs[0].expand(batch, *vs[0].shape[1:])))
+        else:
+            out.append((torch.cat(ks), torch.cat(vs)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- chunk step
+@dataclass
+class ChunkJob:
+    """One chunk of one session, as the scheduler hands it to :func:`run_chunk_step`: everything read from the
+    session under its lock, so the step itself never touches the session's buffers.
+
+    c, lo, hi : chunk index in the utterance and its local video frames [lo, hi); ``last``: the utterance's last
+    chunk.  first_index : session index of local frame 0; n_emit : frames [lo, n_emit) are emitted (the last
+    chunk's padding frames are not).  samples : new 16 kHz samples for the audio features (from ``runner.fed``);
+    frame_audio : (hi - lo) * 640 samples paired with the frames; reference : (hi - lo, H, W, 3) uint8 frames.
+    reset : a new utterance starts here (the runner is reset first).  session, epoch, deadline : the scheduler's
+    bookkeeping (results of an interrupted epoch are dropped; earliest deadline first); utt : its utterance.
+    """
+
+    session: Any
+    runner: ChunkRunner
+    c: int
+    lo: int
+    hi: int
+    last: bool
+    first_index: int
+    n_emit: int
+    chunk_id: int
+    samples: torch.Tensor | None
+    frame_audio: np.ndarray
+    reference: torch.Tensor
+    reset: bool
+    epoch: int
+    deadline: float
+    capture_graphs: bool = False
+    utt: Any = None
+
+
+def run_chunk_step(e: Engine, jobs: list[ChunkJob]) -> list[list[Frame]]:
+    """Compute one chunk for each job (sessions are distinct): audio features, VAE encode and decode per session,
+    the DiT passes of all of them at batch ``len(jobs)`` (one pass per stage; each session its own KV caches,
+    noise and conditioning; with CUDA graphs, which are captured at batch 1, one session after another).
+    Returns the frames of each job.  Runs in the scheduler's worker thread under ``torch.no_grad()``."""
+    from lipforcing.model.audio import group_audio_frames
+
+    with torch.no_grad():
+        for j in jobs:
+            if j.reset:
+                j.runner.reset()
+        with e.stage("audio_features"):
+            audios = []
+            for j in jobs:
+                feats = j.runner.features(j.samples, j.lo, j.hi, j.last).to(e.device)
+                if j.c == 0:
+                    audios.append(group_audio_frames(feats[None]))
+                else:
+                    audios.append(feats.reshape(1, -1, VIDEO_FRAMES_PER_LATENT, feats.shape[-1]))
+        with e.stage("vae_encode"):
+            ys = [j.runner.conditioning(j.reference) for j in jobs]
+        if e.cuda_graphs:
+            for j, y, audio in zip(jobs, ys, audios):
+                if j.capture_graphs and j.runner.graphs is None:
+                    j.runner.graphs = ChunkGraphs(e, j.runner.state, y, audio, j.runner.seed)
+        x0s, write = _dit(e, jobs, ys, audios)
+        with e.stage("vae_decode"):
+            images = []
+            for j, x0 in zip(jobs, x0s):
+                video = j.runner.dec.decode(x0)                                  # (1, 3, n, H, W) in [-1, 1]
+                img = ((video[0].float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+                images.append(img.permute(1, 2, 3, 0).contiguous().cpu().numpy())  # (n, H, W, 3)
+        with e.stage("cache_write"):
+            write()
+    out = []
+    for j, imgs in zip(jobs, images):
+        frames = []
+        for f in range(j.lo, j.n_emit):
+            index = j.first_index + f
+            a = j.frame_audio[(f - j.lo) * SAMPLES_PER_FRAME:(f - j.lo + 1) * SAMPLES_PER_FRAME].copy()
+            frames.append(Frame(index=index, pts=index / FPS, image=imgs[f - j.lo], audio=a, chunk_id=j.chunk_id))
+        out.append(frames)
+    return out
+
+
+def _dit(e: Engine, jobs: list[ChunkJob], ys: list, audios: list) -> tuple[list, Callable]:
+    """The two denoising passes of every job; returns each job's x0 (1, 16, F, h, w) and the cache-write call."""
+    if len(jobs) == 1 or e.cuda_graphs:
+        res = [j.runner.dit(y, a, j.chunk_id) for j, y, a in zip(jobs, ys, audios)]
+        writes = [w for _, w in res]
+        return [x0 for x0, _ in res], (writes[0] if len(writes) == 1 else lambda: [w() for w in writes])
+    from lipforcing import ops
+
+    t0, t1, t2 = e.timesteps
+    y, audio = torch.cat(ys), torch.cat(audios)
+    states = [j.runner.state for j in jobs]
+    split = e.batch_linear == "split"
+    offs = [noise_offsets(j.chunk_id) for j in jobs]
+    seeds = [j.runner.seed for j in jobs]
+    shape = (1, e.config.out_dim, y.shape[2], *y.shape[3:])
+    # the noise and the updates per session (own seed and offset); the passes at batch B
+    with e.stage("dit_pass_1"):
+        zeros = torch.zeros(shape, device=y.device, dtype=torch.float32)
+        x = torch.cat([ops.denoise_update(zeros, zeros, 0.0, 1.0, seed=sd, offset=o[0], backend=e.backend)[1]
+                       for sd, o in zip(seeds, offs)])
+        v = forward_chunks(e.model, model_input(x, y), schedule.timestep_input(t0), states, audio,
+                           write=False, split_linear=split).contiguous()
+    with e.stage("denoise_update"):
+        x = torch.cat([ops.denoise_update(x[b:b + 1], v[b:b + 1], t0, t1, seed=sd, offset=o[1], backend=e.backend)[1]
+                       for b, (sd, o) in enumerate(zip(seeds, offs))])
+    with e.stage("dit_pass_2"):
+        v = forward_chunks(e.model, model_input(x, y), schedule.timestep_input(t1), states, audio,
+                           write=False, split_linear=split).contiguous()
+    with e.stage("denoise_update"):
+        x0 = torch.cat([ops.denoise_update(x[b:b + 1], v[b:b + 1], t1, t2, backend=e.backend)[0]
+                        for b in range(len(jobs))])
+
+    def write():
+        forward_chunks(e.model, model_input(x0, y), schedule.timestep_input(t2), states, audio, write=True,
+                       split_linear=split)
+
+    return [x0[b:b + 1] for b in range(len(jobs))], write

@@ -141,7 +141,8 @@ class Engine:
 
     def __init__(self, model, vae, audio, context: torch.Tensor, *, resolution, mask=None,
                  cuda_graphs: bool = False, vae_frames_per_step: int | None = None,
-                 vae_latents_per_step: int | None = None, backend: str = "auto"):
+                 vae_latents_per_step: int | None = None, backend: str = "auto", max_batch: int = 8,
+                 max_sessions=None):
         from lipforcing.model.student import CausalLipSyncDiT
         from lipforcing.ops import _dispatch
 
@@ -208,13 +209,19 @@ class Engine:
         self.cuda_graphs = bool(cuda_graphs)
         self._lock = threading.RLock()
         self.timesteps = tuple(float(t) for t in schedule.STUDENT_TIMESTEPS)
+        from lipforcing.engine.scheduler import Scheduler
+
+        self.scheduler = Scheduler(self, max_batch=max_batch, max_sessions=max_sessions)
+        # how batched DiT passes run their linear layers: per session on the CPU (bit-exact with a session alone),
+        # on all rows at once on a GPU (the fast form; equal within rounding); see chunk_step.forward_chunks
+        self.batch_linear = "split" if self.device.type == "cpu" else "fold"
 
     # -------------------------------------------------------------------------------------------- construction
     @classmethod
     def load(cls, checkpoint=None, *, model="tiny", device="cpu", dtype=None, seed: int = 0, vae=None,
              audio_encoder=None, text=None, resolution=None, mask=None, cuda_graphs: bool = False,
              vae_frames_per_step: int | None = None, vae_latents_per_step: int | None = None,
-             backend: str = "auto") -> "Engine":
+             backend: str = "auto", max_batch: int = 8, max_sessions=None) -> "Engine":
         """Load (or randomly initialise) everything a stream needs.
 
         checkpoint : student weights (file, folder or list; see ``lipforcing.load_model``), or None for random
@@ -236,6 +243,10 @@ class Engine:
         vae_frames_per_step / vae_latents_per_step : VAE streaming step sizes (default: a whole chunk per call).
         backend : ``backend=`` of every ``lipforcing.ops`` call the engine makes (attention, denoise_update):
             ``"auto" | "cuda" | "triton" | "reference"``; sets ``model.attn_backend`` (the model is the engine's).
+        max_batch : most sessions whose chunks the scheduler runs as one DiT pass (1: no batching).
+        max_sessions : admission control of :meth:`session`: None (no limit, default), an int, or ``"auto"`` (the
+            real-time capacity measured from the chunk steps so far, :meth:`Scheduler.capacity`); a session
+            beyond it raises :class:`~lipforcing.engine.AdmissionError`.
         """
         from lipforcing.model import build_model, load_model
 
@@ -277,7 +288,7 @@ class Engine:
         res = resolution if resolution is not None else (_TINY_RESOLUTION if tiny else _REAL_RESOLUTION)
         return cls(net, vae_obj, audio_obj, ctx.to(dtype), resolution=res, mask=mask, cuda_graphs=cuda_graphs,
                    vae_frames_per_step=vae_frames_per_step, vae_latents_per_step=vae_latents_per_step,
-                   backend=backend)
+                   backend=backend, max_batch=max_batch, max_sessions=max_sessions)
 
     def _check_mask(self, mask) -> torch.Tensor:
         if isinstance(mask, np.ndarray):
@@ -320,10 +331,29 @@ class Engine:
         """Open a stream.  ``reference``: aligned face crops (N, H, W, 3) uint8 (numpy or torch; one (H, W, 3)
         frame is a still image) at the engine's resolution, or a path to a video of them (PyAV).
         ``sample_rate``: rate of the pushed audio (int; resampled to 16 kHz).  ``seed``: noise seed.
-        ``max_buffer_seconds``: most audio a session buffers before ``push_audio`` refuses more (BufferError)."""
+        ``max_buffer_seconds``: most audio a session buffers before ``push_audio`` refuses more (BufferError).
+        Raises :class:`~lipforcing.engine.AdmissionError` when ``max_sessions`` says the engine is full."""
         from lipforcing.engine.session import Session
 
+        self.scheduler.admit()
         return Session(self, reference, sample_rate=sample_rate, seed=seed, max_buffer_seconds=max_buffer_seconds)
+
+    def close(self) -> None:
+        """Close every open session and stop the scheduler's worker thread (joined).  Idempotent."""
+        for s in self.scheduler.open_sessions():
+            s.close()
+        self.scheduler.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stats(self) -> dict:
+        """The scheduler's numbers (open sessions, queued chunks, chunk latency and step-time percentiles, batch
+        sizes, real-time capacity): see :meth:`Scheduler.stats`."""
+        return self.scheduler.stats()
 
     def _reference_frames(self, reference) -> torch.Tensor:
         if isinstance(reference, (str, os.PathLike)):

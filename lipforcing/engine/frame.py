@@ -68,15 +68,20 @@ class PcmBuffer:
 
 
 class Utterance:
-    """Audio of one utterance and how far its chunks got.  Frame f (local) is session frame ``first_index + f``."""
+    """Audio of one utterance and how far its chunks got.  Frame f (local) is session frame ``first_index + f``.
+    ``t_start``: wall time (perf_counter) of its first audio, the origin of its frames' deadlines;
+    ``ready_count``: chunks whose audio is complete, ``ready_times`` when each became so (until computed)."""
 
-    def __init__(self, first_index: int):
+    def __init__(self, first_index: int, t_start: float = 0.0):
         self.first_index = first_index
+        self.t_start = t_start
         self.pcm = PcmBuffer()
         self.closed = False
         self.num_frames: int | None = None    # frames to emit, known once closed
         self.num_chunks: int | None = None
         self.chunks_done = 0
+        self.ready_count = 0
+        self.ready_times: dict[int, float] = {}
 
 
 def chunk_span(c: int, first: int, per: int) -> tuple[int, int]:

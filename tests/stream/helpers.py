@@ -30,7 +30,7 @@ def speech(n: int, seed: int = 0) -> np.ndarray:
 
 
 def drain(session):
-    return list(session.frames())
+    return list(session.frames(block=True))
 
 
 def assert_same_frames(a, b):

@@ -57,7 +57,7 @@ def test_200_chunks_memory_flat_and_no_drift(small_engine):
             s.push_audio(audio_at(pushed, pushed + n))
             pushed += n
             if (pushed // piece) % 12 == 0 or pushed == total:
-                for f in s.frames():
+                for f in s.frames(block=True):
                     assert f.index == count
                     assert f.pts == count / 25                      # exact: index / fps, no accumulation
                     np.testing.assert_array_equal(f.audio, audio_at(count * P, (count + 1) * P))

@@ -113,7 +113,7 @@ def test_interrupt_drops_queued_audio_and_frames(engine):
     ref = reference_frames(5)
     s = engine.session(ref, seed=3)
     s.push_audio(speech(P * 40, seed=7))
-    it = s.frames()
+    it = s.frames(block=True)
     taken = [next(it) for _ in range(3)]
     s.interrupt()
     assert list(it) == []                          # the rest of chunk 0 is gone
@@ -142,7 +142,7 @@ def test_interrupt_then_same_audio_is_deterministic(engine):
     def run():
         s = engine.session(ref, seed=11)
         s.push_audio(speech(P * 25, seed=9))
-        it = s.frames()
+        it = s.frames(block=True)
         [next(it) for _ in range(4)]
         s.interrupt()
         s.push_audio(speech(P * 12, seed=10))
@@ -255,10 +255,10 @@ def test_stage_hook(engine):
         yield
 
     s = engine.session(reference_frames(2))
-    s.push_audio(speech(P * 9 + 160, seed=17))
     assert isinstance(engine.stage("x"), contextlib.AbstractContextManager)
-    engine.stage = record
+    engine.stage = record              # before the audio: the scheduler computes the chunk as soon as it is ready
     try:
+        s.push_audio(speech(P * 9 + 160, seed=17))
         assert len(drain(s)) == 9
     finally:
         del engine.stage                               # back to the built-in no-op
