@@ -8,14 +8,18 @@ raise ``ValueError`` naming the file and what is wrong.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 
 from lipforcing.decoders.taehv import TAEHV, TAEHVConfig
 
-__all__ = ["load_decoder", "save_decoder", "read_state_dict", "infer_config"]
+__all__ = ["load_decoder", "save_decoder", "read_checkpoint", "infer_config", "config_metadata"]
+
+CONFIG_METADATA_KEY = "taehv_config"     # safetensors metadata: the TAEHVConfig as JSON (spatial_upscale is not
+                                         # visible in the weights)
 
 _LIST_CAP = 8
 _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -36,19 +40,24 @@ def _listing(keys) -> str:
     return ", ".join(keys[:_LIST_CAP]) + more
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` or ``.pth``/``.pt`` file (on the CPU), with errors naming the file."""
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a ``.safetensors`` or ``.pth``/``.pt`` file (on the CPU) and the safetensors metadata
+    (empty for ``.pth``), with errors naming the file."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"decoder checkpoint {path!r} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"decoder checkpoint {path!r} is a folder; expected a taew2_1.pth or .safetensors file")
     lower = path.lower()
+    meta: dict[str, str] = {}
     if lower.endswith(".safetensors"):
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         try:
             sd = load_file(path, device="cpu")
+            with safe_open(path, framework="pt") as fh:
+                meta = dict(fh.metadata() or {})
         except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
             raise ValueError(f"could not read decoder checkpoint {path!r} as safetensors (truncated or not a "
                              f"safetensors file): {exc}") from None
@@ -69,8 +78,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"decoder checkpoint {path!r} does not hold a state dict (got {type(sd).__name__})")
     not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise ValueError(f"decoder checkpoint {path!r}: entries that are not tensors: {_listing(map(str, not_tensors))}")
-    return dict(sd)
+        raise ValueError(f"decoder checkpoint {path!r}: entries that are not tensors: "
+                         f"{_listing(map(str, not_tensors))}")
+    return dict(sd), meta
 
 
 def _kind_hint(sd: Mapping[str, torch.Tensor]) -> str:
@@ -86,8 +96,10 @@ def _kind_hint(sd: Mapping[str, torch.Tensor]) -> str:
     return ""
 
 
-def infer_config(sd: Mapping[str, torch.Tensor], path: str = "<state dict>") -> TAEHVConfig:
-    """The :class:`TAEHVConfig` whose network has these weights' widths (checked fully by :func:`load_decoder`)."""
+def infer_config(sd: Mapping[str, torch.Tensor], path: str = "<state dict>",
+                 metadata: Mapping[str, str] | None = None) -> TAEHVConfig:
+    """The :class:`TAEHVConfig` whose network has these weights' widths (checked fully by :func:`load_decoder`);
+    ``spatial_upscale`` from the metadata :func:`save_decoder` writes, else all stages (8x, like taew2_1)."""
     missing = [key for key, _ in _WIDTH_KEYS.values() if key not in sd]
     if missing:
         raise ValueError(f"{path!r} is not a TAEHV checkpoint: missing {_listing(set(missing))} "
@@ -97,9 +109,15 @@ def infer_config(sd: Mapping[str, torch.Tensor], path: str = "<state dict>") -> 
         raise ValueError(f"{path!r} is not a TAEHV checkpoint: {_listing(set(bad))} must be 4-D conv weights, got "
                          + ", ".join(f"{k} {tuple(sd[k].shape)}" for k in sorted(set(bad))))
     size = {name: int(sd[key].shape[dim]) for name, (key, dim) in _WIDTH_KEYS.items()}
+    ups = (True, True, True)
+    if metadata and CONFIG_METADATA_KEY in metadata:
+        try:
+            ups = tuple(json.loads(metadata[CONFIG_METADATA_KEY])["spatial_upscale"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path!r}: unreadable {CONFIG_METADATA_KEY} metadata ({exc})") from None
     try:
         return TAEHVConfig(latent_channels=size["latent_channels"], encoder_width=size["encoder_width"],
-                           decoder_widths=(size["w0"], size["w1"], size["w2"], size["w3"]))
+                           decoder_widths=(size["w0"], size["w1"], size["w2"], size["w3"]), spatial_upscale=ups)
     except ValueError as exc:
         raise ValueError(f"{path!r}: {exc}") from None
 
@@ -108,16 +126,17 @@ def load_decoder(path: str | os.PathLike, *, config: TAEHVConfig | str | None = 
                  channels_last: bool = False) -> TAEHV:
     """Load a TAEHV checkpoint (``taew2_1.pth`` or ``taew2_1.safetensors``, public key names unchanged).
 
-    config : widths to build (a :class:`TAEHVConfig` or preset name); default: read off the weight shapes.
+    config : widths to build (a :class:`TAEHVConfig` or preset name); default: read off the weight shapes (and
+        ``spatial_upscale`` off the metadata of files written by :func:`save_decoder` / the training stage).
     device, dtype : where and in which dtype to place the model (default CPU, float32; the public file stores
         fp16, which is upcast).  channels_last : channels-last weights (faster convolutions on a GPU).
     Returns the model in eval mode without gradients.  Raises ValueError naming the file for anything that is not
     a TAEHV checkpoint of that configuration (missing, unexpected or mis-shaped tensors are listed).
     """
     path = os.fspath(path)
-    sd = read_state_dict(path)
+    sd, meta = read_checkpoint(path)
     if config is None:
-        config = infer_config(sd, path)
+        config = infer_config(sd, path, meta)
     elif isinstance(config, str):
         config = TAEHVConfig.from_name(config)
     elif not isinstance(config, TAEHVConfig):
@@ -151,7 +170,8 @@ def load_decoder(path: str | os.PathLike, *, config: TAEHVConfig | str | None = 
 
 
 def save_decoder(model: TAEHV, path: str | os.PathLike) -> None:
-    """Write ``model``'s weights with the public key names (``.safetensors``, or ``.pth`` via ``torch.save``)."""
+    """Write ``model``'s weights with the public key names: ``.safetensors`` (with the config in its metadata) or
+    ``.pth`` (a plain state dict via ``torch.save``, like the public file; only 8x models round-trip there)."""
     if not isinstance(model, TAEHV):
         raise TypeError(f"model must be a TAEHV, got {type(model).__name__}")
     path = os.fspath(path)
@@ -159,8 +179,13 @@ def save_decoder(model: TAEHV, path: str | os.PathLike) -> None:
     if path.lower().endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        save_file(sd, path)
+        save_file(sd, path, metadata=config_metadata(model.config))
     elif path.lower().endswith(_TORCH_SUFFIXES):
         torch.save(sd, path)
     else:
         raise ValueError(f"path must end in .safetensors or .pth/.pt, got {path!r}")
+
+
+def config_metadata(config: TAEHVConfig) -> dict[str, str]:
+    """The safetensors metadata that lets :func:`load_decoder` rebuild ``config`` exactly."""
+    return {CONFIG_METADATA_KEY: json.dumps(config.to_dict())}

@@ -36,7 +36,7 @@ class TAEHVStreamDecoder:
     ``normalize=True`` (default) they are in the DiT's normalised space and are mapped back to raw latents first
     with ``z * std + mean`` (Wan 2.1's statistics unless ``latents_mean``/``latents_std`` are given): TAEHV itself
     takes **raw** latents, unlike the Wan VAE's ``decode(normalize=True)``.  ``normalize=False``: raw latents in.
-    Returns frames (B, 3, F, 8h, 8w) in [-1, 1] (TAEHV's [0, 1] pixels mapped with ``2p - 1``) in the model's
+    Returns frames (B, 3, F, s*h, s*w) (s = the spatial factor, 8 for taew2_1) in [-1, 1] (TAEHV's [0, 1] pixels mapped with ``2p - 1``) in the model's
     dtype, F = 1 + 4(n - 1) on the first call of a clip and 4n afterwards.
 
     latents_per_step : latent frames per internal decoder pass (default: all of a call in one pass, the fastest

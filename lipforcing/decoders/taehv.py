@@ -39,14 +39,23 @@ class TAEHVConfig:
     encoder_width : channels of every encoder stage (taew2_1: 64).
     decoder_widths : channels of the decoder's four resolutions, coarsest first (taew2_1: 256, 128, 64, 64);
         the last one is the width of the final full-resolution conv.
+    spatial_upscale : per decoder stage (coarsest first), whether it doubles height and width (taew2_1: all
+        three, 8x).  A stage without it has an identity in place of the upsample (same state-dict keys; the
+        encoder's matching conv has stride 1), e.g. ``(False, True, True)`` for a 4x VAE.  Not visible in the
+        weights: :func:`~lipforcing.decoders.save_decoder` stores it in the safetensors metadata.
     """
 
     latent_channels: int = 16
     encoder_width: int = 64
     decoder_widths: tuple[int, int, int, int] = (256, 128, 64, 64)
+    spatial_upscale: tuple[bool, bool, bool] = (True, True, True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "decoder_widths", tuple(self.decoder_widths))
+        ups = tuple(self.spatial_upscale)
+        if len(ups) != 3 or not all(isinstance(u, bool) for u in ups):
+            raise ValueError(f"TAEHVConfig.spatial_upscale must be 3 bools, got {self.spatial_upscale!r}")
+        object.__setattr__(self, "spatial_upscale", ups)
         for name, v in (("latent_channels", self.latent_channels), ("encoder_width", self.encoder_width),
                         *((f"decoder_widths[{i}]", w) for i, w in enumerate(self.decoder_widths))):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -55,10 +64,25 @@ class TAEHVConfig:
             raise ValueError(f"TAEHVConfig.decoder_widths must have 4 entries, got {self.decoder_widths}")
 
     # fixed by the architecture
-    spatial_factor = 8
     temporal_factor = 4
     encoder_time_strides = (2, 2, 1)
     decoder_time_strides = (1, 2, 2)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent along height and width (taew2_1: 8)."""
+        return 2 ** sum(self.spatial_upscale)
+
+    @classmethod
+    def for_spatial_factor(cls, factor: int, **fields) -> "TAEHVConfig":
+        """A config whose decoder upsamples ``factor`` (1, 2, 4 or 8) times: the coarsest stages skip theirs."""
+        n = {1: 0, 2: 1, 4: 2, 8: 3}.get(factor)
+        if n is None:
+            raise ValueError(f"TAEHV supports spatial factors 1, 2, 4 and 8, got {factor!r}")
+        return cls(spatial_upscale=tuple(i >= 3 - n for i in range(3)), **fields)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
     @property
     def frames_to_trim(self) -> int:
@@ -199,7 +223,8 @@ def run_layers(layers: nn.Sequential, x: torch.Tensor, n: int, t: int,
 class TAEHV(nn.Module):
     """TAEHV tiny video autoencoder with the public checkpoint's module tree.
 
-    ``decode_video(latents)``: (N, T, C_lat, h, w) raw latents -> (N, 4T - 3, 3, 8h, 8w) pixels in [0, 1].
+    ``decode_video(latents)``: (N, T, C_lat, h, w) raw latents -> (N, 4T - 3, 3, 8h, 8w) pixels in [0, 1] (8 =
+    the spatial factor of the public weights; see ``TAEHVConfig.spatial_upscale``).
     ``encode_video(frames)``: (N, T, 3, H, W) pixels in [0, 1], T = 4k or 1 + 4k -> (N, k or 1 + k, C_lat, H/8,
     W/8) raw latents.  ``stream()``: a fresh :class:`~lipforcing.decoders.streaming.TAEHVStreamDecoder` on raw
     latents, so the model can also be plugged into a Wan VAE with ``vae.set_decoder(model)``.
@@ -216,8 +241,9 @@ class TAEHV(nn.Module):
         self.config = config
         c, e = config.latent_channels, config.encoder_width
         enc: list[nn.Module] = [_conv(3, e), nn.ReLU()]
-        for s in config.encoder_time_strides:
-            enc += [TPool(e, s), _conv(e, e, stride=2, bias=False), MemBlock(e, e), MemBlock(e, e), MemBlock(e, e)]
+        for s, down in zip(config.encoder_time_strides, config.spatial_upscale[::-1]):
+            enc += [TPool(e, s), _conv(e, e, stride=2 if down else 1, bias=False), MemBlock(e, e), MemBlock(e, e),
+                    MemBlock(e, e)]
         enc.append(_conv(e, c))
         self.encoder = nn.Sequential(*enc)
 
@@ -225,7 +251,8 @@ class TAEHV(nn.Module):
         dec: list[nn.Module] = [Clamp(), _conv(c, w[0]), nn.ReLU(), MemBlock(w[0], w[0]), MemBlock(w[0], w[0]),
                                 MemBlock(w[0], w[0])]
         for i, s in enumerate(config.decoder_time_strides):
-            dec += [nn.Upsample(scale_factor=2), TGrow(w[i], s), _conv(w[i], w[i + 1], bias=False)]
+            up = nn.Upsample(scale_factor=2) if config.spatial_upscale[i] else nn.Identity()
+            dec += [up, TGrow(w[i], s), _conv(w[i], w[i + 1], bias=False)]
             if i < 2:
                 dec += [MemBlock(w[i + 1], w[i + 1]) for _ in range(3)]
             else:
@@ -245,6 +272,10 @@ class TAEHV(nn.Module):
     @property
     def latent_channels(self) -> int:
         return self.config.latent_channels
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.config.spatial_factor
 
     def decoder_memblocks(self) -> list[MemBlock]:
         return [m for m in self.decoder if isinstance(m, MemBlock)]
@@ -287,14 +318,15 @@ class TAEHV(nn.Module):
         if min(latents.shape[0], latents.shape[1], latents.shape[3], latents.shape[4]) == 0:
             raise ValueError(f"latents must be non-empty, got shape {tuple(latents.shape)}")
 
-    def decode_video(self, latents: torch.Tensor, *, parallel: bool = True) -> torch.Tensor:
+    def decode_video(self, latents: torch.Tensor, *, parallel: bool = True, clamp: bool = True) -> torch.Tensor:
         """Decode a whole clip: latents (N, T, C_lat, h, w) *raw* (not mean/std normalised) -> frames
         (N, 4T - 3, 3, 8h, 8w) in [0, 1] in the model's dtype.
 
         ``parallel=True`` runs every frame of a layer as one batch (each MemBlock's memory is its input shifted
         by one frame); ``parallel=False`` feeds one latent at a time through the streaming decoder.  Both give
         the same frames (bit-equal in fp32 with a batch-invariant convolution, e.g. PyTorch's own CPU
-        convolution; within float rounding otherwise)."""
+        convolution with oneDNN and NNPACK off; within float rounding otherwise).  ``clamp=False`` (parallel only)
+        skips the final clamp to [0, 1] (for training losses, whose gradient the clamp would cut)."""
         self._check_latents(latents)
         n, t, c, h, w = latents.shape
         if not parallel:
@@ -309,21 +341,23 @@ class TAEHV(nn.Module):
         if _memory_format(self.decoder[1].weight) == torch.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y, t_out = run_layers(self.decoder, x, n, t)
-        y = y.clamp(0, 1).reshape(n, t_out, 3, y.shape[-2], y.shape[-1])
+        if clamp:
+            y = y.clamp(0, 1)
+        y = y.reshape(n, t_out, 3, y.shape[-2], y.shape[-1])
         return y[:, self.config.frames_to_trim:]
 
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """Encode a clip: frames (N, T, 3, H, W) in [0, 1], H and W multiples of 8, T = 4k (-> k latents) or
-        1 + 4k (frame 0 is repeated 3 times first, mirroring the 3 frames the decoder drops -> 1 + k latents).
-        Returns raw latents (N, T', C_lat, H/8, W/8).  (The engine encodes with the Wan VAE; this is here so the
+        """Encode a clip: frames (N, T, 3, H, W) in [0, 1], H and W multiples of the spatial factor s (8), T = 4k
+        (-> k latents) or 1 + 4k (frame 0 is repeated 3 times first, mirroring the 3 frames the decoder drops ->
+        1 + k latents).  Returns raw latents (N, T', C_lat, H/s, W/s).  (The engine encodes with the Wan VAE; this is here so the
         whole checkpoint is usable.)"""
         if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or frames.shape[2] != 3:
             got = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
             raise ValueError(f"frames must be (N, T, 3, H, W) in [0, 1], got {got}")
         n, t, _, h, w = frames.shape
-        f = self.config.temporal_factor
-        if h % 8 or w % 8 or h == 0 or w == 0:
-            raise ValueError(f"frames height and width must be positive multiples of 8, got {h}x{w}")
+        f, sf = self.config.temporal_factor, self.config.spatial_factor
+        if h % sf or w % sf or h == 0 or w == 0:
+            raise ValueError(f"frames height and width must be positive multiples of {sf}, got {h}x{w}")
         if t == 0 or t % f not in (0, 1):
             raise ValueError(f"frames must have 4k or 1 + 4k frames (k >= 1 for 4k), got {t}")
         x = frames.to(self.dtype)
@@ -343,4 +377,4 @@ class TAEHV(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (f"latent_channels={c.latent_channels}, encoder_width={c.encoder_width}, "
-                f"decoder_widths={c.decoder_widths}")
+                f"decoder_widths={c.decoder_widths}, spatial_upscale={c.spatial_upscale}")

@@ -84,6 +84,8 @@ def reference_run(layers, frames: list[torch.Tensor]) -> list[torch.Tensor]:
             frames = [_conv(layer, x) for x in frames]
         elif isinstance(layer, torch.nn.ReLU):
             frames = [x.relu() for x in frames]
+        elif isinstance(layer, torch.nn.Identity):
+            pass
         elif isinstance(layer, torch.nn.Upsample):
             frames = [x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) for x in frames]
         else:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import lipforcing
-from lipforcing.decoders import TAEHV, load_decoder, save_decoder
+from lipforcing.decoders import TAEHV, TAEHVConfig, load_decoder, save_decoder
 from lipforcing.vae import VAEConfig, WanVAE
 from tests.decoders.reference import randomize_
 
@@ -40,6 +40,10 @@ def test_fp16_file_and_tiny_widths_are_read_off_the_shapes(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v.half().float()), k
     assert load_decoder(path, dtype=torch.float16).dtype == torch.float16
+    # the spatial factor is not in the weights: save_decoder keeps it in the safetensors metadata
+    four = TAEHV(TAEHVConfig.for_spatial_factor(4, encoder_width=8, decoder_widths=(8, 8, 8, 8)))
+    save_decoder(four, tmp_path / "four.safetensors")
+    assert load_decoder(tmp_path / "four.safetensors").config == four.config
     # a nested {"state_dict": ...} .pth loads too
     torch.save({"state_dict": model.state_dict()}, tmp_path / "nested.pth")
     assert load_decoder(tmp_path / "nested.pth").config == model.config

@@ -133,3 +133,21 @@ def test_mac_count_matches_the_convolutions_run(tiny_taehv):
     assert sum(counted) == 3 * tiny_taehv.decode_macs_per_latent(4, 5)
     # the real architecture at 512x512: about 174 GMAC per latent frame (43 GMAC per output frame)
     assert 170e9 < TAEHV(TAEHVConfig()).decode_macs_per_latent(64, 64) < 180e9
+
+
+def test_fewer_spatial_upsamples(tiny_taehv):
+    cfg = TAEHVConfig.for_spatial_factor(4, encoder_width=8, decoder_widths=(16, 8, 8, 8))
+    assert cfg.spatial_upscale == (False, True, True) and cfg.spatial_factor == 4
+    from tests.decoders.reference import randomize_
+
+    model = randomize_(TAEHV(cfg)).eval().requires_grad_(False)
+    assert set(model.state_dict()) == set(tiny_taehv.state_dict())        # same key names
+    z = torch.randn(1, 3, 16, 3, 5)
+    out = model.decode_video(z)
+    assert out.shape == (1, 9, 3, 12, 20)
+    torch.testing.assert_close(out.double(), reference_decode(model, z), atol=2e-5, rtol=1e-4)
+    assert model.encode_video(torch.rand(1, 8, 3, 12, 20)).shape == (1, 2, 16, 3, 5)
+    with pytest.raises(ValueError, match="spatial factors 1, 2, 4 and 8"):
+        TAEHVConfig.for_spatial_factor(16)
+    with pytest.raises(ValueError, match="spatial_upscale must be 3 bools"):
+        TAEHVConfig(spatial_upscale=(1, 1, 1))

@@ -17,6 +17,8 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
                 "a small SyncNet, contrastive with offset negatives on world clips"),
     "teacher": ("lipforcing.distill.stages.teacher", "TeacherStageConfig", "TeacherStage",
                 "the bidirectional teacher, flow matching with condition dropout"),
+    "decoder": ("lipforcing.decoders.train", "DecoderStageConfig", "DecoderStage",
+                "a TAEHV decoder distilled from the VAE's decoded frames (or the pixels)"),
     "df": ("lipforcing.distill.trainer", "TrainConfig", "Trainer", "student stage 1: diffusion forcing"),
     "sf": ("lipforcing.distill.trainer", "TrainConfig", "Trainer",
            "student stage 2: Self-Forcing with Sync-Window DMD (+ SyncNet reward)"),
