@@ -1,8 +1,12 @@
 """chunk_attention inference forward at the student's shapes (GPU only).
 
-B = 1, Lq = 3072 (one 3-frame chunk at 512x512), Lk = sink 1024 + ring + 3072 in {4096, 7168, 12288, 21504},
-H in {12, 40}, D = 128, bf16; the cache is full (steady state), write=False (attention only).  TFLOP/s counts
-4 * Lq * Lk * D * H.
+B = 1, Lq = 3072 (one 3-frame chunk at 512x512), Lk = sink 1024 + window in {4096, 7168, 12288, 21504} (7168:
+the paper's 7-frame window), H in {12, 40}, D = 128, bf16; the cache is full (steady state), write=False (attention
+only; the dense backends stage the post-write view first, and that pass is timed).  TFLOP/s counts
+4 * Lq * Lk * D * H.  Our op's rows: ``triton``, ``cuda``, and the library backends behind the same op,
+``flash_attn`` and ``cudnn`` (each also ``_rope``: dynamic RoPE rotated once per step).  The backward row
+(``test_chunk_attention_backward``, Lk = 7168) times forward + backward of a write=False step (gradients for the
+chunk's q, k, v) against SDPA flash forward + backward on the gathered keys.
 
 Baselines get the keys already gathered into contiguous (B, H, Lk, D) tensors (gathering is not timed):
 ``sdpa_flash`` / ``sdpa_cudnn`` / ``sdpa_efficient`` (each SDPA backend that runs), ``flex`` (FlexAttention,
@@ -25,6 +29,7 @@ DTYPE = torch.bfloat16
 LKS = [4096, 7168, 12288, 21504]
 HEADS = [12, 40]
 BASELINES = ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flash_attn_kvcache"]
+OURS = ["triton", "cuda", "flash_attn", "cudnn"]   # chunk_attention's backends
 _baseline_us: dict[tuple, dict[str, float]] = {}   # (lk, h) -> {baseline: median us}, inf when it cannot run
 _compiled_flex = []
 
@@ -99,7 +104,7 @@ def _best_baseline(lk, h):
 
 @pytest.mark.parametrize("h", HEADS)
 @pytest.mark.parametrize("lk", LKS)
-@pytest.mark.parametrize("backend", BASELINES + ["triton", "cuda", "triton_rope", "cuda_rope"])
+@pytest.mark.parametrize("backend", BASELINES + OURS + [f"{b}_rope" for b in OURS])
 def test_chunk_attention_forward(bench_record, backend, lk, h):
     shape = dict(B=B, Lq=LQ, Lk=lk, H=h, D=D, sink=SINK, window=lk - SINK)
     if backend in BASELINES:
@@ -128,3 +133,32 @@ def test_chunk_attention_forward(bench_record, backend, lk, h):
     best = _best_baseline(lk, h)
     if best < float("inf"):
         row.extra["speedup_vs_best_baseline"] = best / row.median_us
+
+
+@pytest.mark.parametrize("h", HEADS)
+def test_chunk_attention_backward(bench_record, h):
+    """Forward + backward of the Self-Forcing exit step (write=False, gradients for the chunk's q, k, v):
+    Triton flash-style backward vs SDPA flash on gathered keys (q, k, v of all 7168 keys requiring grad)."""
+    lk = 7168
+    shape = dict(B=B, Lq=LQ, Lk=lk, H=h, D=D, sink=SINK, window=lk - SINK)
+    qs, ks, vs = (torch.randn(B, h, n, D, device="cuda", dtype=DTYPE, requires_grad=True) for n in (LQ, lk, lk))
+    go = torch.randn(B, h, LQ, D, device="cuda", dtype=DTYPE)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def baseline():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            out = F.scaled_dot_product_attention(qs, ks, vs)
+        return torch.autograd.grad(out, (qs, ks, vs), go)
+
+    # FLOPs: FlashAttention's accounting, forward + backward = 3.5 x the forward's 4 * Lq * Lk * D * H
+    base = bench_record("chunk_attention_fwd_bwd", "sdpa_flash", shape, DTYPE, baseline, flops=3.5 * _flops(lk, h))
+    cache = _cache(lk, h)
+    q, k, v = (torch.randn(B, LQ, h, D, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(3))
+    g = go.transpose(1, 2).contiguous()
+
+    def ours():
+        out = chunk_attention(q, k, v, cache, write=False, backend="triton")
+        return torch.autograd.grad(out, (q, k, v), g)
+
+    row = bench_record("chunk_attention_fwd_bwd", "triton", shape, DTYPE, ours, flops=3.5 * _flops(lk, h))
+    row.extra["speedup_vs_sdpa_flash"] = base.median_us / row.median_us

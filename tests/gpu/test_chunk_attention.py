@@ -1,5 +1,6 @@
-"""GPU tier of chunk_attention: every backend x fp32/fp16/bf16, with and without dynamic RoPE, against the fp32
-reference; plus a CUDA-graph capture of a loop of chunk steps (no allocation, no host sync per step).
+"""GPU tier of chunk_attention: every backend (triton, cuda, and the library backends flash_attn / cudnn) x
+fp32/fp16/bf16, with and without dynamic RoPE, write=False and write=True, against the fp32 reference; the Triton
+backward; a CUDA-graph capture of a loop of chunk steps (no allocation, no host sync per step).
 
 Pass rule (FlashAttention's): error vs the fp32 reference <= 2 x the error of plain PyTorch in the same dtype
 (scores and P @ V computed in that dtype) + a small floor."""
@@ -19,6 +20,13 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 
 def _can_run(backend, dtype, head_dim):
+    if backend in ("flash_attn", "cudnn"):
+        if dtype == torch.float32:
+            return f"{backend}: fp16/bf16 only"
+        if backend == "flash_attn" and _dense_missing("flash_attn"):
+            return "flash-attn is not installed"
+        if backend == "cudnn" and not torch.backends.cudnn.is_available():
+            return "no cuDNN"
     if backend == "cuda":
         from lipforcing.ops import cuda as ext
 
@@ -29,10 +37,17 @@ def _can_run(backend, dtype, head_dim):
     return None
 
 
+def _dense_missing(name):
+    from lipforcing.ops.chunk_attention_dense import _flash_modules
+
+    return all(f is None for f in _flash_modules())
+
+
 def _plain_torch(q, k, v, k_cache, v_cache, pos, chunk, window, sink, scale, rope):
     """chunk attention the plain PyTorch way in q's dtype (gather keys, scores and P @ V in low precision)."""
     n = q.shape[1]
     slot_pos, valid = cache_slot_positions(pos, sink, k_cache.shape[1] - sink)
+    valid = valid & ((slot_pos < sink) | (slot_pos >= torch.clamp(pos + chunk - window, min=sink)))
     cur = pos + torch.arange(n, device=q.device)
     keys_k, keys_v = torch.cat([k_cache, k], 1), torch.cat([v_cache, v], 1)
     valid = torch.cat([valid, torch.ones(n, dtype=torch.bool, device=q.device)])
@@ -52,7 +67,7 @@ def _plain_torch(q, k, v, k_cache, v_cache, pos, chunk, window, sink, scale, rop
 @pytest.mark.parametrize("use_rope", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "flash_attn", "cudnn"])
 def test_backend_vs_reference(backend, dtype, head_dim, use_rope):
     why = _can_run(backend, dtype, head_dim)
     if why:
@@ -62,13 +77,18 @@ def test_backend_vs_reference(backend, dtype, head_dim, use_rope):
     rope = rope_spec(head_dim, grid, device="cuda") if use_rope else None
     cache = RollingKVCache(B, H, head_dim, chunk_size=chunk, window=window, sink=sink, dtype=dtype, device="cuda")
     scale = head_dim ** -0.5
-    for n in [chunk] * 7 + [40]:
+    # the library backends run full chunks only (auto would fall back to Triton for the short last one)
+    for n in [chunk] * 7 + ([] if backend in ("flash_attn", "cudnn") else [40]):
         q, k, v = (torch.randn(B, n, H, head_dim, device="cuda").to(dtype) for _ in range(3))
         args = (cache.k, cache.v, cache.pos)
         ref = chunk_attention_ref(q.float(), k.float(), v.float(), cache.k.float(), cache.v.float(), cache.pos.clone(),
                                   chunk_size=chunk, window=window, sink=sink, write=False, scale=scale, rope=rope)
         plain = _plain_torch(q, k, v, *args, chunk, window, sink, scale, rope)
         k_before = cache.k.clone()
+        read = chunk_attention(q, k, v, cache, write=False, rope=rope, backend=backend)
+        assert torch.equal(cache.k, k_before)
+        err = (read.float() - ref).abs().max().item()
+        assert err <= 2 * (plain.float() - ref).abs().max().item() + FLOOR[dtype], f"{backend} write=False {err}"
         out = chunk_attention(q, k, v, cache, write=True, rope=rope, backend=backend)
         err = (out.float() - ref).abs().max().item()
         err_pt = (plain.float() - ref).abs().max().item()
@@ -79,7 +99,7 @@ def test_backend_vs_reference(backend, dtype, head_dim, use_rope):
         assert torch.equal(cache.k, expect_k)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "flash_attn", "cudnn"])
 def test_cuda_graph_capture_of_chunk_loop(backend):
     """A loop of chunk steps (write=True) captured once and replayed equals eager execution: nothing in a step
     allocates outside the graph pool or reads pos on the host."""
@@ -114,3 +134,36 @@ def test_cuda_graph_capture_of_chunk_loop(backend):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
         assert torch.equal(cache.k, eager_k)
         assert int(cache.pos) == steps * chunk
+
+
+@pytest.mark.parametrize("use_rope", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_backward_vs_reference(dtype, use_rope):
+    """The Triton flash-style backward (write=False) against the fp32 reference backward, 2x rule vs plain PyTorch
+    autograd in the same dtype."""
+    B, H, D, grid = 1, 4, 128, (4, 8)
+    chunk, window, sink = 96, 288, 32
+    rope = rope_spec(D, grid, device="cuda") if use_rope else None
+    cache = RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        for _ in range(5):
+            x = torch.randn(B, chunk, H, D, device="cuda").to(dtype)
+            chunk_attention(x, torch.randn_like(x), torch.randn_like(x), cache, write=True, rope=rope)
+    q, k, v, g = (torch.randn(B, chunk, H, D, device="cuda").to(dtype) for _ in range(4))
+    grads = {}
+    for name, dt, backend in (("tri", dtype, "triton"), ("ref", torch.float32, "reference")):
+        c = cache
+        if dt != dtype:
+            c = RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink, dtype=dt, device="cuda")
+            c.k.copy_(cache.k), c.v.copy_(cache.v), c.pos.copy_(cache.pos)
+        leaves = [x.to(dt).requires_grad_() for x in (q, k, v)]
+        out = chunk_attention(*leaves, c, write=False, rope=rope, backend=backend)
+        grads[name] = torch.autograd.grad(out, leaves, g.to(dt))
+    scale = D ** -0.5
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    plain = _plain_torch(*leaves, cache.k, cache.v, cache.pos, chunk, window, sink, scale, rope)
+    grads["plain"] = torch.autograd.grad(plain, leaves, g)
+    for i, name in enumerate("qkv"):
+        err = (grads["tri"][i].float() - grads["ref"][i]).abs().max().item()
+        err_pt = (grads["plain"][i].float() - grads["ref"][i]).abs().max().item()
+        assert err <= 2 * err_pt + FLOOR[dtype], f"d{name} {dtype}: error {err} vs plain PyTorch {err_pt}"
