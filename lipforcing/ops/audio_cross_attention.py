@@ -123,6 +123,8 @@ def audio_cross_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.T
         _checks.same("q", q, name, x)
     _checks.positive_int("tokens_per_frame", tokens_per_frame)
     B, L, H, D = q.shape
+    if D == 0:
+        raise ValueError("q must have head_dim >= 1, got 0")
     if L == 0 or L % tokens_per_frame:
         raise ValueError(f"q has {L} tokens, which is not a whole number of frames of tokens_per_frame="
                          f"{tokens_per_frame} tokens")
@@ -143,7 +145,11 @@ def audio_cross_attention(q: torch.Tensor, text_k: torch.Tensor, text_v: torch.T
         raise ValueError("audio_k must have an audio window of at least 1 token, got 0")
     if isinstance(audio_scale, bool) or not isinstance(audio_scale, (int, float)):
         raise TypeError(f"audio_scale must be a float, got {type(audio_scale).__name__}")
+    if not math.isfinite(audio_scale):
+        raise ValueError(f"audio_scale must be a finite number, got {audio_scale}")
     _checks.scale(scale)
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number > 0 (or None for head_dim ** -0.5), got {scale}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
     args = (q, text_k, text_v, audio_k, audio_v, tokens_per_frame, float(audio_scale), scale)
     name = _dispatch.resolve("audio_cross_attention", _FWD, backend, q.device, args, {})

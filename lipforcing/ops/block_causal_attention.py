@@ -119,8 +119,12 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                              f"got {tuple(x.shape)}")
     if q.shape[1] == 0:
         raise ValueError("q must have seqlen >= 1, got 0")
+    if q.shape[-1] == 0:
+        raise ValueError("q must have head_dim >= 1, got 0")
     _checks.block_mask_args(chunk_size, window, sink)
     _checks.scale(scale)
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number > 0 (or None for head_dim ** -0.5), got {scale}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     args = (q, k, v, chunk_size, window, sink, scale)
     name = _dispatch.resolve("block_causal_attention", _FWD, backend, q.device, args, {})

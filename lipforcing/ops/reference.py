@@ -40,14 +40,36 @@ def block_causal_mask(q_len: int, k_len: int, chunk_size: int, window: int | Non
     return allowed
 
 
-def _softmax_attention(q, k, v, mask, scale):
-    """float32 attention with a boolean mask broadcastable to (B, H, Lq, Lk); returns (out fp32, lse fp32)."""
+def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, 0.0)
+
+
+def _visible_values(p, v, mask):
+    """``sum_j p[b, h, q, j] * v[b, j, h, :]`` over the keys j that ``mask`` shows to query q only: hidden keys are
+    selected away, never multiplied by 0 (0 * NaN = NaN would leak a hidden NaN/inf value into every row).  An
+    output element whose row sees a non-finite value is NaN."""
+    finite = torch.isfinite(v)
+    if bool(finite.all()):  # the common case: no select needed
+        return torch.einsum("bhqk,bkhd->bqhd", p, v)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, torch.where(finite, v, 0.0))
+    seen = torch.einsum("bhqk,bkhd->bqhd", torch.broadcast_to(mask, p.shape).float(), (~finite).float())
+    return torch.where(seen > 0, float("nan"), out)
+
+
+def _probabilities(q, k, mask, scale):
+    """(P, lse) float32 of the scaled scores with hidden entries selected to -inf.  A row with no visible key
+    has lse = -inf and P = 0; NaN/inf in q or k propagate (no row is silently zeroed)."""
     s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
-    p = torch.nan_to_num(p, nan=0.0)  # rows with no key at all (only possible for empty text) give zeros
-    return torch.einsum("bhqk,bkhd->bqhd", p, v.float()), lse
+    return p, lse
+
+
+def _softmax_attention(q, k, v, mask, scale):
+    """float32 attention with a boolean mask broadcastable to (B, H, Lq, Lk); returns (out fp32, lse fp32)."""
+    p, lse = _probabilities(q, k, mask, scale)
+    return _visible_values(p, v.float(), mask), lse
 
 
 def _softmax_attention_backward(q, k, v, mask, scale, grad_out):
@@ -56,22 +78,24 @@ def _softmax_attention_backward(q, k, v, mask, scale, grad_out):
     With P = softmax(S), S = scale * q k^T:  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
     dq = scale * dS k,  dk = scale * dS^T q."""
     qf, kf, vf, g = q.float(), k.float(), v.float(), grad_out.float()
-    s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
-    o = torch.einsum("bhqk,bkhd->bqhd", p, vf)
+    p, _ = _probabilities(qf, kf, mask, scale)
+    o = _visible_values(p, vf, mask)
     dv = torch.einsum("bhqk,bqhd->bkhd", p, g)
     dp = torch.einsum("bqhd,bkhd->bhqk", g, vf)
     delta = (g * o).sum(-1).permute(0, 2, 1).unsqueeze(-1)  # (B, H, Lq, 1)
-    ds = p * (dp - delta)
-    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale
-    dk = torch.einsum("bhqk,bqhd->bkhd", ds, qf) * scale
+    ds = torch.where(mask, p * (dp - delta), 0.0)  # hidden pairs selected, not multiplied
+    # A row that sees a non-finite q or k has NaN scores, hence NaN dS: zeroing non-finite entries for the
+    # products below only keeps them out of rows and keys that do not see them.
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, _zero_nonfinite(kf)) * scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, _zero_nonfinite(qf)) * scale
     return dq, dk, dv
 
 
 @_fp32
 def block_causal_attention_ref(q, k, v, chunk_size: int, window: int | None, sink: int, scale: float):
-    """Reference of ``lipforcing.ops.block_causal_attention``: returns (out in q.dtype, lse (B, H, L) fp32)."""
+    """Reference of ``lipforcing.ops.block_causal_attention``: returns (out in q.dtype, lse (B, H, L) fp32).
+
+    Hidden keys never influence a row (whatever they hold); NaN/inf that a row sees give NaN/inf in it."""
     mask = block_causal_mask(q.shape[1], k.shape[1], chunk_size, window, sink, q.device)
     out, lse = _softmax_attention(q, k, v, mask, scale)
     return out.to(q.dtype), lse

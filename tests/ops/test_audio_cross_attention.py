@@ -65,6 +65,11 @@ def test_opcheck():
     (dict(audio_k=torch.randn(3, 4, 2, 8)), r"audio_k must be 5-D"),
     (dict(tokens_per_frame=0), r"tokens_per_frame must be >= 1"),
     (dict(audio_k=torch.randn(1, 3, 0, 2, 8), audio_v=torch.randn(1, 3, 0, 2, 8)), r"audio window of at least 1"),
+    (dict(audio_scale=float("nan")), r"audio_scale must be a finite number, got nan"),
+    (dict(scale=float("inf")), r"scale must be a finite number > 0"),
+    (dict(scale=float("nan")), r"scale must be > 0"),
+    (dict(q=torch.randn(1, 30, 2, 0), text_k=torch.randn(1, 6, 2, 0), text_v=torch.randn(1, 6, 2, 0),
+          audio_k=torch.randn(1, 3, 4, 2, 0), audio_v=torch.randn(1, 3, 4, 2, 0)), r"q must have head_dim >= 1, got 0"),
 ])
 def test_errors(change, match):
     args = dict(q=torch.randn(1, 30, 2, 8), text_k=torch.randn(1, 6, 2, 8), text_v=torch.randn(1, 6, 2, 8),
@@ -73,3 +78,27 @@ def test_errors(change, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ops.audio_cross_attention(args.pop("q"), args.pop("text_k"), args.pop("text_v"), args.pop("audio_k"),
                                   args.pop("audio_v"), **args)
+
+
+@pytest.mark.parametrize("what", ["q", "text_k", "audio_k", "audio_v"])
+def test_reference_nonfinite_inputs_propagate_only_where_seen(what):
+    """NaN in q poisons its row, in text_k every row, in frame 1's audio only frame 1's rows (never zeros)."""
+    B, F, T, H, D, Lt, A = 1, 3, 5, 2, 8, 4, 3
+    xs = dict(q=torch.randn(B, F * T, H, D), text_k=torch.randn(B, Lt, H, D), text_v=torch.randn(B, Lt, H, D),
+              audio_k=torch.randn(B, F, A, H, D), audio_v=torch.randn(B, F, A, H, D))
+    clean = ops.audio_cross_attention(**xs, tokens_per_frame=T, audio_scale=0.5, backend="reference")
+    bad = xs[what].clone()
+    if what == "q":
+        bad[0, 7, 1, 0] = float("nan")
+        seen = torch.zeros(F * T, dtype=torch.bool)
+        seen[7] = True
+    elif what == "text_k":
+        bad[0, 2, 1, 0] = float("nan")
+        seen = torch.ones(F * T, dtype=torch.bool)
+    else:
+        bad[0, 1, 2, 1, 0] = float("nan")
+        seen = (torch.arange(F * T) // T) == 1
+    out = ops.audio_cross_attention(**dict(xs, **{what: bad}), tokens_per_frame=T, audio_scale=0.5,
+                                    backend="reference")
+    assert torch.isnan(out[0, seen, 1]).any(dim=-1).all()
+    assert torch.equal(out[:, ~seen], clean[:, ~seen]) and torch.equal(out[:, :, 0], clean[:, :, 0])

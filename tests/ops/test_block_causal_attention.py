@@ -99,6 +99,10 @@ def test_explicit_backend_that_cannot_run_says_why():
     (dict(sink=-1), r"sink must be >= 0"),
     (dict(chunk_size=2.5), r"chunk_size must be an int"),
     (dict(scale=-1.0), r"scale must be > 0"),
+    (dict(scale=float("inf")), r"scale must be a finite number > 0"),
+    (dict(scale=float("nan")), r"scale must be > 0"),
+    (dict(q=torch.randn(1, 8, 1, 0), k=torch.randn(1, 8, 1, 0), v=torch.randn(1, 8, 1, 0)),
+     r"q must have head_dim >= 1, got 0"),
 ])
 def test_errors(kwargs, match):
     args = dict(q=torch.randn(1, 8, 1, 8), k=torch.randn(1, 8, 1, 8), v=torch.randn(1, 8, 1, 8), chunk_size=4,
@@ -117,3 +121,45 @@ def test_auto_on_cpu_uses_the_reference_even_under_the_interpreter(monkeypatch):
     q = torch.randn(1, 8, 1, 8)
     args = (q, q, q, 4, None, 0, 0.3)
     assert _dispatch.resolve("block_causal_attention", _FWD, "auto", q.device, args, {}) == "reference"
+
+
+# (L, chunk, window, sink, poisoned key position): keys that later chunks stop seeing (out of the window) and
+# that earlier chunks do not see yet (future)
+POISON = [(23, 4, 8, 2, 17), (23, 4, 8, 2, 5), (19, 3, 6, 3, 7)]
+
+
+@pytest.mark.parametrize("L,chunk,window,sink,j", POISON)
+@pytest.mark.parametrize("what", ["k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_reference_hidden_nonfinite_key_never_leaks(L, chunk, window, sink, j, what, bad):
+    """A NaN/inf in the key or value of token j changes exactly the rows that see j (they become non-finite);
+    every other row is bit-for-bit the clean result (hidden keys are selected away, not multiplied by 0)."""
+    q, k, v = (torch.randn(1, L, 2, 8) for _ in range(3))
+    clean = ops.block_causal_attention(q, k, v, chunk_size=chunk, window=window, sink=sink, backend="reference")
+    poisoned = dict(k=k.clone(), v=v.clone())
+    poisoned[what][0, j, 1, 3] = bad
+    out = ops.block_causal_attention(q, poisoned["k"], poisoned["v"], chunk_size=chunk, window=window, sink=sink,
+                                     backend="reference")
+    sees = block_causal_mask(L, L, chunk, window, sink)[:, j]
+    assert sees.any() and not sees.all()
+    assert torch.equal(out[:, ~sees], clean[:, ~sees])
+    assert torch.equal(out[:, :, 0], clean[:, :, 0])  # the other head
+    if what == "v":
+        assert not torch.isfinite(out[0, sees, 1, 3]).any()
+    elif bad != bad:  # an inf key may score -inf (weight 0) for some rows: only NaN is sure to show
+        assert torch.isnan(out[0, sees, 1]).all()
+
+
+def test_reference_nonfinite_query_row_stays_nonfinite():
+    """A NaN query row gives a NaN row (not zeros, as before), on the reference as on Triton; the gradient of
+    the other queries stays finite."""
+    L, chunk = 12, 4
+    q, k, v = (torch.randn(1, L, 1, 8) for _ in range(3))
+    q[0, 9, 0, 2] = float("nan")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = ops.block_causal_attention(q, k, v, chunk_size=chunk, backend="reference")
+    assert torch.isnan(out[0, 9]).all() and torch.isfinite(out[0, :8]).all()
+    g = torch.zeros_like(out)
+    g[0, :8] = torch.randn(8, 1, 8)  # loss from the rows before the NaN row's chunk only
+    dq, = torch.autograd.grad(out, (q,), g)
+    assert torch.isfinite(dq[0, :8]).all() and torch.isfinite(dq[0, 12:]).all()
