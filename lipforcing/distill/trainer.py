@@ -146,6 +146,7 @@ class TrainConfig:
     output_dir: str = "runs/distill"
     save_every: int = 0
     log_every: int = 1
+    plot_every: int = 0
     resume: bool = True
     rollout_noise_scale: float = ROLLOUT_NOISE_SCALE
     max_dmd_t: float = MAX_DMD_T
@@ -447,9 +448,10 @@ class Trainer:
         if r.decoder == "vae":
             if not r.vae_path:
                 raise TrainConfigError("reward.decoder='vae' needs reward.vae_path (the Wan2.1 VAE weights)")
-            import lipforcing
 
-            vae = lipforcing.load_vae(r.vae_path, device=self.device)
+            from lipforcing.distill.stages.vae import resolve_vae
+
+            vae = resolve_vae(r.vae_path, device=self.device)     # a vae run folder, checkpoint or weight file
             vae.requires_grad_(False)
 
             def decoder(z):
@@ -459,7 +461,8 @@ class Trainer:
         if r.syncnet_path:
             from lipforcing.distill.syncnet_small import load_syncnet
 
-            syncnet = load_syncnet(r.syncnet_path)
+            p = ckpt.resolve_checkpoint(r.syncnet_path)                  # a syncnet run folder works too
+            syncnet = load_syncnet(p / "syncnet.safetensors" if p.is_dir() else p)
         else:
             log.warning("no reward.syncnet_path: SyncNet has random weights (tests / smoke runs only)")
             torch.manual_seed(self.cfg.seed)
@@ -654,6 +657,10 @@ class Trainer:
                 self._log(m)
             if self.cfg.save_every and self.iteration % self.cfg.save_every == 0:
                 self.save()
+            if self.rank == 0 and self.cfg.plot_every and self.iteration % self.cfg.plot_every == 0:
+                from lipforcing.distill.runlog import plot_curves
+
+                plot_curves(self.out)
         if ran and not (self.cfg.save_every and self.iteration % self.cfg.save_every == 0):
             self.save()
         if ran and self.rank == 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["luma_darkness", "box_darkness", "mouth_opening_estimate", "windowed_correlation", "psnr", "ssim",
+__all__ = ["luma_darkness", "box_darkness", "opening_calibration", "mouth_opening_estimate", "windowed_correlation", "psnr", "ssim",
            "frame_loudness"]
 
 
@@ -27,19 +27,34 @@ def box_darkness(frames: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return np.array([d[i, t:b, l:r].mean() for i, (t, b, l, r) in enumerate(boxes[:len(frames)])])
 
 
-def mouth_opening_estimate(frames: np.ndarray, clip) -> np.ndarray:
-    """Estimated opening per frame (T,) of ``frames`` showing ``clip``'s person and head motion (see the module
-    docstring); about 0 closed, 1 fully open (values outside [0, 1] are kept)."""
+def opening_calibration(clip, num_frames: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mouth-box darkness of ``clip``'s person rendered closed and fully open, per frame: ((T,), (T,))."""
     from lipforcing.world.mouth import MouthTrack
     from lipforcing.world.render import render_frames
 
-    T = len(frames)
-    size = frames.shape[1:3]
+    T = len(clip.frames) if num_frames is None else num_frames
+    size = clip.frames.shape[1:3]
+    cache = getattr(clip, "_calibration", None)
+    if cache is not None and len(cache[0]) >= T:
+        return cache[0][:T], cache[1][:T]
     closed = render_frames(clip.identity, MouthTrack.closed(T), clip.motion, clip.blink, size)
     opened = render_frames(clip.identity, MouthTrack(np.ones(T, np.float32), np.full(T, 0.5, np.float32)),
                            clip.motion, clip.blink, size)
-    d, d0, d1 = (box_darkness(x, clip.boxes) for x in (frames, closed, opened))
-    return (d - d0) / np.maximum(d1 - d0, 1e-6)
+    d0, d1 = box_darkness(closed, clip.boxes), box_darkness(opened, clip.boxes)
+    try:
+        clip._calibration = (d0, d1)
+    except AttributeError:  # pragma: no cover - slotted objects
+        pass
+    return d0, d1
+
+
+def mouth_opening_estimate(frames: np.ndarray, clip) -> np.ndarray:
+    """Estimated opening per frame (T,) of ``frames`` showing ``clip``'s person and head motion (see the module
+    docstring); about 0 closed, 1 fully open; clipped to [-0.5, 1.5] (noise reads far outside)."""
+    T = len(frames)
+    d0, d1 = opening_calibration(clip, T)
+    d = box_darkness(frames, clip.boxes)
+    return np.clip((d - d0) / np.maximum(d1 - d0, 1e-6), -0.5, 1.5)
 
 
 def frame_loudness(audio: np.ndarray, num_frames: int) -> np.ndarray:
@@ -79,11 +94,17 @@ def psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray | None = None) -> floa
 
 
 def _blur(x: np.ndarray, sigma: float = 1.5) -> np.ndarray:
+    """Separable Gaussian blur over the last two axes (reflect padding)."""
+    import torch
+    import torch.nn.functional as F
+
     r = int(3 * sigma)
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k /= k.sum()
-    x = np.apply_along_axis(lambda v: np.convolve(np.pad(v, r, mode="reflect"), k, "valid"), -1, x)
-    return np.apply_along_axis(lambda v: np.convolve(np.pad(v, r, mode="reflect"), k, "valid"), -2, x)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
+    k = k / k.sum()
+    t = torch.from_numpy(np.ascontiguousarray(x, np.float64)).reshape(-1, 1, *x.shape[-2:])
+    t = F.pad(t, (r, r, r, r), mode="reflect")
+    t = F.conv2d(F.conv2d(t, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+    return t.reshape(x.shape).numpy()
 
 
 def ssim(a: np.ndarray, b: np.ndarray, region: np.ndarray | None = None) -> float:

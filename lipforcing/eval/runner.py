@@ -216,6 +216,7 @@ def _slice_clip(clip, n):
     c = copy.copy(clip)
     c.motion = HeadMotion(*(np.asarray(getattr(clip.motion, k))[:n] for k in ("dx", "dy", "tilt", "scale")))
     c.blink, c.boxes = clip.blink[:n], clip.boxes[:n]
+    c._calibration = None
     return c
 
 
