@@ -16,7 +16,8 @@ Reported: FPS (frames out / wall time of the measurement), time to first frame (
 first chunk's audio is in to the first frame out: compute only, the audio buffering is given apart as
 ``algorithmic_latency``), per-chunk latency p50/p90/p99, a per-stage breakdown from ``engine.stage`` (CUDA events
 on a GPU, ``time.perf_counter`` on the CPU; the engine holds no timing code), peak memory, and the achieved
-TFLOP/s of the DiT against :func:`dit_pass_flops`.
+TFLOP/s of the DiT against :func:`dit_pass_flops`.  With a TAEHV decoder (``Engine.decoder``),
+:func:`compare_decoders` also times it and the Wan VAE's decoder on the same latents, side by side.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 
 __all__ = ["dit_pass_flops", "chunk_key_frames", "chunk_dit_flops", "StageTimer", "StreamPlan", "StreamResult",
            "stream_utterance", "summarize_chunks", "kv_cache_bytes", "synthetic_inputs", "run_profile",
-           "format_report", "plot_profile", "write_json", "DIT_STAGES"]
+           "format_report", "plot_profile", "write_json", "DIT_STAGES", "compare_decoders"]
 
 DIT_STAGES = ("dit_pass_1", "dit_pass_2", "cache_write")
 """The stages that run a DiT pass (``cache_write`` is the third pass, on the clean x0 at t = 0)."""
@@ -400,6 +401,8 @@ def _run_profile(*, model, checkpoint, device, dtype, chunks, warmup, compile, c
         del engine.stage        # back to the engine's no-op hook
 
     summary = summarize_chunks(engine, meas_chunks)
+    decoders = compare_decoders(engine, chunks=min(max(chunks, 2), 8), seed=seed) if engine.decoder is not None \
+        else None
     cfg = engine.config
     tpf = tokens_per_frame(engine)
     if dev.type == "cuda":
@@ -411,7 +414,8 @@ def _run_profile(*, model, checkpoint, device, dtype, chunks, warmup, compile, c
         memory = {"peak_bytes": _peak_rss_bytes(), "kind": "process peak RSS",
                   "note": "peak resident set size of the whole process since it started (Python and libraries "
                           "included); weights_bytes and kv_cache_bytes are the tensors the engine holds"}
-    memory["weights_bytes"] = _module_bytes(engine.model) + _module_bytes(engine.vae)
+    memory["weights_bytes"] = _module_bytes(engine.model) + _module_bytes(engine.vae) + (
+        _module_bytes(engine.decoder) if engine.decoder is not None else 0)
     memory["model_bytes"] = _module_bytes(engine.model)
     memory["kv_cache_bytes"] = kv_cache_bytes(cfg, tpf, engine.dtype)
 
@@ -443,6 +447,8 @@ def _run_profile(*, model, checkpoint, device, dtype, chunks, warmup, compile, c
         "steady_state_fps": (engine.chunk_frames * 1e3 / steady) if steady else None,
         "realtime_factor": (meas.frames / meas.wall_s / 25.0) if meas.wall_s > 0 else None,
         "time_to_first_frame_s": meas.first_frame_s,
+        "decoder": engine.decoder_name,
+        "decoder_comparison": decoders,
         "algorithmic_latency_s": lat["first_chunk_audio_ms"] / 1e3,
         "latency": lat,
         **summary,
@@ -454,6 +460,46 @@ def _run_profile(*, model, checkpoint, device, dtype, chunks, warmup, compile, c
         "environment": {**environment(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
                         "load_average_1m": load_avg},
     }
+    return doc
+
+
+def compare_decoders(engine, *, chunks: int = 4, seed: int = 0) -> dict:
+    """Decode time of a steady-state chunk (``latent_chunk_frames`` latents -> ``chunk_frames`` frames) for the
+    engine's decoder and for the Wan VAE's, on the same random latents, each after its own warm-up (the first
+    chunk of a stream, which gives fewer frames, is excluded).  Medians over ``chunks`` chunks, in ms (CUDA events
+    on a GPU, ``perf_counter`` on the CPU)."""
+    dev = engine.device
+    h, w = engine.latent_size
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    lat = [torch.randn(1, engine.vae.z_dim, engine.latent_chunk_frames, h, w, generator=g).to(dev, engine.vae.dtype)
+           for _ in range(chunks + 1)]
+    decoders = {engine.decoder_name: engine.stream_decoder()}
+    if engine.decoder is not None:
+        decoders["wan-vae"] = engine.vae.stream_decoder(latents_per_step=engine.vae_latents_per_step)
+    out = {}
+    with torch.inference_mode():
+        for name, dec in decoders.items():
+            dec.decode(lat[0])                       # first chunk of the stream: warm-up, fewer frames
+            times = []
+            for z in lat[1:]:
+                if dev.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    dec.decode(z)
+                    end.record()
+                    end.synchronize()
+                    times.append(start.elapsed_time(end))
+                else:
+                    t = time.perf_counter()
+                    dec.decode(z)
+                    times.append(1e3 * (time.perf_counter() - t))
+            dec.flush()
+            out[name] = float(np.median(times))
+    doc = {"decoder": engine.decoder_name, "latents_per_chunk": engine.latent_chunk_frames,
+           "frames_per_chunk": engine.chunk_frames, "chunks": chunks, "ms_per_chunk": out}
+    if "wan-vae" in out and engine.decoder is not None:
+        doc["speedup_vs_wan_vae"] = out["wan-vae"] / out["taehv"] if out["taehv"] > 0 else None
+        doc["taehv_macs_per_frame"] = engine.decoder.decode_macs_per_latent(h, w) // 4
     return doc
 
 
@@ -496,7 +542,8 @@ def format_report(doc: dict, *, title: str = "lipforcing profile") -> str:
     weights = "random weights" if doc["random_weights"] else f"checkpoint {doc['checkpoint']}"
     lines = [
         f"{title}: model {doc['preset']} ({weights}), {dev}, {doc['dtype']}, backend {doc['backend']}, "
-        f"compile {'on' if doc['compile'] else 'off'}, CUDA graphs {'on' if doc['cuda_graphs'] else 'off'}",
+        f"compile {'on' if doc['compile'] else 'off'}, CUDA graphs {'on' if doc['cuda_graphs'] else 'off'}, "
+        f"decoder {doc.get('decoder', 'wan-vae')}",
         f"  {doc['resolution'][0]}x{doc['resolution'][1]} face crops, {doc['tokens_per_latent_frame']} tokens per latent "
         f"frame, chunks of {doc['chunk_frames']} frames (first {doc['first_chunk_frames']}); "
         f"torch {env['torch']}, commit {env['commit']}",
@@ -524,6 +571,13 @@ def format_report(doc: dict, *, title: str = "lipforcing profile") -> str:
         rows.append(("DiT throughput", _flops_str(dit["achieved_tflops"] * 1e12) + "/s",
                      f"{_flops_str(dit['flops_per_chunk_steady'])}/chunk (3 passes, Lq {dit['q_tokens']}, "
                      f"Lk {dit['k_tokens_steady']})"))
+    cmp = doc.get("decoder_comparison")
+    if cmp:
+        ms = cmp["ms_per_chunk"]
+        speed = cmp.get("speedup_vs_wan_vae")
+        rows.append((f"decode ({cmp['decoder']})", f"{ms[cmp['decoder']]:.2f} ms",
+                     f"per {cmp['frames_per_chunk']}-frame chunk; wan-vae {ms['wan-vae']:.2f} ms on the same "
+                     f"latents" + (f" ({speed:.1f}x)" if speed else "")))
     for name, value, note in rows:
         lines.append(f"  {name:<22}{value:>16}   {note}")
     lines += ["", f"  {'stage':<22}{'ms/chunk':>16}{'share':>9}"]

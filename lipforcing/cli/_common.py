@@ -116,10 +116,36 @@ def set_threads(threads: int | None, model: str, device: torch.device) -> None:
         torch.set_num_threads(threads)
 
 
+def add_decoder_arg(p: argparse.ArgumentParser) -> None:
+    """The ``--decoder`` option of profile, sync and demo."""
+    p.add_argument("--decoder", default="wan", metavar="wan|taehv|PATH",
+                   help="latent-to-frame decoder: wan (the Wan VAE's, exact; default), taehv (the TAEHV "
+                        "architecture with random weights: speed only), or a taew2_1.pth/.safetensors file")
+
+
+def load_decoder_arg(decoder: str | None, debug: bool = False):
+    """``--decoder`` -> what ``Engine.load(decoder=...)`` takes; a checkpoint is read here so that its problems
+    become one-line errors naming the option."""
+    if decoder is None or decoder.lower() in ("wan", "taehv"):
+        return decoder
+    if not os.path.exists(decoder):
+        raise UserError(f"--decoder {decoder}: no such file (expected wan, taehv or a taew2_1.pth/.safetensors "
+                        "file)")
+    from lipforcing.decoders import load_decoder
+
+    try:
+        return load_decoder(decoder)
+    except (ValueError, OSError) as exc:
+        if debug:
+            raise
+        raise UserError(f"--decoder {decoder}: {' '.join(str(exc).split())}") from exc
+
+
 def load_engine(*, model: str = "tiny", checkpoint: str | None = None, device=None, dtype: str | None = None,
-                seed: int = 0, resolution: int | None = None, cuda_graphs: bool = False, debug: bool = False):
-    """``Engine.load`` for the commands: problems with the checkpoint, resolution or options become one-line
-    :class:`UserError` s (the original exception with ``debug``).  Returns (engine, load seconds)."""
+                seed: int = 0, resolution: int | None = None, cuda_graphs: bool = False, debug: bool = False,
+                decoder: str | None = None):
+    """``Engine.load`` for the commands: problems with the checkpoint, resolution, decoder or options become
+    one-line :class:`UserError` s (the original exception with ``debug``).  Returns (engine, load seconds)."""
     from lipforcing import Engine
 
     dev = check_device(device)
@@ -127,9 +153,10 @@ def load_engine(*, model: str = "tiny", checkpoint: str | None = None, device=No
     if cuda_graphs and dev.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
     t = time.perf_counter()
+    dec = load_decoder_arg(decoder, debug)
     try:
         engine = Engine.load(checkpoint, model=model, device=dev, dtype=DTYPES[dtype] if dtype else None, seed=seed,
-                             resolution=resolution, cuda_graphs=cuda_graphs)
+                             resolution=resolution, cuda_graphs=cuda_graphs, decoder=dec)
     except (ValueError, TypeError, OSError, KeyError, ImportError) as exc:
         if debug:
             raise

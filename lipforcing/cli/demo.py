@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from lipforcing.cli import UserError
-from lipforcing.cli._common import check_device, check_resolution, load_engine, progress, seed_arg
+from lipforcing.cli._common import (add_decoder_arg, check_device, check_resolution, load_engine, progress,
+                                    seed_arg)
 
 HELP = ("stream a synthetic face clip and speech through the embedded default model, write demo.mp4 and print a "
         "profile summary")
@@ -36,6 +37,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: the tiny model's tensors are too small to split)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the synthetic input and the noise")
+    add_decoder_arg(p)
 
 
 def _upscale(img: np.ndarray, k: int) -> np.ndarray:
@@ -61,7 +63,7 @@ def run(args) -> int:
           "  run `lipforcing sync --video face.mp4 --audio speech.wav --checkpoint student.safetensors --model 1.3b`.")
     t_start = time.perf_counter()
     engine, load_s = load_engine(model="tiny", device=args.device, resolution=args.resolution, seed=0,
-                                 debug=args.debug)
+                                 debug=args.debug, decoder=args.decoder)
     res = engine.resolution
     n_frames = -(-int(round(args.seconds * 16000)) // 640)
     pcm = synthetic_speech(args.seconds, 16000, seed=args.seed)

@@ -7,8 +7,8 @@ import os
 import sys
 
 from lipforcing.cli import UserError
-from lipforcing.cli._common import (DTYPES, PRESETS, check_checkpoint, check_device, check_resolution, load_engine,
-                                    progress, seed_arg, set_threads)
+from lipforcing.cli._common import (DTYPES, PRESETS, add_decoder_arg, check_checkpoint, check_device,
+                                    check_resolution, load_engine, progress, seed_arg, set_threads)
 
 HELP = "end-to-end FPS, time to first frame and per-stage breakdown on synthetic input"
 
@@ -31,6 +31,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads for torch (default: 1 for the tiny preset on the CPU, whose tensors are too "
                         "small to split; else torch's default)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random weights, input and noise")
+    add_decoder_arg(p)
     p.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     p.add_argument("--plot", metavar="PATH.png", help="write the stage breakdown and latency plot")
     p.add_argument("--force", action="store_true", help="run the 1.3b/14b presets on the CPU anyway (hours)")
@@ -60,7 +61,7 @@ def run(args) -> int:
     set_threads(args.threads, args.model, dev)
     engine, load_s = load_engine(model=args.model, checkpoint=args.checkpoint, device=dev, dtype=args.dtype,
                                  seed=args.seed, resolution=args.resolution, cuda_graphs=args.cuda_graphs,
-                                 debug=args.debug)
+                                 debug=args.debug, decoder=args.decoder)
     try:
         doc = run_profile(model=args.model, checkpoint=args.checkpoint, chunks=args.chunks, warmup=args.warmup,
                           compile=args.compile, backend=args.backend, seed=args.seed,

@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from lipforcing.cli import UserError
-from lipforcing.cli._common import (DTYPES, PRESETS, check_checkpoint, check_device, check_resolution, load_engine,
-                                    progress, seed_arg, set_threads)
+from lipforcing.cli._common import (DTYPES, PRESETS, add_decoder_arg, check_checkpoint, check_device,
+                                    check_resolution, load_engine, progress, seed_arg, set_threads)
 
 HELP = "lip-sync a face video to an audio file (offline, through the streaming session API)"
 
@@ -43,6 +43,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="replay the DiT passes as CUDA graphs")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: 1 for tiny on CPU)")
     p.add_argument("--seed", type=seed_arg, default=0, help="noise seed")
+    add_decoder_arg(p)
     p.add_argument("--force", action="store_true", help="run the 1.3b/14b presets on the CPU anyway (hours)")
 
 
@@ -131,7 +132,8 @@ def run(args) -> int:
                             f"scale={expected}:{expected} out.mp4){hint}")
 
     engine, load_s = load_engine(model=args.model, checkpoint=args.checkpoint, device=dev, dtype=args.dtype,
-                                 seed=0, resolution=args.resolution, cuda_graphs=args.cuda_graphs, debug=args.debug)
+                                 seed=0, resolution=args.resolution, cuda_graphs=args.cuda_graphs, debug=args.debug,
+                                 decoder=args.decoder)
     H, W = engine.resolution
     if tuple(frames.shape[1:3]) != (H, W):
         raise UserError(f"{args.video}: frames are {frames.shape[2]}x{frames.shape[1]} but the model takes {W}x{H} "

@@ -39,7 +39,7 @@ class ChunkRunner:
         self.state = dataclasses.replace(engine._template, text_kv=list(engine._template.text_kv), caches=[],
                                          grid=None, frame=0, rope=None)
         self.enc = engine.vae.stream_encoder(frames_per_step=engine.vae_frames_per_step)
-        self.dec = engine.vae.stream_decoder(latents_per_step=engine.vae_latents_per_step)
+        self.dec = engine.stream_decoder()          # the Wan VAE's or TAEHV's (Engine.decoder)
         self.feat = engine.audio.stream()
         self.feat_rows: list[torch.Tensor] = []    # emitted feature rows not yet used ...
         self.feat_start = 0                         # ... starting at this local frame

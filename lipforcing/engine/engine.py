@@ -125,7 +125,9 @@ class Engine:
     Attributes
     ----------
     model : the causal student (``CausalLipSyncDiT``, eval mode, no grad).  config : its ModelConfig.
-    vae : the ``WanVAE`` (streaming encoder/decoder per session).  audio : the audio front end
+    vae : the ``WanVAE`` (streaming encoder, and the exact decoder unless ``decoder`` is set).
+    decoder : None (frames decoded by the Wan VAE) or a TAEHV model (``lipforcing.decoders``), the fast decoder;
+        :meth:`stream_decoder` opens the per-session stream of either.  audio : the audio front end
         (``lipforcing.audio.AudioFeatures``: ``feature_dim``, ``lookahead_samples``, ``stream()``).
     device, dtype : where the model runs and its parameter dtype.  resolution : (H, W) of the face crops.
     chunk_frames : video frames per chunk after the first (12); first_chunk_frames : 9; latent_chunk_frames : 3.
@@ -141,8 +143,8 @@ class Engine:
 
     def __init__(self, model, vae, audio, context: torch.Tensor, *, resolution, mask=None,
                  cuda_graphs: bool = False, vae_frames_per_step: int | None = None,
-                 vae_latents_per_step: int | None = None, backend: str = "auto", max_batch: int = 8,
-                 max_sessions=None):
+                 vae_latents_per_step: int | None = None, backend: str = "auto", decoder=None,
+                 max_batch: int = 8, max_sessions=None):
         from lipforcing.model.student import CausalLipSyncDiT
         from lipforcing.ops import _dispatch
 
@@ -170,6 +172,7 @@ class Engine:
             raise ValueError(f"the VAE is on {vae.device} but the model is on {self.device}")
         # video always comes from uint8 frames (range guaranteed): skip the range check, which syncs with the GPU
         self.vae.check_inputs = False
+        self.decoder = _check_decoder(decoder, vae, self.device)
         self.audio = audio
         for attr in ("feature_dim", "lookahead_samples", "stream"):
             if not hasattr(audio, attr):
@@ -221,7 +224,7 @@ class Engine:
     def load(cls, checkpoint=None, *, model="tiny", device="cpu", dtype=None, seed: int = 0, vae=None,
              audio_encoder=None, text=None, resolution=None, mask=None, cuda_graphs: bool = False,
              vae_frames_per_step: int | None = None, vae_latents_per_step: int | None = None,
-             backend: str = "auto", max_batch: int = 8, max_sessions=None) -> "Engine":
+             backend: str = "auto", decoder=None, max_batch: int = 8, max_sessions=None) -> "Engine":
         """Load (or randomly initialise) everything a stream needs.
 
         checkpoint : student weights (file, folder or list; see ``lipforcing.load_model``), or None for random
@@ -243,6 +246,11 @@ class Engine:
         vae_frames_per_step / vae_latents_per_step : VAE streaming step sizes (default: a whole chunk per call).
         backend : ``backend=`` of every ``lipforcing.ops`` call the engine makes (attention, denoise_update):
             ``"auto" | "cuda" | "triton" | "reference"``; sets ``model.attn_backend`` (the model is the engine's).
+        decoder : how frames are decoded: None or ``"wan"`` (the Wan VAE's decoder, exact; default), ``"taehv"``
+            (the TAEHV architecture with random weights drawn with ``seed``: the ``"tiny"`` widths for the tiny
+            model, ``taew2_1``'s otherwise; logged), a path to ``taew2_1.pth`` / ``.safetensors`` (or a tiny
+            checkpoint from ``lipforcing train --stage decoder``), or a ``TAEHV`` model.  The frame accounting
+            (one frame per 640 samples, pts) does not depend on it.
         max_batch : most sessions whose chunks the scheduler runs as one DiT pass (1: no batching).
         max_sessions : admission control of :meth:`session`: None (no limit, default), an int, or ``"auto"`` (the
             real-time capacity measured from the chunk steps so far, :meth:`Scheduler.capacity`); a session
@@ -268,6 +276,9 @@ class Engine:
         vae_obj, note = _make_vae(vae, tiny=tiny, device=device, dtype=dtype, seed=seed)
         if note:
             notes.append(note)
+        dec_obj, note = _make_decoder(decoder, vae_obj, tiny=tiny, device=device, dtype=dtype, seed=seed)
+        if note:
+            notes.append(note)
         audio_obj, note = _make_audio(audio_encoder, cfg, device=device, seed=seed)
         if note:
             notes.append(note)
@@ -288,7 +299,7 @@ class Engine:
         res = resolution if resolution is not None else (_TINY_RESOLUTION if tiny else _REAL_RESOLUTION)
         return cls(net, vae_obj, audio_obj, ctx.to(dtype), resolution=res, mask=mask, cuda_graphs=cuda_graphs,
                    vae_frames_per_step=vae_frames_per_step, vae_latents_per_step=vae_latents_per_step,
-                   backend=backend, max_batch=max_batch, max_sessions=max_sessions)
+                   backend=backend, decoder=dec_obj, max_batch=max_batch, max_sessions=max_sessions)
 
     def _check_mask(self, mask) -> torch.Tensor:
         if isinstance(mask, np.ndarray):
@@ -297,6 +308,24 @@ class Engine:
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"mask must be a {self.resolution} (height, width) array (1 = generate), got {got}")
         return mask.cpu() if mask.dtype == torch.bool else mask.cpu().float() > 0.5
+
+    # -------------------------------------------------------------------------------------------------- decoding
+    @property
+    def decoder_name(self) -> str:
+        """``"wan-vae"`` (the exact decoder) or ``"taehv"``."""
+        return "wan-vae" if self.decoder is None else "taehv"
+
+    def stream_decoder(self):
+        """A fresh per-session :class:`~lipforcing.vae.streaming.StreamingDecoder` (``reset``, ``decode``,
+        ``flush``): the Wan VAE's, or TAEHV's when the engine has ``decoder``.  Both take the DiT's normalised
+        latents (TAEHV itself takes raw latents: its stream maps them back with the VAE's mean/std) and return
+        1 + 4(n - 1) frames for the first n latents of a clip, 4n after, in [-1, 1]."""
+        if self.decoder is None:
+            return self.vae.stream_decoder(latents_per_step=self.vae_latents_per_step)
+        from lipforcing.decoders import TAEHVStreamDecoder
+
+        return TAEHVStreamDecoder(self.decoder, latents_mean=self.vae.config.latents_mean,
+                                  latents_std=self.vae.config.latents_std, latents_per_step=self.vae_latents_per_step)
 
     # -------------------------------------------------------------------------------------------------- facts
     def stage(self, name: str) -> ContextManager:
@@ -408,6 +437,61 @@ def _make_vae(vae, *, tiny: bool, device, dtype, seed: int):
         name = vae if isinstance(vae, str) else "custom"
         return net, f"a randomly initialised {name!r} VAE"
     raise TypeError(f"vae must be a WanVAE, a VAEConfig, a preset name or an existing checkpoint path, got {vae!r}")
+
+
+def _make_decoder(decoder, vae, *, tiny: bool, device, dtype, seed: int):
+    """``Engine.load``'s ``decoder=`` -> (TAEHV model or None, log note)."""
+    if decoder is None or (isinstance(decoder, str) and decoder.lower() in ("wan", "wan-vae", "vae")):
+        return None, None
+    from lipforcing.decoders import TAEHV, TAEHVConfig, load_decoder
+
+    channels_last = device.type == "cuda"       # faster convolutions on a GPU
+    if isinstance(decoder, TAEHV):
+        net = decoder
+    elif isinstance(decoder, str) and decoder.lower() == "taehv":
+        name = "tiny" if tiny else "taew2_1"
+        base = TAEHVConfig.from_name(name)
+        cfg = TAEHVConfig.for_spatial_factor(vae.spatial_factor, encoder_width=base.encoder_width,
+                                             decoder_widths=base.decoder_widths)
+        with _seeded(seed + 4, device), torch.device(device):
+            net = TAEHV(cfg)         # PyTorch's default initialisation, drawn from the seeded RNG
+        note = f"a randomly initialised {name!r} TAEHV decoder (pass decoder=PATH to taew2_1.pth for real frames)"
+        return _place_decoder(net, device, dtype, channels_last), note
+    elif isinstance(decoder, (str, os.PathLike)):
+        if not os.path.exists(os.fspath(decoder)):
+            raise FileNotFoundError(f"decoder {os.fspath(decoder)!r}: no such file (expected 'wan', 'taehv', a "
+                                    "taew2_1.pth/.safetensors path or a TAEHV model)")
+        net = load_decoder(decoder)
+    else:
+        raise TypeError(f"decoder must be None, 'wan', 'taehv', a checkpoint path or a TAEHV model, got "
+                        f"{type(decoder).__name__}")
+    return _place_decoder(net, device, dtype, channels_last), None
+
+
+def _place_decoder(net, device, dtype, channels_last: bool):
+    net = net.to(device=device, dtype=dtype)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net.eval().requires_grad_(False)
+
+
+def _check_decoder(decoder, vae, device):
+    if decoder is None:
+        return None
+    from lipforcing.decoders import TAEHV
+
+    if not isinstance(decoder, TAEHV):
+        raise TypeError(f"decoder must be None (the Wan VAE decodes) or a lipforcing.decoders.TAEHV, got "
+                        f"{type(decoder).__name__}")
+    if decoder.latent_channels != vae.z_dim:
+        raise ValueError(f"the decoder takes {decoder.latent_channels} latent channels but the VAE has "
+                         f"z_dim={vae.z_dim}")
+    if decoder.spatial_factor != vae.spatial_factor:
+        raise ValueError(f"the decoder upsamples {decoder.spatial_factor}x but the VAE's latents are "
+                         f"{vae.spatial_factor}x smaller than the frames")
+    if decoder.device != device:
+        raise ValueError(f"the decoder is on {decoder.device} but the model is on {device}")
+    return decoder.eval().requires_grad_(False)
 
 
 def _make_audio(audio_encoder, cfg: ModelConfig, *, device, seed: int):
