@@ -25,8 +25,8 @@ def _restore_threads():
 
 def test_profile_shows_both_decoders(tmp_path, capsys):
     js = tmp_path / "p.json"
-    assert main(["profile", "--device", "cpu", "--chunks", "2", "--warmup", "1", "--decoder", "taehv", "--json",
-                 str(js), "--no-progress"]) == 0
+    assert main(["profile", "--device", "cpu", "--chunks", "2", "--warmup", "1", "--resolution", "16", "--decoder",
+                 "taehv", "--json", str(js), "--no-progress"]) == 0
     doc = json.loads(js.read_text())
     assert doc["decoder"] == "taehv"
     cmp = doc["decoder_comparison"]
