@@ -169,3 +169,23 @@ def test_backward_one_audio_token_cancels_exactly_fp16(audio_scale):
     dq, _, _, dak, dav = torch.autograd.grad(out, xs, torch.randn_like(out))
     assert torch.count_nonzero(dak) == 0, f"|d audio_k| max {dak.abs().max().item():.3g}, expected exactly 0"
     assert torch.isfinite(dq).all() and dav.abs().max() > 0
+
+
+def test_nonfinite_audio_of_one_frame_stays_in_that_frame():
+    """NaN audio keys/values of frame 1 poison only frame 1's rows (forward and dq), with 16-row tiles that
+    straddle frames (tokens_per_frame 7), and the reference agrees."""
+    B, F, tpf, H, D, T, A = 1, 4, 7, 1, 16, 5, 3
+    xs = list(_inputs(B, F, tpf, H, D, T, A, torch.float32))
+    xs[3][0, 1, 1, 0, 2] = float("nan")
+    xs[4][0, 1, 0, 0, 5] = float("nan")
+    in_f1 = (torch.arange(F * tpf) // tpf) == 1
+    q = xs[0].requires_grad_()
+    outs = {}
+    for backend in ("triton", "reference"):
+        out = ops.audio_cross_attention(q, *xs[1:], tokens_per_frame=tpf, audio_scale=0.9, backend=backend)
+        outs[backend] = (out.detach(), torch.autograd.grad(out, q, torch.ones_like(out))[0])
+    for backend, (out, dq) in outs.items():
+        assert torch.isnan(out[0, in_f1]).any(-1).all() and torch.isfinite(out[0, ~in_f1]).all(), backend
+        assert torch.isfinite(dq[0, ~in_f1]).all(), backend
+    torch.testing.assert_close(outs["triton"][0][0, ~in_f1], outs["reference"][0][0, ~in_f1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["triton"][1][0, ~in_f1], outs["reference"][1][0, ~in_f1], atol=1e-4, rtol=1e-4)

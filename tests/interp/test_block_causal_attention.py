@@ -68,3 +68,85 @@ def test_gpu_tile_shapes(monkeypatch, tiles):
     monkeypatch.setattr(mod, "launch_config",
                         lambda *a, **k: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=1))
     _check(1, 150, 1, 32, 24, 72, 10, torch.float32)
+
+
+@pytest.mark.parametrize("what", ["k", "v"])
+def test_hidden_nonfinite_key_never_leaks(what):
+    """A NaN in a key/value that a row does not see (a later chunk, or out of its window) leaves the row exactly
+    as without it, forward and dq; rows that see it are NaN on both backends.  Chunk 13 with 16-row tiles puts
+    the poisoned key into masked boundary tiles of rows that do not see it."""
+    from lipforcing.ops.reference import block_causal_mask
+
+    L, chunk, window, sink, j = 61, 13, 26, 3, 30
+    q, k, v = (torch.randn(1, L, 1, 16, device=DEVICE) for _ in range(3))
+    poisoned = dict(k=k.clone(), v=v.clone())
+    poisoned[what][0, j, 0, :] = float("nan")
+    sees = block_causal_mask(L, L, chunk, window, sink)[:, j].to(DEVICE)
+    g = torch.randn(1, L, 1, 16, device=DEVICE)
+    outs = {}
+    for name, (kk, vv) in (("clean", (k, v)), ("poisoned", (poisoned["k"], poisoned["v"]))):
+        qg = q.clone().requires_grad_()
+        for backend in ("triton", "reference"):
+            out = block_causal_attention(qg, kk, vv, chunk_size=chunk, window=window, sink=sink, backend=backend)
+            outs[name, backend] = (out.detach(), torch.autograd.grad(out, qg, g)[0])
+    for backend in ("triton", "reference"):
+        out, dq = outs["poisoned", backend]
+        clean, dq_clean = outs["clean", backend]
+        assert torch.equal(out[:, ~sees], clean[:, ~sees]), backend
+        assert torch.equal(dq[:, ~sees], dq_clean[:, ~sees]), backend
+        assert torch.isnan(out[:, sees]).all(), backend
+    assert torch.equal(torch.isfinite(outs["poisoned", "triton"][0]), torch.isfinite(outs["poisoned", "reference"][0]))
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_nonfinite_query_gives_nan_row_on_both_backends():
+    q, k, v = (torch.randn(1, 40, 2, 16, device=DEVICE) for _ in range(3))
+    q[0, 17, 1, 5] = float("nan")
+    q[0, 3, 0, 0] = float("inf")
+    tri = block_causal_attention(q, k, v, chunk_size=10, window=20, sink=2, backend="triton")
+    ref = block_causal_attention(q, k, v, chunk_size=10, window=20, sink=2, backend="reference")
+    finite = torch.isfinite(tri)
+    assert torch.equal(finite, torch.isfinite(ref)) and not finite[0, 17, 1].any()
+    torch.testing.assert_close(tri[finite], ref[finite], atol=3e-5, rtol=0)
+
+
+def test_launchers_enter_the_device_guard(monkeypatch):
+    """Forward and backward launch inside device_guard(q) (on a GPU: torch.cuda.device(q.device), so tensors on
+    cuda:1 launch there even when cuda:0 is current); here the guard is recorded and the kernels still run."""
+    import contextlib
+
+    import lipforcing.kernels.block_causal_attention as mod
+
+    entered = []
+
+    @contextlib.contextmanager
+    def guard(t):
+        entered.append(t.device)
+        yield
+
+    monkeypatch.setattr(mod, "device_guard", guard)
+    q, k, v = (torch.randn(1, 20, 1, 16, device=DEVICE).requires_grad_() for _ in range(3))
+    out = block_causal_attention(q, k, v, chunk_size=8, backend="triton")
+    assert entered == [q.device]
+    out.sum().backward()
+    assert entered == [q.device] * 2
+
+
+def test_device_guard_selects_the_tensors_device(monkeypatch):
+    import contextlib
+
+    from lipforcing.kernels import _attention_common
+
+    calls = []
+
+    class FakeCuda:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "device", lambda d: calls.append(d) or contextlib.nullcontext())
+    with _attention_common.device_guard(FakeCuda()):
+        pass
+    assert calls == [torch.device("cuda", 1)]
+    with _attention_common.device_guard(torch.zeros(1)):
+        pass
+    assert len(calls) == 1
