@@ -17,12 +17,12 @@ instead of grouped ``audio`` the per-video-frame features ``audio`` (1 + 4(F-1),
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from lipforcing._weights import read_weight_file
 from lipforcing.config import ModelConfig
 
 SAMPLE_KEYS = ("latents", "y", "audio", "text", "neg_text", "waveform")
@@ -98,14 +98,10 @@ class LatentFileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         path = self.files[i]
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw = load_file(os.fspath(path))
-        else:
-            raw = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-            if not isinstance(raw, dict):
-                raise ValueError(f"{path}: expected a dict of tensors, got {type(raw).__name__}")
+        # the shared safe reader: errors name the file (truncated, corrupt, pickled objects, not a regular file)
+        raw, _ = read_weight_file(path, "latent sample")
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a dict of tensors, got {type(raw).__name__}")
         return normalize_sample(raw, self.config, name=str(path))
 
 

@@ -380,7 +380,7 @@ def load(path, *, config: ModelConfig | str | None = None, **overrides) -> tuple
 
     The state dict is complete for the model of the returned config (patch embedding expanded, audio modules
     zero-initialised); tensors keep the checkpoint dtype.  Errors: FileNotFoundError, ``CheckpointError``."""
-    from lipforcing.model.loading import read_state_dict
+    from lipforcing.model.loading import check_config_limits, read_state_dict
 
     err = CheckpointError
     cfg_path, weights = _resolve(path)
@@ -390,7 +390,8 @@ def load(path, *, config: ModelConfig | str | None = None, **overrides) -> tuple
                   f"({WEIGHTS_NAME}.safetensors or {WEIGHTS_NAME}.safetensors.index.json)")
     try:
         derived = config_from_diffusers(dcfg, **overrides)
-    except ValueError as exc:
+        check_config_limits(derived)   # bounded sizes: the key check below builds the model on the meta device
+    except ValueError as exc:   # CheckpointError included
         raise err(f"{cfg_path}: {exc}") from None
     if config is not None:
         if overrides:

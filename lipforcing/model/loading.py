@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from lipforcing._weights import CheckpointError, check_finite, read_safetensors, read_torch_file, regular_file
 from lipforcing.config import PRESETS, VIDEO_FRAMES_PER_LATENT, ModelConfig
 
 logger = logging.getLogger("lipforcing")
@@ -47,8 +48,11 @@ _MAX_LISTED = 12
 CONFIG_METADATA_KEY = "lipforcing_config"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model (missing / unexpected / mis-shaped keys, bad format)."""
+# Largest sizes accepted from a config read out of a file (metadata or config.json): generous bounds (the 14B
+# preset is dim 5120, ffn 13824, 40 layers) that keep a hostile or broken file from building a model for minutes.
+CONFIG_LIMITS = {"dim": 1 << 15, "ffn_dim": 1 << 17, "num_heads": 1024, "num_layers": 1024, "in_dim": 4096,
+                 "out_dim": 4096, "text_dim": 1 << 15, "freq_dim": 1 << 14, "audio_dim": 1 << 17,
+                 "audio_token_dim": 1 << 12}
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -61,28 +65,8 @@ def _listing(title: str, items: list[str]) -> str:
 
 
 def _load_pickle(path: Path) -> dict:
-    """``torch.load(weights_only=True)``; anything that needs unpickling arbitrary objects is refused."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(exc) and "zip" not in str(exc).lower():
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds pickled Python objects that torch.load(weights_only=True) will not "
-            f"unpickle (for safety). Save only the tensor state dict, or convert it to safetensors. "
-            f"({_unpickling_reason(exc)})") from None
-    return _unwrap(obj, path)
-
-
-def _unpickling_reason(exc: Exception) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    for line in text.splitlines():
-        if "Unsupported global" in line or "Unsupported operand" in line:
-            return line.strip()[:300]
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    """``torch.load(weights_only=True)`` through the shared safe reader; pickled objects are refused."""
+    return _unwrap(read_torch_file(path), path)
 
 
 def _unwrap(obj, path: Path) -> dict:
@@ -108,19 +92,16 @@ def _unwrap(obj, path: Path) -> dict:
 
 
 def _load_safetensors(path: Path) -> tuple[dict, dict]:
-    from safetensors import safe_open
-
-    sd = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        for k in f.keys():
-            sd[k] = f.get_tensor(k)
-    return sd, meta
+    return read_safetensors(path)
 
 
 def _load_index(index: Path) -> tuple[dict, dict]:
-    data = json.loads(index.read_text())
-    if "weight_map" not in data:
+    regular_file(index, "safetensors index")
+    try:
+        data = json.loads(index.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"safetensors index {index} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
         raise CheckpointError(f"{index} is not a safetensors index (no 'weight_map')")
     sd, meta = {}, {}
     shards = sorted(set(data["weight_map"].values()))
@@ -139,7 +120,16 @@ def _load_index(index: Path) -> tuple[dict, dict]:
 
 
 def read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read one checkpoint (file or directory, see the module docstring) into (state dict on CPU, metadata)."""
+    """Read one checkpoint (file or directory, see the module docstring) into (state dict on CPU, metadata).
+
+    Unreadable files (truncated, corrupt, empty, not a regular file) raise :class:`CheckpointError` naming the
+    file; NaN/inf values are refused, naming the tensors."""
+    sd, meta = _read_state_dict(path)
+    check_finite(sd, os.fspath(path))
+    return sd, meta
+
+
+def _read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     p = Path(os.fspath(path))
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p}")
@@ -217,6 +207,8 @@ def merge_lora(sd: dict[str, torch.Tensor], *, lora_alpha: float | None = None) 
             ups[m["m"]] = v
         elif (m := _LORA_ALPHA.match(k)) and v.numel() == 1:
             alphas[m["m"]] = float(v.float().item())
+            if not math.isfinite(alphas[m["m"]]):
+                raise CheckpointError(f"LoRA alpha {k} is {alphas[m['m']]}; it must be a finite number")
         else:
             rest[k] = v
     if not downs and not ups:
@@ -227,6 +219,12 @@ def merge_lora(sd: dict[str, torch.Tensor], *, lora_alpha: float | None = None) 
         raise CheckpointError("cannot merge LoRA" + _listing("LoRA modules with only one of A/B", unpaired)
                               + _listing("LoRA modules whose base weight is not in the checkpoint(s) (pass the base "
                                          "checkpoint first in a list of paths)", no_base))
+    if lora_alpha is not None and (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float))
+                                   or not math.isfinite(lora_alpha)):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    rank0 = sorted(m for m, a in downs.items() if a.dim() == 2 and (a.shape[0] == 0 or ups[m].shape[-1] == 0))
+    if rank0:
+        raise CheckpointError("LoRA rank 0 (an empty A/B pair) cannot be merged" + _listing("modules", rank0))
     missing_alpha = [m for m in downs if m not in alphas]
     if missing_alpha and lora_alpha is None:
         raise CheckpointError(f"the LoRA checkpoint has no alpha for {len(missing_alpha)} modules (e.g. "
@@ -270,7 +268,17 @@ def infer_config(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     """A ModelConfig for a state dict: from the metadata written by :func:`save_model` if present, else from the
     tensor shapes (num_heads: the preset of the same dim, else head_dim 128)."""
     if metadata and CONFIG_METADATA_KEY in metadata:
-        return ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        try:
+            fields = json.loads(metadata[CONFIG_METADATA_KEY])
+            check_config_limits(fields)
+            config = ModelConfig.from_dict(fields)
+        except CheckpointError:
+            raise
+        except (ValueError, TypeError, AttributeError) as exc:   # JSONDecodeError is a ValueError
+            raise CheckpointError(f"the model config in the checkpoint metadata ({CONFIG_METADATA_KEY!r}) is "
+                                  f"invalid: {exc}") from None
+        check_config_matches(config, sd)
+        return config
     need = ["patch_embedding.weight", "text_embedding.0.weight", "time_embedding.0.weight", "blocks.0.ffn.0.weight"]
     missing = [k for k in need if k not in sd]
     if missing:
@@ -295,6 +303,41 @@ def infer_config(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | N
     elif preset is not None:
         kw.update(audio_dim=preset.audio_dim)
     return ModelConfig(**kw)
+
+
+def check_config_limits(fields) -> None:
+    """Refuse a config (a ModelConfig or its dict) read from a file whose sizes exceed :data:`CONFIG_LIMITS`."""
+    if isinstance(fields, ModelConfig):
+        fields = fields.to_dict()
+    if not isinstance(fields, Mapping):
+        raise CheckpointError(f"the model config read from the checkpoint must be a JSON object, got "
+                              f"{type(fields).__name__}")
+    over = [f"{k} = {fields[k]} (limit {lim})" for k, lim in CONFIG_LIMITS.items()
+            if isinstance(fields.get(k), (int, float)) and not isinstance(fields.get(k), bool) and fields[k] > lim]
+    if over:
+        raise CheckpointError("the model config read from the checkpoint is out of bounds: " + ", ".join(over))
+
+
+def _block_count(sd: Mapping[str, torch.Tensor]) -> int:
+    ids = {int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k))}
+    return 1 + max(ids) if ids else 0
+
+
+def check_config_matches(config: ModelConfig, sd: Mapping[str, torch.Tensor]) -> None:
+    """Check a config read from a file against the tensors actually present (block count, widths) before any
+    model is built, so a wrong or hostile config fails at once instead of building a huge model."""
+    sd = strip_prefixes(sd)
+    problems = []
+    if _block_count(sd) != config.num_layers:
+        problems.append(f"num_layers {config.num_layers}, but the tensors hold {_block_count(sd)} blocks")
+    for key, dim, field in (("patch_embedding.weight", 0, "dim"), ("blocks.0.ffn.0.weight", 0, "ffn_dim"),
+                            ("text_embedding.0.weight", 1, "text_dim"), ("time_embedding.0.weight", 1, "freq_dim")):
+        v = sd.get(key)
+        if v is not None and v.dim() > dim and v.shape[dim] != getattr(config, field):
+            problems.append(f"{field} {getattr(config, field)}, but {key} has shape {tuple(v.shape)}")
+    if problems:
+        raise CheckpointError("the model config saved in the checkpoint does not match its tensors: "
+                              + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------------- load / save

@@ -24,6 +24,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn as nn
 
+from lipforcing._weights import CheckpointError, check_finite, read_weight_file
 from lipforcing.vae.config import VAEConfig
 from lipforcing.vae.model import WanVAE
 
@@ -163,27 +164,54 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> VAEConfig:
 
 # --------------------------------------------------------------------------------------------------- files
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    """One weight file through the shared safe reader (errors name the file; NaN/inf weights refused)."""
+    obj, _ = read_weight_file(path, "VAE checkpoint")
     # accept {"state_dict": {...}} / {"model": {...}} wrappers around the plain state dict
     while isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model", "module") \
             and isinstance(next(iter(obj.values())), dict):
         obj = next(iter(obj.values()))
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path} does not hold a state dict (a dict of tensors)")
+        raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors)")
+    check_finite(obj, path, "VAE checkpoint")
     return obj
+
+
+# Largest sizes accepted from a config.json (Wan2.1's VAE: base_dim 96, z_dim 16, 4 stages, 2 blocks each): a
+# broken or hostile file must not build a huge network.
+_CONFIG_LIMITS = {"base_dim": 4096, "dim": 4096, "z_dim": 1024, "num_res_blocks": 16}
+_MAX_STAGES = 8
+
+
+def _check_limits(fields: dict, source) -> None:
+    over = [f"{k} = {fields[k]} (limit {lim})" for k, lim in _CONFIG_LIMITS.items()
+            if isinstance(fields.get(k), (int, float)) and not isinstance(fields.get(k), bool) and fields[k] > lim]
+    mult = fields.get("dim_mult")
+    if isinstance(mult, (list, tuple)):
+        if len(mult) > _MAX_STAGES:
+            over.append(f"{len(mult)} stages in dim_mult (limit {_MAX_STAGES})")
+        over += [f"dim_mult entry {m} (limit 64)" for m in mult if isinstance(m, (int, float)) and m > 64]
+    if over:
+        raise CheckpointError(f"VAE config {source} is out of bounds: " + ", ".join(over))
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{what} {path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _diffusers_weights(folder: Path) -> list[Path]:
     stem = "diffusion_pytorch_model"
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        with open(index) as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
-        return [folder / f for f in files]
+        weight_map = _read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"safetensors index {index} has no 'weight_map' object")
+        return [folder / f for f in sorted(set(map(str, weight_map.values())))]
     for name in (f"{stem}.safetensors", f"{stem}.bin"):
         if (folder / name).is_file():
             return [folder / name]
@@ -277,8 +305,14 @@ def load_vae(path, *, config=None, device=None, dtype=None) -> WanVAE:
             if folder_cfg_path is None:
                 raise ValueError(f"{p} holds diffusers-format VAE weights but there is no config.json next to "
                                  "them; pass config=VAEConfig(...)")
-            with open(folder_cfg_path) as fh:
-                cfg = VAEConfig.from_dict(json.load(fh))
+            try:
+                fields = _read_json(folder_cfg_path, "VAE config")
+                _check_limits(fields, folder_cfg_path)
+                cfg = VAEConfig.from_dict(fields)
+            except CheckpointError:
+                raise
+            except (ValueError, TypeError) as exc:
+                raise CheckpointError(f"VAE config {folder_cfg_path} is invalid: {exc}") from None
             source = f"{p} (config {folder_cfg_path})"
         sd = vae_state_dict_from_diffusers(sd, cfg)
     elif cfg is None:

@@ -173,3 +173,127 @@ def test_cross_attn_checkpoint_infers_mode(tmp_path):
     save_file(model.state_dict(), tmp_path / "x.safetensors")  # no metadata: infer from shapes
     loaded = load_model(tmp_path / "x.safetensors")
     assert loaded.config.audio_injection == "cross_attn" and loaded.config.audio_window == 3
+
+
+# --- hardening (issue 13): configs from metadata checked against the tensors, bounded sizes, unreadable files,
+# non-finite weights, degenerate LoRA ------------------------------------------------------------------------
+
+def _with_metadata_config(tiny_model, path, **changes):
+    cfg = {**tiny_model.config.to_dict(), **changes}
+    save_file(dict(tiny_model.state_dict()), path, metadata={"lipforcing_config": json.dumps(cfg)})
+    return path
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"num_layers": 200000}, r"num_layers = 200000 \(limit 1024\)"),
+    ({"dim": 2 ** 40}, r"dim = 1099511627776 \(limit 32768\)"),
+    ({"num_layers": 7}, r"num_layers 7, but the tensors hold 4 blocks"),
+    ({"ffn_dim": 96}, r"ffn_dim 96, but blocks.0.ffn.0.weight has shape \(128, 64\)"),
+    ({"dim": 128, "num_heads": 4}, r"dim 128, but patch_embedding.weight has shape \(64, 65, 1, 2, 2\)"),
+    ({"num_heads": "two"}, r"model config in the checkpoint metadata .* is invalid"),
+])
+def test_metadata_config_is_bounded_and_checked_before_building(tiny_model, tmp_path, monkeypatch, changes, match):
+    import lipforcing.model as model_pkg
+
+    def no_build(*args, **kwargs):   # the check must come before any model is built
+        raise AssertionError("build_model called for an invalid metadata config")
+
+    monkeypatch.setattr(model_pkg, "build_model", no_build)
+    path = _with_metadata_config(tiny_model, tmp_path / "meta.safetensors", **changes)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(path)
+
+
+def test_garbage_metadata_json_is_a_checkpoint_error(tiny_model, tmp_path):
+    save_file(dict(tiny_model.state_dict()), tmp_path / "g.safetensors", metadata={"lipforcing_config": "{not json"})
+    with pytest.raises(CheckpointError, match="lipforcing_config"):
+        load_model(tmp_path / "g.safetensors")
+
+
+def _assert_names_file(info, path):
+    msg = str(info.value)
+    assert str(path) in msg, msg
+    assert "weights_only=False" not in msg and "weights_only` set to `False" not in msg, msg
+    assert "\n" not in msg.strip(), msg
+
+
+def test_unreadable_safetensors_name_the_file(tiny_model, tmp_path):
+    good = tmp_path / "good.safetensors"
+    save_file(dict(tiny_model.state_dict()), good)
+    data = good.read_bytes()
+    cases = {"truncated.safetensors": data[: len(data) // 2], "header_only.safetensors": data[:20],
+             "empty.safetensors": b"", "garbage.safetensors": torch.randint(0, 256, (4000,),
+                                                                            dtype=torch.uint8).numpy().tobytes()}
+    for name, payload in cases.items():
+        path = tmp_path / name
+        path.write_bytes(payload)
+        with pytest.raises(CheckpointError) as info:
+            load_model(path, config="tiny")
+        _assert_names_file(info, path)
+        assert ("empty" if name.startswith("empty") else "not a readable safetensors file") in str(info.value)
+
+
+def test_unreadable_pt_files_name_the_file_and_never_suggest_unsafe_loading(tiny_model, tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(dict(tiny_model.state_dict()), good)
+    (tmp_path / "truncated.pt").write_bytes(good.read_bytes()[:5000])
+    (tmp_path / "garbage.pt").write_bytes(torch.randint(0, 256, (3000,), dtype=torch.uint8).numpy().tobytes())
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")   # a pickled nn.Module
+    for name, match in (("truncated.pt", "not a readable torch file"), ("garbage.pt", "not a readable torch file"),
+                        ("module.pt", "refusing to load")):
+        with pytest.raises(CheckpointError, match=match) as info:
+            load_model(tmp_path / name, config="tiny")
+        _assert_names_file(info, tmp_path / name)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match=r"pipe.safetensors is a FIFO"):
+        load_model(fifo, config="tiny")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_naming_the_tensors(tiny_model, tmp_path, bad):
+    sd = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    idx = tuple(int(torch.randint(0, n, ())) for n in sd["blocks.1.ffn.2.weight"].shape)
+    sd["blocks.1.ffn.2.weight"][idx] = bad
+    sd["head.modulation"].view(-1)[-1] = bad
+    save_file(sd, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match=r"NaN or inf values in 2 tensor\(s\): blocks.1.ffn.2.weight, "
+                                              r"head.modulation") as info:
+        load_model(tmp_path / "nan.safetensors", config="tiny")
+    _assert_names_file(info, tmp_path / "nan.safetensors")
+
+
+def _lora_files(tiny_model, tmp_path, rank, alpha):
+    sd = tiny_model.state_dict()
+    save_file(dict(sd), tmp_path / "base.safetensors")
+    w = sd["blocks.0.self_attn.q.weight"]
+    lora = {"blocks.0.self_attn.q.lora_A.weight": torch.randn(rank, w.shape[1]),
+            "blocks.0.self_attn.q.lora_B.weight": torch.randn(w.shape[0], rank)}
+    if alpha is not None:
+        lora["blocks.0.self_attn.q.alpha"] = torch.tensor(alpha)
+    save_file(lora, tmp_path / "lora.safetensors")
+    return [tmp_path / "base.safetensors", tmp_path / "lora.safetensors"]
+
+
+def test_lora_rank_zero_is_refused(tiny_model, tmp_path):
+    with pytest.raises(CheckpointError, match=r"(?s)LoRA rank 0 .*blocks.0.self_attn.q"):
+        load_model(_lora_files(tiny_model, tmp_path, 0, 4.0), config="tiny")
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_lora_non_finite_alpha_is_refused(tiny_model, tmp_path, alpha):
+    with pytest.raises(CheckpointError, match=r"NaN or inf values in 1 tensor\(s\): blocks.0.self_attn.q.alpha"):
+        load_model(_lora_files(tiny_model, tmp_path, 3, alpha), config="tiny")
+    from lipforcing.model.loading import merge_lora   # an in-memory state dict is checked by the merge itself
+
+    w = torch.randn(6, 5)
+    with pytest.raises(CheckpointError, match=r"LoRA alpha m.alpha is (nan|inf)"):
+        merge_lora({"m.weight": w, "m.lora_A.weight": torch.randn(2, 5), "m.lora_B.weight": torch.randn(6, 2),
+                    "m.alpha": torch.tensor(alpha)})
+    with pytest.raises(ValueError, match=r"lora_alpha must be a finite number"):
+        load_model(_lora_files(tiny_model, tmp_path, 3, None), config="tiny", lora_alpha=alpha)

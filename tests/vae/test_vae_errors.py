@@ -99,3 +99,79 @@ def test_bad_arguments(vae):
         VAEConfig.from_dict({"base_dim": 8, "is_residual": True})
     assert VAEConfig(z_dim=4).latents_std == (1.0,) * 4      # non-Wan latent size: identity statistics
     assert VAEConfig.from_dict({"base_dim": 8, "temperal_downsample": [False, True, True]}).dim == 8
+
+
+# --- hardening (issue 13): unreadable / unsafe / non-finite VAE files name the file ---------------------------
+
+def _vae_file(tmp_path, vae, name="vae.pth"):
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    path = tmp_path / name
+    save_file(sd, str(path)) if name.endswith(".safetensors") else torch.save(sd, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["vae.pth", "vae.safetensors"])
+def test_load_vae_truncated_or_empty_file_names_it(vae, tmp_path, name):
+    from lipforcing import load_vae
+
+    good = _vae_file(tmp_path, vae, name)
+    data = good.read_bytes()
+    for cut in (len(data) // 3, 16, 0):
+        bad = tmp_path / f"cut{cut}_{name}"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError) as info:
+            load_vae(bad)
+        msg = str(info.value)
+        assert str(bad) in msg and ("empty" in msg or "truncated" in msg), msg
+        assert "weights_only" not in msg, msg
+
+
+def test_load_vae_pickled_object_is_refused_without_suggesting_unsafe_loading(tmp_path):
+    from lipforcing import load_vae
+
+    torch.save(torch.nn.Conv2d(3, 4, 3), tmp_path / "Wan2.1_VAE.pth")   # a module object, not a state dict
+    with pytest.raises(ValueError, match=r"refusing to load VAE checkpoint .*Wan2.1_VAE.pth") as info:
+        load_vae(tmp_path / "Wan2.1_VAE.pth")
+    assert "weights_only=False" not in str(info.value)
+
+
+def test_load_vae_fifo_is_refused(tmp_path):
+    import os
+
+    from lipforcing import load_vae
+
+    os.mkfifo(tmp_path / "vae.pth")
+    with pytest.raises(ValueError, match="is a FIFO"):
+        load_vae(tmp_path / "vae.pth")
+
+
+def test_load_vae_non_finite_weights_are_refused(vae, tmp_path):
+    from lipforcing import load_vae
+
+    sd = {k: v.clone() for k, v in vae.state_dict().items()}
+    name = sorted(k for k, v in sd.items() if v.is_floating_point() and v.dim() > 1)[0]
+    sd[name].view(-1)[int(torch.randint(0, sd[name].numel(), ()))] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match=rf"NaN or inf values in 1 tensor\(s\): {name}"):
+        load_vae(tmp_path / "nan.pth")
+
+
+def test_load_vae_config_json_out_of_bounds_or_garbage(vae, tmp_path):
+    import json
+
+    from lipforcing import load_vae
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"base_dim": 96, "z_dim": 16, "num_res_blocks": 10 ** 6,
+                                                    "dim_mult": [1, 2, 4, 4]}))
+    from safetensors.torch import save_file
+
+    save_file({"quant_conv.weight": torch.zeros(1)}, str(folder / "diffusion_pytorch_model.safetensors"))  # diffusers keys
+    with pytest.raises(ValueError, match=r"num_res_blocks = 1000000 \(limit 16\)"):
+        load_vae(folder)
+    (folder / "config.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"config.json is not readable JSON"):
+        load_vae(folder)
