@@ -8,8 +8,10 @@
 //     j <  n_sink + n_ring   cache slot sink + r       (r = j - n_sink; token sink + m - ((m - r) mod ring),
 //                                                        m = pos - 1 - sink: the newest token in that slot)
 //     else                   current chunk row j - n_sink - n_ring (token pos + row)
-// with n_sink = min(pos, sink) and n_ring = min(max(pos - sink, 0), ring): the valid cache slots are prefixes of
-// the sink and of the ring.  `pos` is read from device memory by the kernel (no host sync; CUDA-graph safe).
+// with n_sink = min(pos, sink) and n_ring = min(max(pos - sink, 0), ring): the written cache slots are prefixes of
+// the sink and of the ring.  The ring holds a whole window (ring = window, RollingKVCache's layout), so its
+// chunk_size oldest tokens (< lo = max(pos + chunk - window, sink)) are stale: their rows stay unresolved (nullptr)
+// and their scores are masked, like the tail of the last tile.  The kernel attends before the write.  `pos` is read from device memory by the kernel (no host sync; CUDA-graph safe).
 // Per tile the first 64 threads resolve each row's K/V address (and RoPE positions) into shared memory, all
 // threads copy the rows with 16-byte loads (rotating K on the way with dynamic RoPE), then each warp computes
 // S = Q K^T (mma), the online softmax in registers, and O += P V with P reused from the S accumulators and V
@@ -211,9 +213,11 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_fwd_kernel(const Chu
       } else if (j < n_sink + n_ring) {
         const int64_t r = j - n_sink;
         const int64_t mm = pos - 1 - p.sink;  // >= r here
-        kp = kc + (p.sink + r) * p.kc_stride[1];
-        vp = vc + (p.sink + r) * p.vc_stride[1];
         a = p.sink + mm - (mm - r) % p.ring;
+        if (a >= lo) {  // the ring holds a whole window: its chunk_size oldest tokens are stale (left masked)
+          kp = kc + (p.sink + r) * p.kc_stride[1];
+          vp = vc + (p.sink + r) * p.vc_stride[1];
+        }
       } else if (j < total) {
         const int64_t c = j - n_sink - n_ring;
         kp = kn + c * p.k_stride[1];
@@ -257,7 +261,6 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_fwd_kernel(const Chu
       }
     }
     // ---- scale to base 2, mask keys past the end, online softmax
-    const int64_t n_valid = total - j0;  // >= 1: every tile holds at least one key
     float mx0 = m_run[0];
     float mx1 = m_run[1];
 #pragma unroll
@@ -265,7 +268,8 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_fwd_kernel(const Chu
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * t4 + (e & 1);
-        s[nt][e] = col < n_valid ? s[nt][e] * scale_log2 : -INFINITY;
+        // masked keys (past the end, or stale ring slots) are selected away: their K/V rows were zero-filled
+        s[nt][e] = sKPtr[col] != nullptr ? s[nt][e] * scale_log2 : -INFINITY;
       }
       mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
       mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
@@ -274,17 +278,20 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_fwd_kernel(const Chu
     mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
     mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float alpha0 = exp2f(m_run[0] - mx0);  // 0 on the first tile (m_run = -inf, mx finite)
-    const float alpha1 = exp2f(m_run[1] - mx1);
+    // a tile can be fully masked (stale ring slots): keep -inf - -inf from giving NaN
+    const float ms0 = mx0 == -INFINITY ? 0.f : mx0;
+    const float ms1 = mx1 == -INFINITY ? 0.f : mx1;
+    const float alpha0 = exp2f(m_run[0] - ms0);  // 0 on the first tile (m_run = -inf, mx finite)
+    const float alpha1 = exp2f(m_run[1] - ms1);
     m_run[0] = mx0;
     m_run[1] = mx1;
     float rs0 = 0.f, rs1 = 0.f;
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
-      s[nt][0] = exp2f(s[nt][0] - mx0);
-      s[nt][1] = exp2f(s[nt][1] - mx0);
-      s[nt][2] = exp2f(s[nt][2] - mx1);
-      s[nt][3] = exp2f(s[nt][3] - mx1);
+      s[nt][0] = exp2f(s[nt][0] - ms0);
+      s[nt][1] = exp2f(s[nt][1] - ms0);
+      s[nt][2] = exp2f(s[nt][2] - ms1);
+      s[nt][3] = exp2f(s[nt][3] - ms1);
       rs0 += s[nt][0] + s[nt][1];
       rs1 += s[nt][2] + s[nt][3];
     }
@@ -405,7 +412,11 @@ cudaError_t launch_fwd_dim(const ChunkAttnParams& p, cudaStream_t stream) {
 
 bool chunk_attention_supports_head_dim(int head_dim) { return head_dim == 64 || head_dim == 128; }
 
-cudaError_t launch_chunk_attention(const ChunkAttnParams& p, cudaStream_t stream) {
+cudaError_t launch_chunk_attention(const ChunkAttnParams& params, cudaStream_t stream) {
+  // RollingKVCache holds sink + window slots: the ring is a whole window (its oldest chunk_size tokens are stale
+  // between chunks and masked above), whatever ring value the caller passed.
+  ChunkAttnParams p = params;
+  p.ring = p.window;
   if (p.n <= 0 || p.batch <= 0 || p.heads <= 0 || p.batch > 65535 || p.heads > 65535 || p.grid_w <= 0 ||
       p.grid_h <= 0 || p.ring < 0 || p.sink < 0 || p.window < p.chunk_size || p.n > p.chunk_size) {
     return cudaErrorInvalidValue;

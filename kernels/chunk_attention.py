@@ -386,7 +386,7 @@ def rope_rows_triton(x, out, pos, chunk_size, window, sink, rope_cos, rope_sin, 
                      inverse=False):
     """Rotate the chunk rows x (B, n, H, D) into out (same shape) at their window-relative frames."""
     B, n, H, D = x.shape
-    bt = 16 if interpreting() else 64
+    bt = 16  # rows per program: (16, D/2) fp32 halves, tables and positions stay in registers at 4 warps
     t, th = _rope_parts(D)
     _rope_rows_kernel[(triton.cdiv(n, bt), B * H)](
         x, out, pos, rope_cos, rope_sin, *_s3(x), *_s3(out), H, n, chunk_size, window, sink, grid_h * grid_w,
@@ -400,7 +400,7 @@ def stage_slots_triton(k, v, k_cache, v_cache, pos, chunk_size, window, sink, ro
     """Write the slots as this chunk sees them into ks (rotated when rope_cos is given) and, with stage_v, vs."""
     B, n, H, D = k.shape
     slots = k_cache.shape[1]
-    bt = 16 if interpreting() else 64
+    bt = 16
     t, th = _rope_parts(D)
     rope = rope_cos is not None
     cos, sin = (rope_cos, rope_sin) if rope else (pos, pos)
@@ -409,6 +409,19 @@ def stage_slots_triton(k, v, k_cache, v_cache, pos, chunk_size, window, sink, ro
         *_s3(vs), H, n, filled_add, chunk_size, window, sink, max(grid_h * grid_w, 1), max(grid_w, 1),
         HEAD_DIM=D, ROPE=rope, OVERLAY=overlay, STAGE_V=stage_v, ROPE_T=t, ROPE_TH=th, BLOCK_T=bt,
         BLOCK_D=block_d(D), BLOCK_DH=block_d(D // 2), num_warps=4)
+
+
+def backward_config(head_dim: int, dtype: torch.dtype, kernel: str) -> dict:
+    """Tiles of the backward kernels.  On GPUs the tile that owns the accumulators is 128 rows on 8 warps (two
+    warpgroups, 64 rows each: no warpgroup repeats the other's wgmma work): 128 query rows for dq, 128 key rows
+    for dk/dv, walking tiles of the other side (64 keys for dq; 32 queries for dk/dv, where 64 spill at sm_90)."""
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32 or head_dim > 128:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if kernel == "dq":
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
 
 
 def chunk_attention_triton_unsupported(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale,
@@ -504,19 +517,17 @@ def chunk_attention_backward_triton(grad_out, q, k, v, out, lse, k_cache, v_cach
             stage_slots_triton(k, v, k_cache, v_cache, pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h,
                                grid_w, ws.k, ws.v, filled_add=0, overlay=False, stage_v=False)
             ks = ws.k
-        cfg = launch_config(D, q.dtype, backward=True)
-        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-        common = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d(D),
-                      DOT_PRECISION=torch_to_dot_precision(q.dtype), num_warps=cfg["num_warps"],
-                      num_stages=cfg["num_stages"])
-        _chunk_bwd_dq_kernel[(triton.cdiv(n, bm), B * H)](
+        prec = dict(HEAD_DIM=D, BLOCK_D=block_d(D), DOT_PRECISION=torch_to_dot_precision(q.dtype))
+        cfg = backward_config(D, q.dtype, "dq")
+        _chunk_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), B * H)](
             q_eff, ks, v_cache, kn, v, pos, grad_out, lse, delta, dq,
             *_s3(q_eff), *_s3(ks), *_s3(v_cache), *_s3(kn), *_s3(v), *_s3(grad_out), *_s3(dq),
-            H, n, chunk_size, window, sink, scale * LOG2E, scale, **common)
-        _chunk_bwd_dkdv_kernel[(triton.cdiv(n, bn), B * H)](
+            H, n, chunk_size, window, sink, scale * LOG2E, scale, **prec, **cfg)
+        cfg = backward_config(D, q.dtype, "dkdv")
+        _chunk_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), B * H)](
             q_eff, kn, v, grad_out, lse, delta, dk, dv,
             *_s3(q_eff), *_s3(kn), *_s3(v), *_s3(grad_out), *_s3(dk), *_s3(dv),
-            H, n, scale * LOG2E, scale, **common)
+            H, n, scale * LOG2E, scale, **prec, **cfg)
         if rope:  # gradients w.r.t. the rotated q, k -> w.r.t. q, k (inverse rotation, in place)
             rope_rows_triton(dq, dq, pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h, grid_w, inverse=True)
             rope_rows_triton(dk, dk, pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h, grid_w, inverse=True)

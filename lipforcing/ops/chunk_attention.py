@@ -119,7 +119,10 @@ def _backward_backend(forward_backend: str, lse: torch.Tensor, device: torch.dev
     """The Triton flash-style backward when the forward left an LSE and Triton runs here, else the reference."""
     if forward_backend == "reference" or lse.numel() == 0:
         return "reference"
-    return "triton" if _dispatch._applicable("triton", device, explicit=True) is None else "reference"
+    try:
+        return _dispatch.resolve("chunk_attention_backward", _BWD, "triton", device, (), {})
+    except _dispatch.BackendUnavailable:
+        return "reference"
 
 
 def _setup_context(ctx, inputs, output):
