@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Mapping
 
 import torch
@@ -48,6 +49,10 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise FileNotFoundError(f"decoder checkpoint {path!r} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"decoder checkpoint {path!r} is a folder; expected a taew2_1.pth or .safetensors file")
+    if not stat.S_ISREG(os.stat(path).st_mode):      # a FIFO would block open() forever
+        raise ValueError(f"decoder checkpoint {path!r} is not a regular file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"decoder checkpoint {path!r} is empty")
     lower = path.lower()
     meta: dict[str, str] = {}
     if lower.endswith(".safetensors"):
@@ -161,6 +166,9 @@ def load_decoder(path: str | os.PathLike, *, config: TAEHVConfig | str | None = 
     not_float = sorted(k for k, v in sd.items() if not v.is_floating_point())
     if not_float:
         raise ValueError(f"{path!r}: TAEHV weights must be floating point; {_listing(not_float)} are not")
+    nonfinite = sorted(k for k, v in sd.items() if not bool(torch.isfinite(v).all()))
+    if nonfinite:      # a NaN weight turns every frame black
+        raise ValueError(f"{path!r}: non-finite (NaN/inf) values in {_listing(nonfinite)}")
     model = model.to_empty(device=device if device is not None else "cpu")
     model.load_state_dict(sd, strict=True)
     model = model.to(dtype=dtype if dtype is not None else torch.float32)

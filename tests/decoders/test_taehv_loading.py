@@ -111,5 +111,14 @@ def test_other_bad_inputs_name_the_file(tmp_path):
     torch.save({"decoder.1.weight": torch.randn(2), "meta": _Opaque()}, pickled)   # refused by weights_only
     with pytest.raises(ValueError, match=r"object\.pth.*weights_only=True"):
         load_decoder(pickled)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.pth' is empty"):
+        load_decoder(empty)
+    sd = _tiny_sd()
+    sd["decoder.8.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match=r"nan\.pth.*non-finite.*decoder\.8\.weight"):
+        load_decoder(tmp_path / "nan.pth")
     with pytest.raises(ValueError, match="must end in .safetensors or .pth"):
         save_decoder(TAEHV("tiny"), tmp_path / "x.bin2")
