@@ -1,0 +1,86 @@
+"""The procedural world: deterministic identities/clips, the mouth model's documented rules, held-out splits,
+espeak-ng speech (skipped without it), and the reference sequence's unrelated mouth."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lipforcing.world import identity_seeds, identity_split, make_clip, mouth_track, sample_identity
+from lipforcing.world.mouth import LEAD_SECONDS, window_rms
+from lipforcing.world.speech import (EVAL_SENTENCES, EVAL_VOICES, TRAIN_SENTENCES, TRAIN_VOICES, espeak_available,
+                                     espeak_utterance, sample_utterance)
+
+
+def _seed():
+    return int(np.random.default_rng().integers(0, 10_000))
+
+
+def test_identities_are_deterministic_varied_and_split():
+    s = _seed()
+    assert sample_identity(s) == sample_identity(s)
+    looks = {(sample_identity(i).hair_style, round(sample_identity(i).skin[0])) for i in range(40)}
+    assert len(looks) > 10
+    held = identity_seeds("eval", 5, start=s)
+    assert all(identity_split(i) == "eval" for i in held) and not set(held) & set(identity_seeds("train", 50, start=s))
+    assert not set(TRAIN_VOICES) & set(EVAL_VOICES) and not set(TRAIN_SENTENCES) & set(EVAL_SENTENCES)
+    with pytest.raises(ValueError, match="seed"):
+        sample_identity(-1)
+
+
+def test_mouth_follows_loudness_with_a_lead_and_closes_in_silence():
+    rng = np.random.default_rng()
+    T = 60 + int(rng.integers(0, 40))
+    env = np.repeat(rng.uniform(0, 1, T // 5 + 1), 5 * 640)[: T * 640]       # piecewise-constant loudness
+    audio = (0.3 * env * np.sin(np.arange(T * 640) * 2 * np.pi * 220 / 16000)).astype(np.float32)
+    m = mouth_track(audio, T)
+    lead_rms = window_rms(audio, T, lead=LEAD_SECONDS)
+    assert np.corrcoef(m.opening, lead_rms)[0, 1] > 0.85
+    assert 0 <= m.opening.min() and m.opening.max() <= 1 and 0 <= m.spread.min() and m.spread.max() <= 1
+    silent = mouth_track(np.zeros(T * 640, np.float32), T)
+    assert np.all(silent.opening == 0) and np.all(silent.spread == 0.5)
+    # the lead: a burst starting at frame 20 opens the mouth at frame 19 (40 ms = 1 frame early)
+    burst = np.zeros(T * 640, np.float32)
+    burst[20 * 640: 30 * 640] = 0.3 * np.sin(np.arange(6400) * 2 * np.pi * 200 / 16000)
+    o = mouth_track(burst, T).opening
+    assert o[18] == 0 and o[19] > 0.3
+    with pytest.raises(ValueError, match="NaN"):
+        mouth_track(np.full(640, np.nan), 1)
+
+
+def test_spread_follows_the_spectral_centroid():
+    t = np.arange(25 * 640) / 16000
+    low = (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    high = (0.3 * np.sin(2 * np.pi * 2800 * t)).astype(np.float32)
+    assert mouth_track(low, 25).spread[10:].mean() < 0.3 < 0.7 < mouth_track(high, 25).spread[10:].mean()
+
+
+def test_clip_is_deterministic_and_the_mouth_darkness_tracks_the_truth():
+    from lipforcing.eval.metrics import mouth_opening_estimate, windowed_correlation
+
+    s = _seed()
+    a = make_clip(s, 60, size=48, speech="synthetic")
+    b = make_clip(s, 60, size=48, speech="synthetic")
+    assert np.array_equal(a.frames, b.frames) and np.array_equal(a.audio, b.audio)
+    assert a.frames.shape == (60, 48, 48, 3) and a.frames.dtype == np.uint8 and a.audio.shape == (60 * 640,)
+    assert identity_split(a.identity.seed) == "train"
+    est = mouth_opening_estimate(a.frames, a)
+    assert windowed_correlation(est, a.mouth.opening) > 0.8
+    # the reference sequence: same person and motion (upper face equal), unrelated mouth
+    assert np.array_equal(a.frames[:, :20], a.ref_frames[:, :20])
+    assert abs(np.corrcoef(a.mouth.opening, a.ref_mouth.opening)[0, 1]) < 0.6
+    assert make_clip(s, 30, split="eval", speech="synthetic").identity.split == "eval"
+    with pytest.raises(ValueError, match="split"):
+        make_clip(s, 10, identity_seed=9, split="train")
+
+
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
+def test_espeak_speech_voices_and_held_out_split():
+    u = espeak_utterance("Hello there.", voice=TRAIN_VOICES[0])
+    assert u.samples.dtype == np.float32 and 0.2 < u.seconds < 3 and np.abs(u.samples).max() == pytest.approx(0.5)
+    v = sample_utterance(_seed(), seconds=2.0, split="eval", source="espeak")
+    assert len(v.samples) == 32000 and v.voice in EVAL_VOICES and v.source == "espeak"
+    other = espeak_utterance("Hello there.", voice=EVAL_VOICES[1])                 # voices differ
+    n = min(len(u.samples), len(other.samples))
+    assert not np.allclose(u.samples[:n], other.samples[:n], atol=1e-3)
+    with pytest.raises(ValueError, match="text"):
+        espeak_utterance("  ")
