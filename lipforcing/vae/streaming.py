@@ -63,7 +63,8 @@ class StreamingDecoder(Protocol):
 @runtime_checkable
 class LatentDecoder(Protocol):
     """A decoder that can be plugged into a :class:`WanVAE` with ``vae.set_decoder(...)``: ``stream()`` opens a
-    fresh :class:`DecoderStream`.  (A TAEHV-style tiny decoder would implement this.)"""
+    fresh :class:`DecoderStream`.  :class:`lipforcing.decoders.TAEHV` implements it; the engine uses a TAEHV
+    through :class:`StreamingDecoder` instead (``Engine.load(decoder=...)``), leaving the VAE unchanged."""
 
     def stream(self) -> DecoderStream: ...
 
