@@ -115,3 +115,67 @@ def test_bench_audio_cross_attention(bench_record, H, backend):
     peak = next((bw for key, bw in PEAK_BW.items() if key in name), None)
     if peak is not None:
         row.extra["bandwidth_fraction"] = row.gbps * 1e9 / peak
+
+
+# ------------------------------------------------------------------- per-library baselines, fwd and fwd+bwd
+# The unfused composition (SDPA over the text + SDPA over each frame's audio window + add) run on one attention
+# library at a time: SDPA flash, SDPA cuDNN, flash-attn (when installed).  FlexAttention has no advantage here
+# (no mask beyond the frame split) and is not run.
+LIBRARIES = ("sdpa_flash", "sdpa_cudnn", "flash_attn")
+
+
+def _library_unfused(name):
+    if name == "flash_attn":
+        from flash_attn import flash_attn_func as attend  # optional dependency; (B, L, H, D) layout
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kind = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+
+        def attend(q, k, v):
+            with sdpa_kernel([kind]):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                      v.transpose(1, 2)).transpose(1, 2)
+
+    def run(q, tk, tv, ak, av):
+        H = q.shape[2]
+        oa = attend(q.reshape(B * FRAMES, TPF, H, D), ak.reshape(B * FRAMES, A, H, D), av.reshape(B * FRAMES, A, H, D))
+        return attend(q, tk, tv) + oa.reshape(B, FRAMES * TPF, H, D)
+
+    return run
+
+
+@pytest.mark.parametrize("H", HEADS)
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_audio_vs_every_library(bench_record, pass_, H):
+    """Rows for each library's unfused composition and the fused Triton op, measured in this test; the Triton
+    row's ``extra`` holds its speed-up over each library that ran."""
+    from lipforcing.ops import audio_cross_attention
+
+    backward = pass_ == "fwd+bwd"
+    xs = [x.requires_grad_(backward) for x in _inputs(H)]
+    g = torch.randn_like(xs[0])
+    shape = dict(B=B, F=FRAMES, tokens_per_frame=TPF, text=TEXT, audio=A, H=H, D=D, pass_=pass_)
+    fused = lambda *a: audio_cross_attention(*a, tokens_per_frame=TPF, backend="triton")  # noqa: E731
+    times, notes = {}, {}
+    for name in LIBRARIES + ("triton",):
+        try:
+            fn = fused if name == "triton" else _library_unfused(name)
+
+            def step(fn=fn):
+                if backward:
+                    torch.autograd.grad(fn(*xs), xs, g)
+                else:
+                    with torch.no_grad():
+                        fn(*xs)
+
+            step()
+        except Exception as exc:
+            notes[f"{name}_unavailable"] = f"{type(exc).__name__}: {exc}"[:200]
+            continue
+        row = bench_record("audio_cross_attention", name, shape, DTYPE, step,
+                           flops=(3.5 if backward else 1.0) * _flops(H), warmup=3, rounds=20)
+        times[name] = row.median_us
+    assert "triton" in times, notes
+    row.extra.update(notes)
+    row.extra.update({f"speedup_vs_{n}": t / times["triton"] for n, t in times.items() if n != "triton"})

@@ -93,3 +93,91 @@ def test_block_causal_forward_sdpa_dense_mask(bench_record, h):
     fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
     bench_record("block_causal_attention", "sdpa_dense_mask", dict(B=B, L=L, H=h, D=D, pass_="fwd"), DTYPE, fn,
                  flops=4.0 * _pairs() * D * h, warmup=2, rounds=10)
+
+
+# ---------------------------------------------------------------------------- every baseline, fwd and fwd+bwd
+# SDPA's flash/cuDNN backends and flash-attn take no arbitrary mask, so they run the rule as one dense call per
+# chunk over its visible keys [sink | window] (gathered by slicing + cat): exactly the block-causal result.
+BASELINES = ("sdpa_flash", "sdpa_cudnn", "flash_attn", "flex")
+
+
+def _dense_attention(name):
+    """(B, Lq, H, D) x (B, Lk, H, D) dense attention of one baseline library; raises when it cannot run."""
+    if name == "flash_attn":
+        from flash_attn import flash_attn_func  # optional dependency
+
+        return flash_attn_func
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kind = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}[name]
+
+    def attend(q, k, v):
+        with sdpa_kernel([kind]):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                  v.transpose(1, 2)).transpose(1, 2)
+
+    return attend
+
+
+def _chunked(attend, q, k, v):
+    outs = []
+    for c0 in range(0, L, CHUNK):
+        end = c0 + CHUNK  # nominal end (the window is measured from it)
+        lo = max(end - WINDOW, 0)
+        keys = [slice(0, min(SINK, lo)), slice(lo, min(end, L))]
+        kk = torch.cat([k[:, s] for s in keys], 1)
+        vv = torch.cat([v[:, s] for s in keys], 1)
+        outs.append(attend(q[:, c0:min(end, L)], kk, vv))
+    return torch.cat(outs, 1)
+
+
+def _step(name, h, backward):
+    q, k, v = _inputs(h)
+    g = torch.randn_like(q)
+    if name == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        if "block_mask" not in _flex_cache:
+            _flex_cache["block_mask"] = create_block_mask(_mask_mod, None, None, L, L, device="cuda")
+            _flex_cache["flex"] = torch.compile(flex_attention, dynamic=False)
+        qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+        q, k, v, g = qt, kt, vt, g.transpose(1, 2).contiguous()
+        run = lambda: _flex_cache["flex"](q, k, v, block_mask=_flex_cache["block_mask"])  # noqa: E731
+    elif name == "triton":
+        run = lambda: block_causal_attention(q, k, v, chunk_size=CHUNK, window=WINDOW, sink=SINK,  # noqa: E731
+                                             backend="triton")
+    else:
+        attend = _dense_attention(name)
+        run = lambda: _chunked(attend, q, k, v)  # noqa: E731
+
+    def step():
+        if backward:
+            torch.autograd.grad(run(), (q, k, v), g)
+        else:
+            with torch.no_grad():
+                run()
+
+    step()  # compile / autotune / fail here, not inside the timing
+    return step
+
+
+@pytest.mark.parametrize("h", [12, 40])
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_block_causal_vs_every_baseline(bench_record, pass_, h):
+    """One row per backend, all measured in this test; the Triton row's ``extra`` holds its speed-up over each
+    baseline that ran (a missing library is noted, not fatal)."""
+    backward = pass_ == "fwd+bwd"
+    flops = (3.5 if backward else 1.0) * 4.0 * _pairs() * D * h
+    shape = dict(B=B, L=L, H=h, D=D, chunk=CHUNK, window=WINDOW, sink=SINK, pass_=pass_)
+    times, notes = {}, {}
+    for name in BASELINES + ("triton",):
+        try:
+            step = _step(name, h, backward)
+        except Exception as exc:
+            notes[f"{name}_unavailable"] = f"{type(exc).__name__}: {exc}"[:200]
+            continue
+        row = bench_record("block_causal_attention", name, shape, DTYPE, step, flops=flops, warmup=2, rounds=10)
+        times[name] = row.median_us
+    assert "triton" in times, notes
+    row.extra.update(notes)
+    row.extra.update({f"speedup_vs_{n}": t / times["triton"] for n, t in times.items() if n != "triton"})
