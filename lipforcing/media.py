@@ -16,13 +16,17 @@ and how to fix it; the command line prints it without a traceback.
 """
 from __future__ import annotations
 
+import logging
 import os
+import struct
 import wave
 from fractions import Fraction
 
 import numpy as np
 
-from lipforcing.audio.pcm import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from lipforcing.audio.pcm import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, check_amplitude
+
+logger = logging.getLogger("lipforcing")
 
 __all__ = ["MediaError", "read_video", "read_audio", "write_wav", "VideoWriter", "check_output_file",
            "synthetic_speech", "synthetic_face_clip", "frame_loudness"]
@@ -91,7 +95,9 @@ def read_audio(path) -> tuple[np.ndarray, int]:
 
     Returns (samples, sample_rate): float32 mono in [-1, 1] (multi-channel audio is averaged), the file's own
     rate (resampling to 16 kHz is the session's job).  Raises :class:`MediaError` for a missing or unreadable
-    file, no audio stream, no samples, or a rate outside [8 kHz, 192 kHz].
+    file, no audio stream, no samples, NaN/inf or float samples beyond +-1e4 (``MAX_FLOAT_AMPLITUDE``), or a rate
+    outside [8 kHz, 192 kHz].  A wav file shorter than its header announces (truncated) is used as far as it goes,
+    with a warning on the ``lipforcing`` logger.
     """
     path = _check_file(path, "audio")
     av = _av()
@@ -119,7 +125,50 @@ def read_audio(path) -> tuple[np.ndarray, int]:
         raise MediaError(f"{path}: the audio stream has no samples")
     if not np.isfinite(samples).all():
         raise MediaError(f"{path}: the audio contains NaN or inf samples")
+    try:
+        check_amplitude(samples, "the audio")
+    except ValueError as e:
+        raise MediaError(f"{path}: {e}") from None
+    missing = wav_truncation(path)
+    if missing:
+        logger.warning("%s: the wav file is truncated: its header announces %s of audio, the file holds %s; "
+                       "using what is there", path, _seconds(missing[0], rate), _seconds(missing[1], rate))
     return samples, rate
+
+
+def _seconds(frames: int, rate: int) -> str:
+    return f"{frames / rate:.2f} s" if rate else f"{frames} samples"
+
+
+def wav_truncation(path) -> tuple[int, int] | None:
+    """(announced, present) sample frames when ``path`` is a RIFF/WAVE file whose data chunk is shorter than its
+    header says; None for complete files, other formats, or streamed wavs that leave the size unset."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            size = os.fstat(fh.fileno()).st_size
+            block_align = 0
+            while True:
+                chunk = fh.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, clen = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if cid == b"fmt ":
+                    fmt = fh.read(min(clen, 16))
+                    if len(fmt) >= 14:
+                        block_align = struct.unpack("<H", fmt[12:14])[0]
+                    fh.seek(clen - len(fmt) + (clen & 1), os.SEEK_CUR)
+                elif cid == b"data":
+                    present = size - fh.tell()
+                    if clen in (0, 0xFFFFFFFF) or present >= clen or not block_align:
+                        return None   # complete, or a streamed wav with an unknown length
+                    return clen // block_align, present // block_align
+                else:
+                    fh.seek(clen + (clen & 1), os.SEEK_CUR)
+    except OSError:
+        return None
 
 
 def _check_rate(rate: int, path: str) -> None:

@@ -14,6 +14,12 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640 samples = one video frame
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
 
+# Float PCM is nominally in [-1, 1]; samples beyond this magnitude are refused.  Loud or slightly clipped audio
+# passes (the bound is 10^4 times full scale); what it stops is garbage (uninitialised buffers, int samples cast to
+# float without scaling are at most 32768 and are stopped too, 1e20 bursts) that would drive the audio features
+# non-finite and poison a session.
+MAX_FLOAT_AMPLITUDE = 1e4
+
 # accepted input dtypes; int16 is scaled by 1/32768, floats are taken as they are (nominally [-1, 1])
 _NP_FLOATS = (np.float32, np.float64)
 _TORCH_FLOATS = (torch.float32, torch.float64)
@@ -34,7 +40,8 @@ def to_mono_float(pcm, sample_rate, *, name: str = "pcm") -> torch.Tensor:
 
     Args:
         pcm: 1-D ``numpy.ndarray`` or ``torch.Tensor`` of samples. dtype int16 (scaled by 1/32768 to [-1, 1))
-            or float32/float64 (taken as given; nominally in [-1, 1], not clipped). Length 0 is allowed.
+            or float32/float64 (taken as given; nominally in [-1, 1], not clipped; ``|x| <=``
+            :data:`MAX_FLOAT_AMPLITUDE` = 1e4 required). Length 0 is allowed.
         sample_rate: int, samples per second of ``pcm`` (checked here; resampling is ``lipforcing.audio.resample``).
     Returns:
         float32 tensor of shape (len,), on the input tensor's device (CPU for numpy input). Never aliases the
@@ -43,7 +50,7 @@ def to_mono_float(pcm, sample_rate, *, name: str = "pcm") -> torch.Tensor:
         TypeError: ``pcm`` is not an array/tensor, has another dtype (int32, uint8, float16, complex, ...), or
             ``sample_rate`` is not an int.
         ValueError: ``pcm`` is not 1-D (stereo / multi-channel: mix down first, e.g. ``x.mean(axis=1)``),
-            contains NaN or inf, or ``sample_rate`` <= 0.
+            contains NaN or inf or a float sample beyond +-1e4, or ``sample_rate`` <= 0.
     """
     check_sample_rate(sample_rate)
     if isinstance(pcm, np.ndarray):
@@ -71,4 +78,18 @@ def to_mono_float(pcm, sample_rate, *, name: str = "pcm") -> torch.Tensor:
     if x.numel() and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
+    check_amplitude(x, name)
     return x
+
+
+def check_amplitude(x, name: str = "pcm") -> None:
+    """ValueError naming ``name`` when a float sample of ``x`` (tensor or array) exceeds
+    :data:`MAX_FLOAT_AMPLITUDE` in magnitude (float32 in [-1, 1] is the expected range)."""
+    if not len(x):
+        return
+    mag = x.abs() if isinstance(x, torch.Tensor) else np.abs(x)
+    peak = float(mag.max())
+    if peak > MAX_FLOAT_AMPLITUDE:
+        count = int((mag > MAX_FLOAT_AMPLITUDE).sum())
+        raise ValueError(f"{name} has {count} sample(s) beyond +-{MAX_FLOAT_AMPLITUDE:g} (largest magnitude "
+                         f"{peak:.3g}); float PCM must be in [-1, 1] (int16 samples as floats: divide by 32768)")

@@ -92,3 +92,29 @@ def test_sample_rate_value(sr):
 
 def test_numpy_int_sample_rate_ok():
     assert to_mono_float(np.zeros(10, np.float32), np.int64(16000)).shape == (10,)
+
+
+# --- hardening (issue 13): a documented amplitude bound for float PCM -------------------------------------------
+
+@pytest.mark.parametrize("kind", ["numpy32", "numpy64", "torch32", "torch64"])
+@pytest.mark.parametrize("value", [1e30, -1e20, 3.0e4, 10000.5])
+def test_float_pcm_beyond_the_bound_is_refused_naming_pcm(kind, value):
+    from lipforcing.audio.pcm import MAX_FLOAT_AMPLITUDE
+
+    x = np.random.uniform(-1, 1, 1000).astype(np.float32)
+    where = np.random.randint(0, 1000, 3)
+    x[where] = value
+    pcm = {"numpy32": x, "numpy64": x.astype(np.float64), "torch32": torch.from_numpy(x),
+           "torch64": torch.from_numpy(x).double()}[kind]
+    assert abs(value) > MAX_FLOAT_AMPLITUDE == 1e4
+    with pytest.raises(ValueError, match=r"^pcm has [1-3] sample\(s\) beyond \+-10000"):
+        to_mono_float(pcm, 16000)
+
+
+def test_loud_float_pcm_and_full_scale_int16_pass():
+    x = np.random.uniform(-1, 1, 500).astype(np.float32)
+    x[7] = 1e4                                  # the bound itself is accepted
+    x[8] = -37.5                                # clipped/loud float audio is the caller's business
+    assert torch.equal(to_mono_float(x, 16000), torch.from_numpy(x))
+    i16 = np.array([-32768, 32767, 0], dtype=np.int16)
+    assert to_mono_float(i16, 16000).abs().max() <= 1.0
