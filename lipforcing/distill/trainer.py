@@ -19,13 +19,18 @@ CPUs).  The YAML holds the fields of :class:`TrainConfig` (nested ``data:`` and 
 Per iteration k (every random draw is a function of (seed, k, global sample index), so a run resumes exactly
 and gives the same result for any number of ranks with the same global batch):
 
-* ``df``: per-chunk t from {0.999, 0.769, 0}, x_t per chunk, one block-causal pass with a random (window, sink)
-  from ``df_attention_configs``, loss 0.5 * MSE(x0_pred, x0); AdamW(1e-5, betas (0.9, 0.999)), clip 10.
-* ``sf``: when ``k % critic_updates_per_student == 0`` a student update: Self-Forcing rollout (one shared exit
-  step), SW-DMD per-sample loss, optional reward weights exp(2 LSE-C), ``mean(w * L)``; then, every iteration, a
-  critic update: a fresh no-grad rollout and the x0 denoising loss.  AdamW(2e-6, betas (0, 0.999)) for both,
-  grad clip 10 on the student.
+* ``df`` (:mod:`lipforcing.distill.stages.df`): per-chunk t from {0.999, 0.769, 0}, one block-causal pass with a
+  random (window, sink), loss 0.5 * MSE(x0_pred, x0); AdamW(betas (0.9, 0.999)), clip 10.
+* ``sf`` (:mod:`lipforcing.distill.stages.sf`): Self-Forcing rollout + SW-DMD (+ reward) student updates, 5 critic
+  updates per student update; AdamW(betas (0, 0.999)) for both, grad clip 10 on the student.
 
+Learning rates: 1e-5 (df) / 2e-6 (sf) as in the paper for the 1.3B/14B presets; 1e-4 / 2e-5 for ``tiny`` (what
+small models on the procedural world need).  This module holds the config, model building, the loop and the
+checkpoints shared by both stages; the other stages (vae, syncnet, teacher) are in :mod:`lipforcing.distill.stages`.
+
+Checkpoints are written atomically (:mod:`lipforcing.distill.checkpoint`): every file to a temporary name, fsync,
+rename; ``trainer.json`` and then the ``latest`` pointer last.  A resume refuses (``TrainConfigError``) a garbage
+``trainer.json``, an iteration < 0, truncated files and NaN/inf weights.
 Checkpoints (``output_dir/ckpt-<iteration>/``): ``student.safetensors`` (Wan-native names plus the model config in
 the metadata: loadable by ``lipforcing.load_model``), ``critic.safetensors`` (sf), ``optim_student.safetensors``,
 ``optim_critic.safetensors`` and ``trainer.json``; ``output_dir/latest`` names the newest.  Metrics go to the log
@@ -38,7 +43,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -50,7 +54,10 @@ import torch
 from lipforcing import schedule
 from lipforcing.config import ModelConfig
 from lipforcing.distill import checkpoint as ckpt
+from lipforcing.distill.distributed import dist_info, init_distributed, shard_model  # noqa: F401 (re-exported)
 from lipforcing.distill.errors import TrainConfigError
+from lipforcing.distill.stages.df import DFSteps
+from lipforcing.distill.stages.sf import SFSteps
 
 log = logging.getLogger("lipforcing.train")
 
@@ -251,57 +258,9 @@ class TrainConfig:
 
 
 def _from_dict(cls, d: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {where} fields {unknown}; known: {sorted(names)}")
-    return cls(**d)
+    from lipforcing.distill.stages.base import config_from_dict
 
-
-# --------------------------------------------------------------------------------------------------- distributed
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) without torch.distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: str = "auto") -> torch.device:
-    """Join the torchrun process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1; return this rank's
-    device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = torch.device("cuda", local) if world > 1 or device == "auto" else torch.device(device)
-        if dev.index is None:  # "cuda": set_device needs an index
-            dev = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(dev)
-        return dev
-    return torch.device("cpu")
-
-
-def shard_model(model: torch.nn.Module, *, per_block: bool = True) -> torch.nn.Module:
-    """Apply FSDP2 (``torch.distributed.fsdp.fully_shard``) to a LipSyncDiT in place.
-
-    per_block: each block is its own unit (with ``text_kv`` / ``audio_kv`` registered, because the model computes
-    those K/V outside the block's forward) and the root holds the embeddings and the head; otherwise one unit.
-    The methods the trainer calls besides ``forward`` (``init_stream`` and ``forward_chunk``, which the rollout
-    also runs with gradient at the exit step) are registered so that they gather the parameters too."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    if per_block:
-        for block in model.blocks:
-            fully_shard(block)
-            for name in ("text_kv", "audio_kv"):  # called outside the block's forward (K/V computed once)
-                register_fsdp_forward_method(block, name)
-    fully_shard(model)
-    if getattr(model, "causal", False):
-        for name in ("init_stream", "forward_chunk"):
-            register_fsdp_forward_method(model, name)
-    return model
+    return config_from_dict(cls, d, where)
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -327,7 +286,7 @@ resolve_checkpoint = ckpt.resolve_checkpoint
 
 
 # --------------------------------------------------------------------------------------------------- trainer
-class Trainer:
+class Trainer(DFSteps, SFSteps):
     """One training run (see the module docstring).
 
     Parameters
@@ -438,37 +397,6 @@ class Trainer:
             self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=clr, betas=cb,
                                                 weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
 
-    def _build_reward(self):
-        r = self.cfg.reward
-        if self.cfg.stage != "sf" or not r.enabled:
-            return None
-        from lipforcing.distill.reward import LatentRGBDecoder, SyncReward
-        from lipforcing.distill.syncnet import SyncNet
-
-        if r.decoder == "vae":
-            if not r.vae_path:
-                raise TrainConfigError("reward.decoder='vae' needs reward.vae_path (the Wan2.1 VAE weights)")
-
-            from lipforcing.distill.stages.vae import resolve_vae
-
-            vae = resolve_vae(r.vae_path, device=self.device)     # a vae run folder, checkpoint or weight file
-            vae.requires_grad_(False)
-
-            def decoder(z):
-                return vae.decode(z)
-        else:
-            decoder = LatentRGBDecoder(self.model_cfg.out_dim, scale=r.decoder_scale)
-        if r.syncnet_path:
-            from lipforcing.distill.syncnet_small import load_syncnet
-
-            p = ckpt.resolve_checkpoint(r.syncnet_path)                  # a syncnet run folder works too
-            syncnet = load_syncnet(p / "syncnet.safetensors" if p.is_dir() else p)
-        else:
-            log.warning("no reward.syncnet_path: SyncNet has random weights (tests / smoke runs only)")
-            torch.manual_seed(self.cfg.seed)
-            syncnet = SyncNet()
-        return SyncReward(decoder, syncnet.to(self.device).eval(), beta=r.beta, vshift=r.vshift, padding=r.padding)
-
     # ------------------------------------------------------------------------------------------------ randomness
     def generator(self, *tags) -> torch.Generator:
         """A CPU generator determined by (seed, tags) only: identical across ranks, runs and resumes."""
@@ -492,126 +420,6 @@ class Trainer:
         if self.cfg.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    # ------------------------------------------------------------------------------------------------ steps
-    def df_losses(self, k: int, batch: dict, *, attention=None) -> torch.Tensor:
-        """Per-sample diffusion-forcing losses of iteration k (with gradient)."""
-        from lipforcing.distill.data import batch_condition
-        from lipforcing.distill.losses import df_loss
-        from lipforcing.distill.rollout import chunk_bounds
-
-        x0, cond = batch_condition(batch, self.device)
-        B, _, Fr = x0.shape[:3]
-        bounds = chunk_bounds(Fr, self.model_cfg.chunk_frames)
-        gens = self.sample_gens(k, "df")
-        t_chunk = torch.cat([schedule.sample_chunk_timesteps(1, len(bounds), timesteps=self.cfg.timesteps,
-                                                             generator=g) for g in gens])
-        sizes = torch.tensor([b - a for a, b in bounds])
-        t = t_chunk.repeat_interleave(sizes, dim=1).to(self.device)           # (B, F)
-        eps = torch.stack([torch.randn(tuple(x0.shape[1:]), generator=g) for g in gens]).to(self.device)
-        x_t = schedule.add_noise(x0, eps, t)
-        with self.autocast():
-            v = self.student(cond.model_input(x_t), schedule.timestep_input(t), cond.context, cond.audio,
-                             attention=attention)
-        x0_pred = schedule.x0_from_velocity(x_t, v.float(), t)
-        return df_loss(x0_pred, x0)
-
-    def df_attention(self, k: int):
-        if not self.cfg.df_random_attention:
-            return None
-        configs = self.cfg.df_attention_configs
-        i = int(torch.randint(len(configs), (1,), generator=self.generator(k, "attention")))
-        return tuple(configs[i])
-
-    def df_step(self, k: int) -> dict:
-        batch = self.batch(k)
-        attention = self.df_attention(k)
-        loss = self.df_losses(k, batch, attention=attention).mean()
-        self.student_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = self._clip(self.student, self.cfg.grad_clip)
-        self.student_opt.step()
-        m = {"df_loss": loss.item(), "student_grad_norm": gnorm}
-        if attention is not None:
-            m["window"], m["sink"] = attention
-        return m
-
-    def rollout(self, k: int, cond, shape, tag: str, *, grad: bool):
-        from lipforcing.distill.rollout import draw_exit_step, self_forcing_rollout
-
-        gens = self.sample_gens(k, tag + "/noise")
-        noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gens]).to(self.device)
-        noise = noise * self.cfg.rollout_noise_scale          # the authors' training rollout starts at 0.999 eps
-        exit_step = draw_exit_step(len(self.cfg.timesteps) - 1, generator=self.generator(k, tag + "/exit"),
-                                   device=self.device)
-        with self.autocast():
-            return self_forcing_rollout(self.student, noise, cond, timesteps=self.cfg.timesteps,
-                                        exit_step=exit_step, grad=grad,
-                                        generator=self.sample_gens(k, tag + "/steps"))
-
-    def _dmd_noise(self, k: int, tag: str, shape):
-        gens = self.sample_gens(k, tag)
-        t = torch.cat([schedule.sample_dmd_timesteps(1, generator=g) for g in gens]).to(self.device)
-        t = t.clamp(max=self.cfg.max_dmd_t)                  # shift(0.999) = 0.9998: clamped as the authors do
-        eps = torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in gens]).to(self.device)
-        return t, eps
-
-    def student_update(self, k: int, batch: dict) -> dict:
-        from lipforcing.distill.data import batch_condition
-        from lipforcing.distill.losses import sw_dmd_loss, weighted_mean
-
-        x0, cond = batch_condition(batch, self.device)
-        gen, info = self.rollout(k, cond, x0.shape, "student", grad=True)
-        t, eps = self._dmd_noise(k, "dmd", x0.shape)
-        with self.autocast():
-            losses, dinfo = sw_dmd_loss(gen, self.teacher, self.critic, cond, t=t, eps=eps,
-                                        band=self.cfg.guidance_band, scale=self.cfg.guidance_scale,
-                                        inverted=self.cfg.guidance_inverted)
-        m = {"exit_step": info["exit_step"], "dmd_loss": losses.mean().item(),
-             "dmd_grad_mean_abs": dinfo["grad_norm"].mean().item(), "dmd_t_mean": t.mean().item()}
-        weights = None
-        if self.reward is not None:
-            if "waveform" not in batch:
-                raise ValueError("the reward needs a 'waveform' in every sample")
-            weights, conf = self.reward(gen, batch["waveform"])
-            m["sync_confidence"] = conf.float().mean().item()
-            m["reward_weight_mean"] = weights.float().mean().item()
-        total = weighted_mean(losses, weights)
-        self.student_opt.zero_grad(set_to_none=True)
-        total.backward()
-        m["student_grad_norm"] = self._clip(self.student, self.cfg.grad_clip)
-        self.student_opt.step()
-        self.student_opt.zero_grad(set_to_none=True)
-        m["student_loss"] = total.item()
-        return m
-
-    def critic_losses(self, k: int, batch: dict) -> torch.Tensor:
-        from lipforcing.distill.data import batch_condition
-        from lipforcing.distill.losses import critic_loss
-
-        x0, cond = batch_condition(batch, self.device)
-        with torch.no_grad():
-            gen, _ = self.rollout(k, cond, x0.shape, "critic", grad=False)
-        t, eps = self._dmd_noise(k, "critic/dsm", x0.shape)
-        with self.autocast():
-            return critic_loss(self.critic, gen, cond, t=t, eps=eps)
-
-    def critic_update(self, k: int, batch: dict) -> dict:
-        loss = self.critic_losses(k, batch).mean()
-        self.critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = self._clip(self.critic, self.cfg.critic_grad_clip)
-        self.critic_opt.step()
-        self.critic_opt.zero_grad(set_to_none=True)
-        return {"critic_loss": loss.item(), "critic_grad_norm": gnorm}
-
-    def sf_step(self, k: int) -> dict:
-        batch = self.batch(k)
-        m = {}
-        if k % self.cfg.critic_updates_per_student == 0:
-            m.update(self.student_update(k, batch))
-        m.update(self.critic_update(k, batch))
-        return m
 
     def _clip(self, model, max_norm) -> float:
         params = [p for p in model.parameters() if p.grad is not None]
