@@ -23,9 +23,12 @@ if TYPE_CHECKING:
 __all__ = ["STAGES", "ChunkJob", "ChunkRunner", "ChunkGraphs", "run_chunk_step", "forward_chunks", "eager_dit",
            "eager_write", "noise_offsets", "model_input"]
 
-STAGES = ("audio_features", "vae_encode", "dit_pass_1", "denoise_update", "dit_pass_2", "vae_decode",
-          "cache_write")
-"""Names passed to ``engine.stage(name)``, in the order a chunk runs them (``denoise_update`` twice)."""
+STAGES = ("audio_features", "face_align", "vae_encode", "dit_pass_1", "denoise_update", "dit_pass_2", "vae_decode",
+          "paste_back", "cache_write")
+"""Names passed to ``engine.stage(name)``, in the order a chunk runs them (``denoise_update`` twice).
+``face_align`` (cut the aligned crops from full reference frames) and ``paste_back`` (composite the generated
+crops into them) do nothing for references that are aligned crops already; detection and tracking run once per
+reference, when the session opens (or in ``engine.prepare``)."""
 
 
 # ------------------------------------------------------------------------------------------------------ runner
@@ -322,7 +325,8 @@ class ChunkJob:
     c, lo, hi : chunk index in the utterance and its local video frames [lo, hi); ``last``: the utterance's last
     chunk.  first_index : session index of local frame 0; n_emit : frames [lo, n_emit) are emitted (the last
     chunk's padding frames are not).  samples : new 16 kHz samples for the audio features (from ``runner.fed``);
-    frame_audio : (hi - lo) * 640 samples paired with the frames; reference : (hi - lo, H, W, 3) uint8 frames.
+    frame_audio : (hi - lo) * 640 samples paired with the frames; reference : (hi - lo, H, W, 3) uint8 frames
+    (aligned crops, or full frames whose crops ``face`` cuts; ``ref_index``: their reference frame numbers).
     reset : a new utterance starts here (the runner is reset first).  session, epoch, deadline : the scheduler's
     bookkeeping (results of an interrupted epoch are dropped; earliest deadline first); utt : its utterance.
     """
@@ -344,6 +348,8 @@ class ChunkJob:
     deadline: float
     capture_graphs: bool = False
     utt: Any = None
+    face: Any = None                    # the session's FaceReference (full-frame reference) or None
+    ref_index: Any = None               # reference frame index of each frame (with ``face``)
 
 
 def run_chunk_step(e: Engine, jobs: list[ChunkJob]) -> list[list[Frame]]:
@@ -365,8 +371,10 @@ def run_chunk_step(e: Engine, jobs: list[ChunkJob]) -> list[list[Frame]]:
                     audios.append(group_audio_frames(feats[None]))
                 else:
                     audios.append(feats.reshape(1, -1, VIDEO_FRAMES_PER_LATENT, feats.shape[-1]))
+        with e.stage("face_align"):
+            crops = [j.reference if j.face is None else j.face.crops(j.reference, j.ref_index) for j in jobs]
         with e.stage("vae_encode"):
-            ys = [j.runner.conditioning(j.reference) for j in jobs]
+            ys = [j.runner.conditioning(c) for j, c in zip(jobs, crops)]
         if e.cuda_graphs:
             for j, y, audio in zip(jobs, ys, audios):
                 if j.capture_graphs and j.runner.graphs is None:
@@ -378,15 +386,21 @@ def run_chunk_step(e: Engine, jobs: list[ChunkJob]) -> list[list[Frame]]:
                 video = j.runner.dec.decode(x0)                                  # (1, 3, n, H, W) in [-1, 1]
                 img = ((video[0].float() + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
                 images.append(img.permute(1, 2, 3, 0).contiguous().cpu().numpy())  # (n, H, W, 3)
+        with e.stage("paste_back"):
+            # only the frames that are emitted (the last chunk's padding frames are not)
+            fulls = [imgs if j.face is None else j.face.paste(j.reference[:j.n_emit - j.lo],
+                                                              imgs[:j.n_emit - j.lo], j.ref_index[:j.n_emit - j.lo])
+                     for j, imgs in zip(jobs, images)]
         with e.stage("cache_write"):
             write()
     out = []
-    for j, imgs in zip(jobs, images):
+    for j, imgs, full in zip(jobs, images, fulls):
         frames = []
         for f in range(j.lo, j.n_emit):
             index = j.first_index + f
             a = j.frame_audio[(f - j.lo) * SAMPLES_PER_FRAME:(f - j.lo + 1) * SAMPLES_PER_FRAME].copy()
-            frames.append(Frame(index=index, pts=index / FPS, image=imgs[f - j.lo], audio=a, chunk_id=j.chunk_id))
+            frames.append(Frame(index=index, pts=index / FPS, image=full[f - j.lo], audio=a, chunk_id=j.chunk_id,
+                                face=imgs[f - j.lo]))
         out.append(frames)
     return out
 

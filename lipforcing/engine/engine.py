@@ -240,7 +240,9 @@ class Engine:
         text : prompt embedding (1, L, text_dim) tensor or file; default: random (seeded) for random weights,
             zeros (1, 512, text_dim) with a warning for a checkpoint.
         resolution : face-crop size, int or (H, W), multiple of 16 (default 512; 32 for the tiny preset).
-        mask : custom (H, W) mouth mask (bool or float, 1 = generate); default :func:`lipforcing.face.mouth_mask`.
+        mask : custom (H, W) mouth mask (bool or float, 1 = generate), or the path of a mask image in LatentSync's
+            ``mask.png`` convention (white = keep, black = regenerate; any size with the crop's aspect ratio);
+            default :func:`lipforcing.face.mouth_mask`.
         cuda_graphs : capture the DiT passes and updates of the chunk step as CUDA graphs (per session, at its
             first chunk) and replay them (CUDA only, ``rope_mode="dynamic"``).
         vae_frames_per_step / vae_latents_per_step : VAE streaming step sizes (default: a whole chunk per call).
@@ -302,6 +304,8 @@ class Engine:
                    backend=backend, decoder=dec_obj, max_batch=max_batch, max_sessions=max_sessions)
 
     def _check_mask(self, mask) -> torch.Tensor:
+        if isinstance(mask, (str, os.PathLike)):       # a mask image, LatentSync's convention (white = keep)
+            return face.load_mask(mask, self.resolution)
         if isinstance(mask, np.ndarray):
             mask = torch.from_numpy(mask)
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != self.resolution:
@@ -356,16 +360,38 @@ class Engine:
 
     # -------------------------------------------------------------------------------------------------- sessions
     def session(self, reference, *, sample_rate: int = SAMPLE_RATE, seed: int = 0,
-                max_buffer_seconds: float = 60.0) -> "Session":
-        """Open a stream.  ``reference``: aligned face crops (N, H, W, 3) uint8 (numpy or torch; one (H, W, 3)
-        frame is a still image) at the engine's resolution, or a path to a video of them (PyAV).
+                max_buffer_seconds: float = 60.0, aligned: bool | None = None, face_index: int | None = None,
+                box=None, region: str = "mouth") -> "Session":
+        """Open a stream.  ``reference``: video frames (N, H, W, 3) uint8 (numpy or torch; one (H, W, 3) frame is a
+        still image) of any size, a path to a video (PyAV), or what :meth:`prepare` returned or wrote.  Frames
+        at the engine's resolution are taken as aligned face crops (``aligned=True`` insists, ``False``
+        detects anyway); other frames go through the face stage (:mod:`lipforcing.engine.reference`): the face
+        (the largest, or ``face_index`` / the one overlapping ``box`` (x0, y0, x1, y1)) is tracked and aligned,
+        and each ``Frame.image`` is the full frame with the generated ``region`` (``"mouth"`` or ``"face"``)
+        pasted back, ``Frame.face`` the generated crop.  A clip without a usable face raises
+        :class:`lipforcing.face.FaceError` here, before any generation.
         ``sample_rate``: rate of the pushed audio (int; resampled to 16 kHz).  ``seed``: noise seed.
         ``max_buffer_seconds``: most audio a session buffers before ``push_audio`` refuses more (BufferError).
         Raises :class:`~lipforcing.engine.AdmissionError` when ``max_sessions`` says the engine is full."""
+        from lipforcing.engine.reference import prepare_reference
         from lipforcing.engine.session import Session
 
         self.scheduler.admit()
-        return Session(self, reference, sample_rate=sample_rate, seed=seed, max_buffer_seconds=max_buffer_seconds)
+        ref = prepare_reference(self, reference, aligned=aligned, face_index=face_index, box=box, region=region)
+        return Session(self, ref, sample_rate=sample_rate, seed=seed, max_buffer_seconds=max_buffer_seconds)
+
+    def prepare(self, reference, path=None, *, aligned: bool | None = None, face_index: int | None = None, box=None,
+                region: str = "mouth"):
+        """Run the face stage of a reference once (detection, tracking, transforms) and return it (a
+        :class:`~lipforcing.engine.reference.Reference` that :meth:`session` takes); with ``path``, also write it
+        there (safetensors) so that ``engine.session(path)`` later skips detection.  Arguments as in
+        :meth:`session`."""
+        from lipforcing.engine.reference import prepare_reference, save_reference
+
+        ref = prepare_reference(self, reference, aligned=aligned, face_index=face_index, box=box, region=region)
+        if path is not None:
+            save_reference(ref, path)
+        return ref
 
     def close(self) -> None:
         """Close every open session and stop the scheduler's worker thread (joined).  Idempotent."""
@@ -384,7 +410,8 @@ class Engine:
         sizes, real-time capacity): see :meth:`Scheduler.stats`."""
         return self.scheduler.stats()
 
-    def _reference_frames(self, reference) -> torch.Tensor:
+    def _reference_frames(self, reference, *, aligned: bool = True) -> torch.Tensor:
+        """Read and check reference frames; ``aligned``: they must be crops at the engine's resolution."""
         if isinstance(reference, (str, os.PathLike)):
             from lipforcing.media import read_video
 
@@ -410,7 +437,7 @@ class Engine:
                              f"{tuple(reference.shape)}")
         if reference.shape[0] == 0:
             raise ValueError("reference has no frames")
-        if tuple(reference.shape[1:3]) != (H, W):
+        if aligned and tuple(reference.shape[1:3]) != (H, W):
             raise ValueError(f"reference frames must be {H}x{W} aligned face crops (this engine's resolution), got "
                              f"{reference.shape[1]}x{reference.shape[2]}; resize/crop them, or load the engine with "
                              f"resolution=... to match")

@@ -16,10 +16,13 @@ class Frame:
 
     index : frame number in the session (0, 1, 2, ... over the frames delivered; never skipped).
     pts : presentation time in seconds on the audio clock, ``index / 25``.
-    image : (H, W, 3) uint8 RGB numpy array (the generated face crop).
+    image : (H, W, 3) uint8 RGB numpy array: the output video frame.  For a full-frame reference, the reference
+        frame at full resolution with the generated region pasted back; for aligned crops, the generated crop.
     audio : (640,) float32 numpy array: the 16 kHz samples this frame covers (zero-padded after the end of an
         utterance), so a host can keep audio and video paired.
     chunk_id : the model step that produced it (counts chunks over the whole session).
+    face : (h, w, 3) uint8 RGB numpy array: the aligned crop the model generated (the same array as ``image``
+        for aligned-crop references).
     """
 
     index: int
@@ -27,6 +30,7 @@ class Frame:
     image: np.ndarray
     audio: np.ndarray
     chunk_id: int
+    face: np.ndarray | None = None
 
 
 class PcmBuffer:

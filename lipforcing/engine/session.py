@@ -23,6 +23,7 @@ from lipforcing.audio.pcm import (FPS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_
 from lipforcing.engine.chunk_step import ChunkJob, ChunkRunner
 from lipforcing.engine.engine import Engine, check_seed
 from lipforcing.engine.frame import Frame, PcmBuffer, Utterance, chunk_span, chunks_for
+from lipforcing.engine.reference import prepare_reference
 
 __all__ = ["Session"]
 
@@ -50,7 +51,9 @@ class Session:
         min_buffer = (engine.first_chunk_frames + engine.chunk_frames) * SAMPLES_PER_FRAME + engine.lookahead_samples
         self.max_buffer_samples = max(int(max_buffer_seconds * SAMPLE_RATE), min_buffer)
         self.max_ready_frames = max(int(_READY_SECONDS * FPS), engine.first_chunk_frames + engine.chunk_frames)
-        self.reference = engine._reference_frames(reference)
+        ref = prepare_reference(engine, reference)  # full frames: face track (Reference objects pass through)
+        self.reference = ref.frames                  # (N, H, W, 3) uint8: the crops, or the full frames
+        self.face = ref.face                         # None for aligned crops, else the face stage (reference.py)
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._resampler = None
@@ -427,7 +430,8 @@ class Session:
             job = ChunkJob(session=self, runner=runner, c=c, lo=lo, hi=hi, last=last, first_index=utt.first_index,
                            n_emit=hi if utt.num_frames is None else min(hi, utt.num_frames),
                            chunk_id=self._chunk_id, samples=samples, frame_audio=frame_audio,
-                           reference=self.reference[idx], reset=reset, epoch=self._epoch,
+                           reference=self.reference[idx], face=self.face, ref_index=idx, reset=reset,
+                           epoch=self._epoch,
                            deadline=utt.t_start + lo / FPS, capture_graphs=e.cuda_graphs and self._chunk_id > 0,
                            utt=utt)
             self._chunk_id += 1

@@ -262,11 +262,11 @@ def test_stage_hook(engine):
         assert len(drain(s)) == 9
     finally:
         del engine.stage                               # back to the built-in no-op
-    assert names == ["audio_features", "vae_encode", "dit_pass_1", "denoise_update", "dit_pass_2",
-                     "denoise_update", "vae_decode", "cache_write"]
+    assert names == ["audio_features", "face_align", "vae_encode", "dit_pass_1", "denoise_update", "dit_pass_2",
+                     "denoise_update", "vae_decode", "paste_back", "cache_write"]   # face stages: no-ops for crops
     assert set(names) == set(STAGES)
     drain(s)
-    assert len(names) == 8
+    assert len(names) == 10
 
 
 def test_engine_facts_and_options():
