@@ -29,21 +29,12 @@ constant, so only the chunk's keys get dk, dv).  With RoPE the gradients w.r.t. 
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from lipforcing.kernels._attention_common import (LOG2E, _online_softmax_step, _rope_rotate, block_d, interpreting,
-                                                  launch_config, torch_to_dot_precision)
-
-_LN2 = 0.6931471805599453
-
-
-def device_guard(t: torch.Tensor):
-    """Make ``t``'s GPU the current device while launching (Triton launches on the current device/stream)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+from lipforcing.kernels._attention_common import (LOG2E, _online_softmax_step, _rope_rotate, block_d, device_guard,
+                                                  interpreting, launch_config, torch_to_dot_precision)
 
 
 @triton.jit

@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from lipforcing.kernels._attention_common import device_guard
+
 # Tuning: a memory-bound elementwise op.  4096 elements per program and 8 warps gives 16 elements per thread
 # (4 x 16-byte vectors for fp32), enough in flight to saturate HBM while the Philox math hides behind loads.
 BLOCK = 4096
@@ -184,15 +186,16 @@ def denoise_update_triton(x_t, flow, t, t_value, t_next, t_next_value, noise, se
         noise_mode = _NOISE_PHILOX
     # Unused pointer slots get x_t (never dereferenced: the constexpr mode removes the load).
     grid = (triton.cdiv(numel, BLOCK),)
-    _denoise_update_kernel[grid](
-        x_t, flow, noise if noise is not None else x_t, x0_out, x_next_out,
-        t if t is not None else x_t, float(t_value),
-        t_next if t_next is not None else x_t, float(t_next_value), float(1.0 - t_next_value),
-        seed if seed is not None else x_t, int(seed_value),
-        offset if offset is not None else x_t, int(offset_value),
-        numel, per_sample,
-        T_MODE=t_mode, TN_MODE=tn_mode, NOISE_MODE=noise_mode,
-        SEED_PTR=seed is not None, OFFSET_PTR=offset is not None,
-        INT64=numel + BLOCK >= 2**31, LIBDEVICE=not _interpreting(), BLOCK=BLOCK,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
-    )
+    with device_guard(x_t):  # launch on x_t's GPU (and its current stream), not the current device's
+        _denoise_update_kernel[grid](
+            x_t, flow, noise if noise is not None else x_t, x0_out, x_next_out,
+            t if t is not None else x_t, float(t_value),
+            t_next if t_next is not None else x_t, float(t_next_value), float(1.0 - t_next_value),
+            seed if seed is not None else x_t, int(seed_value),
+            offset if offset is not None else x_t, int(offset_value),
+            numel, per_sample,
+            T_MODE=t_mode, TN_MODE=tn_mode, NOISE_MODE=noise_mode,
+            SEED_PTR=seed is not None, OFFSET_PTR=offset is not None,
+            INT64=numel + BLOCK >= 2**31, LIBDEVICE=not _interpreting(), BLOCK=BLOCK,
+            num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )

@@ -264,3 +264,25 @@ def test_dense_staging_of_the_library_backends(use_rope):
             torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
         cache.pos.add_(chunk)  # _prepare leaves pos to the backend
         assert torch.equal(cache.k, ref_cache.k)
+
+
+def test_device_guard_entered_by_denoise_update(monkeypatch):
+    """denoise_update's Triton launcher runs under device_guard(x_t) as well (issue 16)."""
+    import contextlib
+
+    import lipforcing.kernels.denoise_update as mod
+    from lipforcing.ops import denoise_update
+
+    seen = []
+
+    @contextlib.contextmanager
+    def guard(t):
+        seen.append(t.device)
+        yield
+
+    monkeypatch.setattr(mod, "device_guard", guard)
+    x = torch.randn(2, 3, 5, device=DEVICE)
+    flow = torch.randn_like(x)
+    x0, _ = denoise_update(x, flow, 0.5, 0.0, backend="triton")
+    assert seen == [x.device]
+    torch.testing.assert_close(x0, x - 0.5 * flow)

@@ -16,8 +16,8 @@ struct ChunkAttnParams {
   const void* q = nullptr;        // (B, n, H, D) current chunk queries
   const void* k = nullptr;        // (B, n, H, D) current chunk keys (un-rotated when rope tables are given)
   const void* v = nullptr;        // (B, n, H, D)
-  void* k_cache = nullptr;        // (B, sink + ring, H, D), read in place; written when `write`
-  void* v_cache = nullptr;        // (B, sink + ring, H, D)
+  void* k_cache = nullptr;        // (B, sink + window, H, D) (RollingKVCache), read in place; written when `write`
+  void* v_cache = nullptr;        // (B, sink + window, H, D)
   int64_t* pos = nullptr;         // (1,) device int64: tokens already written; advanced by n when `write`
   void* out = nullptr;            // (B, n, H, D)
   const float* rope_cos = nullptr;  // (P, D/2) float32 Wan 3-D RoPE tables, or nullptr for no rotation
@@ -29,7 +29,7 @@ struct ChunkAttnParams {
   int64_t vc_stride[3] = {0, 0, 0};
   int64_t out_stride[3] = {0, 0, 0};
   int batch = 0, n = 0, heads = 0, head_dim = 0;
-  int chunk_size = 0, window = 0, sink = 0, ring = 0;  // ring = window - chunk_size
+  int chunk_size = 0, window = 0, sink = 0, ring = 0;  // ring: ignored, the launcher uses ring = window
   int grid_h = 1, grid_w = 1;     // RoPE frame grid (tokens per frame = grid_h * grid_w)
   float scale = 1.0f;             // softmax scale
   DType dtype = DType::kFloat16;  // kFloat16 or kBFloat16
