@@ -9,8 +9,8 @@ face, resized to ``frame_size``.  Its weight file carries its config in the meta
 
 Sizes (width w): audio 1 -> w -> 2w -> 4w convolutions (3 x 3, the last two strided) and global average pooling;
 lips a 5-frame 3-D convolution (5 x 5 x 5, stride 2 in space) then 2w -> 4w strided 2-D convolutions and global
-pooling; each followed by Linear(4w, 4w) - ReLU - Linear(4w, embed_dim).  Defaults (48 px, w = 32, 128-d):
-about 0.2 M parameters.
+pooling to a 3 x 3 grid (the mouth's position survives); each followed by Linear(., 4w) - ReLU - Linear(4w,
+embed_dim).  Defaults (48 px, w = 32, 128-d): about 0.9 M parameters.
 """
 from __future__ import annotations
 
@@ -46,14 +46,14 @@ class SmallSyncNet(SyncNet):
             *_block(c2(1, w, 3, padding=1), b2(w)),
             *_block(c2(w, 2 * w, 3, stride=(1, 2), padding=1), b2(2 * w)),
             *_block(c2(2 * w, 4 * w, 3, stride=2, padding=1), b2(4 * w)),
-            nn.AdaptiveAvgPool2d(1))
+            nn.AdaptiveAvgPool2d(1))                                    # (4w, 1, 1)
         self.netcnnlip = nn.Sequential(
             *_block(c3(3, w, (SYNCNET_WINDOW, 5, 5), stride=(1, 2, 2), padding=(0, 2, 2)), b3(w)),
             *_block(c3(w, 2 * w, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), b3(2 * w)),
             *_block(c3(2 * w, 4 * w, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), b3(4 * w)),
-            nn.AdaptiveAvgPool3d(1))
+            nn.AdaptiveAvgPool3d((1, 3, 3)))                            # (4w, 1, 3, 3): keeps where the mouth is
         self.netfcaud = nn.Sequential(nn.Linear(4 * w, 4 * w), nn.ReLU(), nn.Linear(4 * w, embed_dim))
-        self.netfclip = nn.Sequential(nn.Linear(4 * w, 4 * w), nn.ReLU(), nn.Linear(4 * w, embed_dim))
+        self.netfclip = nn.Sequential(nn.Linear(36 * w, 4 * w), nn.ReLU(), nn.Linear(4 * w, embed_dim))
 
     def config(self) -> dict:
         return {"frame_size": self.frame_size, "width": self.width, "embed_dim": self.embed_dim,

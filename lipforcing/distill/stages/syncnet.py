@@ -26,7 +26,7 @@ __all__ = ["SyncNetStageConfig", "SyncNetStage", "syncnet_pairs"]
 @dataclass
 class SyncNetStageConfig(StageConfig):
     stage: str = "syncnet"
-    lr: float = 1e-3
+    lr: float = 5e-4
     weight_decay: float = 1e-4
     frame_size: int = 48
     width: int = 32

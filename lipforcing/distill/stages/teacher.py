@@ -8,6 +8,10 @@ dropout for classifier-free guidance: with probability ``text_dropout`` the prom
 (``neg_text``), with ``audio_dropout`` the audio becomes zeros (the CFG negative of the sampler is both at once,
 drawn with ``joint_dropout``).  Sample with :func:`lipforcing.model.teacher.sample` (50 shifted Euler steps, CFG).
 
+Every ``probe_every`` iterations, :meth:`TeacherStage.audio_probe` measures how much the model uses the audio
+(velocity MSE with the true audio vs zero audio on fixed samples): the metric to compare audio paths (``"add"`` vs
+``"cross_attn"``, depth) at tiny scale.
+
 Output: ``teacher.safetensors`` in each checkpoint (Wan-native names, the model config in the metadata; the
 ``teacher_path`` of the df/sf stages takes the run folder).  Metrics: ``loss`` (weighted), ``mse``.
 """
@@ -20,7 +24,7 @@ import torch
 
 from lipforcing import schedule
 from lipforcing.distill.errors import TrainConfigError
-from lipforcing.distill.stages.base import Stage, StageConfig, check_positive_number
+from lipforcing.distill.stages.base import Stage, StageConfig, check_int, check_positive_number
 
 __all__ = ["TeacherStageConfig", "TeacherStage", "flow_matching_loss"]
 
@@ -39,6 +43,7 @@ class TeacherStageConfig(StageConfig):
     mouth_weight: float = 2.0
     shift: float = schedule.SHIFT
     init: str | None = None
+    probe_every: int = 50
     output_dir: str = "runs/teacher"
 
     def __post_init__(self):
@@ -49,6 +54,7 @@ class TeacherStageConfig(StageConfig):
                 raise TrainConfigError(f"{name} must be a probability in [0, 1], got {v!r}")
         check_positive_number("mouth_weight", self.mouth_weight)
         check_positive_number("shift", self.shift)
+        check_int("probe_every", self.probe_every, minimum=0)
         self.model_config()
         self.data_config()
 
@@ -132,8 +138,32 @@ class TeacherStage(Stage):
         weighted, mse = flow_matching_loss(self.model, x0, cond, t, eps, mouth_weight=c.mouth_weight)
         loss = weighted.mean()
         gnorm = self.clip_and_step("teacher", loss)
-        return {"loss": loss.item(), "mse": float(mse.detach().mean()), "grad_norm": gnorm,
-                "t_mean": float(t.mean())}
+        m = {"loss": loss.item(), "mse": float(mse.detach().mean()), "grad_norm": gnorm, "t_mean": float(t.mean())}
+        if c.probe_every and k % c.probe_every == 0:
+            m.update(self.audio_probe())
+        return m
+
+    @torch.no_grad()
+    def audio_probe(self, samples: int = 4) -> dict:
+        """How much the model uses the audio: the velocity MSE on fixed samples (fixed t, noise) with the true
+        audio and with zero audio; ``audio_gain`` = the difference (> 0: the audio helps)."""
+        from lipforcing.distill.data import batch_condition, collate
+        from lipforcing.model.teacher import Condition
+
+        n = min(samples, len(self.dataset))
+        x0, cond = batch_condition(collate([self.dataset[i] for i in range(n)]), self.device)
+        if cond.audio is None:
+            return {}
+        g = self.generator("probe")
+        t = torch.linspace(0.3, 0.9, n).to(self.device)
+        eps = torch.randn(x0.shape, generator=g).to(self.device)
+        self.model.eval()
+        with_audio = flow_matching_loss(self.model, x0, cond, t, eps)[1].mean()
+        silent = Condition(y=cond.y, context=cond.context, audio=torch.zeros_like(cond.audio))
+        without = flow_matching_loss(self.model, x0, silent, t, eps)[1].mean()
+        self.model.train()
+        return {"probe_mse": float(with_audio), "probe_mse_no_audio": float(without),
+                "audio_gain": float(without - with_audio)}
 
     def weight_metadata(self, name: str) -> dict:
         from lipforcing.model.loading import CONFIG_METADATA_KEY
