@@ -17,7 +17,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1        # the command ran but did not succeed (e.g. bench --compare found no common rows)
 EXIT_USAGE = 2          # bad input: a one-line error (argparse uses 2 as well)
 
-SUBCOMMANDS = ("demo", "sync", "profile", "bench", "train", "data", "eval")
+SUBCOMMANDS = ("demo", "sync", "profile", "bench", "train", "data", "eval", "serve")
 
 
 class UserError(Exception):

@@ -18,7 +18,9 @@ steps (a chunk of 12 frames lasts 480 ms of audio; 20 % headroom); ``max_session
 """
 from __future__ import annotations
 
+import atexit
 import collections
+import contextlib
 import itertools
 import logging
 import threading
@@ -36,6 +38,15 @@ __all__ = ["Scheduler", "AdmissionError"]
 
 _HEADROOM = 0.8          # admit sessions up to 80 % of the real-time budget
 _IDLE_POLL_S = 0.5       # the worker re-checks for closed / collected sessions this often when idle
+_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_workers() -> None:
+    # A daemon thread killed inside a torch kernel at interpreter exit aborts the process ("terminate called
+    # without an active exception"): stop every worker after its step in flight, before finalisation.
+    for sched in list(_LIVE):
+        sched.close(timeout=30.0)
 
 
 class AdmissionError(RuntimeError):
@@ -46,20 +57,14 @@ class Scheduler:
     """The worker of one engine.  ``max_batch``: most sessions per chunk step (1 = no batching)."""
 
     def __init__(self, engine, *, max_batch: int = 8, max_sessions=None):
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
-        if not (max_sessions is None or max_sessions == "auto"
-                or (isinstance(max_sessions, int) and not isinstance(max_sessions, bool) and max_sessions >= 1)):
-            raise ValueError(f"max_sessions must be None (no limit), 'auto' (the measured real-time capacity) or "
-                             f"a positive int, got {max_sessions!r}")
         self.engine = engine
-        self.max_batch = max_batch
-        self.max_sessions = max_sessions
+        self.configure(max_batch=max_batch, max_sessions=max_sessions)
         self._cond = threading.Condition()
         self._sessions: weakref.WeakSet = weakref.WeakSet()
         self._thread: threading.Thread | None = None
         self._wake = False
         self._closed = False
+        self._paused = 0
         self._seq = itertools.count()
         # measurements (under _cond)
         self.steps = 0
@@ -68,6 +73,21 @@ class Scheduler:
         self._step_s: dict[int, float] = {}              # EMA of the step time per batch size
         self._latency = collections.deque(maxlen=2048)   # per chunk: seconds from audio ready to frames ready
         self._step_times = collections.deque(maxlen=2048)
+        _LIVE.add(self)
+
+    def configure(self, *, max_batch: int | None = None, max_sessions="keep") -> None:
+        """Change ``max_batch`` and/or ``max_sessions`` (see :meth:`Engine.load`); takes effect at the next step."""
+        if max_batch is not None:
+            if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+                raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+            self.max_batch = max_batch
+        if max_sessions != "keep":
+            if not (max_sessions is None or max_sessions == "auto" or (isinstance(max_sessions, int)
+                                                                      and not isinstance(max_sessions, bool)
+                                                                      and max_sessions >= 1)):
+                raise ValueError(f"max_sessions must be None (no limit), 'auto' (the measured real-time capacity) "
+                                 f"or a positive int, got {max_sessions!r}")
+            self.max_sessions = max_sessions
 
     # ----------------------------------------------------------------------------------------------- sessions
     def register(self, session) -> None:
@@ -98,6 +118,19 @@ class Scheduler:
                 self._thread.start()
             self._cond.notify_all()
 
+    @contextlib.contextmanager
+    def paused(self):
+        """``with engine.scheduler.paused():`` no new chunk step starts inside the block (the one in flight
+        finishes); on exit the chunks that became ready meanwhile are scheduled together (batched)."""
+        with self._cond:
+            self._paused += 1
+        try:
+            yield self
+        finally:
+            with self._cond:
+                self._paused -= 1
+            self.notify()
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the worker (after the chunk step in flight) and refuse new sessions."""
         with self._cond:
@@ -125,7 +158,8 @@ class Scheduler:
                     self._thread = None
                     return
                 self._wake = False
-            jobs = self._collect()
+                paused = self._paused > 0
+            jobs = [] if paused else self._collect()
             if jobs:
                 self._execute(jobs)
                 continue
@@ -133,7 +167,7 @@ class Scheduler:
                 if self._closed:
                     self._thread = None
                     return
-                if not self._wake:
+                if not self._wake or self._paused:
                     if not any(not s.closed for s in self._sessions):
                         self._thread = None          # nothing open: end; the next session starts a new worker
                         return

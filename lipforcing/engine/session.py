@@ -345,21 +345,36 @@ class Session:
                     fut.cancel()
 
     async def apush_audio(self, pcm, *, sample_rate: int | None = None, timeout: float | None = None) -> None:
-        """``await session.apush_audio(pcm)``: :meth:`push_audio` that waits (without blocking the loop) while the
-        buffer is full (BufferError after ``timeout`` seconds, if given) instead of raising at once.  Frames
-        must be taken meanwhile (e.g. by an ``aframes()`` task), or the buffer never drains."""
+        """``await session.apush_audio(pcm)``: :meth:`push_audio` that waits (without blocking the event loop)
+        while the buffer is full, pushing as much as fits at a time, instead of raising; BufferError only after
+        ``timeout`` seconds, if given.  Frames must be taken meanwhile (e.g. by an ``aframes()`` task), or the
+        buffer never drains.  Same frames as one ``push_audio`` of the whole piece."""
+        with self._lock:
+            self._check_open()
+            if sample_rate is not None and check_sample_rate(sample_rate) != self.sample_rate:
+                raise ValueError(f"sample_rate={sample_rate} differs from the session's {self.sample_rate} Hz; "
+                                 "open a new session for another rate")
+        x = to_mono_float(pcm, self.sample_rate)            # validated once; the pieces are float32 slices of it
+        if x.device.type != "cpu":
+            x = x.cpu()
         loop = asyncio.get_running_loop()
         end = None if timeout is None else loop.time() + timeout
-        while True:
+        pos = 0
+        while pos < x.numel():
             fut = loop.create_future()
             with self._lock:
-                try:
-                    self.push_audio(pcm, sample_rate=sample_rate)
-                    return
-                except BufferError:
-                    if end is not None and loop.time() >= end:
-                        raise
-                    self._waiters.append((loop, fut))
+                self._check_open()
+                free = self.max_buffer_samples - self.buffered_samples        # 16 kHz samples
+                fit = free if self._resampler is None else (free * self.sample_rate) // SAMPLE_RATE - 1
+                n = min(x.numel() - pos, max(0, fit))
+                if n > 0:
+                    self.push_audio(x[pos:pos + n])
+                    pos += n
+                    continue
+                if end is not None and loop.time() >= end:
+                    raise BufferError(f"the session's buffer stayed full for {timeout:g} s (max_buffer_seconds="
+                                      f"{self.max_buffer_samples / SAMPLE_RATE:g}): take its frames")
+                self._waiters.append((loop, fut))
             try:
                 if end is None:
                     await fut

@@ -8,10 +8,14 @@ from tests.stream.helpers import RES, SMALL_VAE, small_config
 @pytest.fixture(scope="session")
 def engine():
     """The tiny preset (random weights, tiny VAE, mel front end) at 16x16."""
-    return lipforcing.Engine.load(model="tiny", resolution=RES, seed=0, backend="reference")
+    e = lipforcing.Engine.load(model="tiny", resolution=RES, seed=0, backend="reference")
+    yield e
+    e.close()          # stops its scheduler thread
 
 
 @pytest.fixture(scope="session")
 def small_engine():
     """An even smaller engine for long streams."""
-    return lipforcing.Engine.load(model=small_config(), vae=SMALL_VAE, resolution=RES, seed=1, backend="reference")
+    e = lipforcing.Engine.load(model=small_config(), vae=SMALL_VAE, resolution=RES, seed=1, backend="reference")
+    yield e
+    e.close()
