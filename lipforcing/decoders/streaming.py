@@ -12,8 +12,9 @@ and then overwritten in place, so its storage never changes while a stream runs 
 a CUDA graph once warmed up; nothing here reads tensor values on the host).  At 512x512 it is about 22 M values.
 
 The output equals :meth:`TAEHV.decode_video` of the whole clip for any split of the latents into calls
-(bit-equal in fp32 when the convolution is batch-invariant, as PyTorch's own CPU convolution is; oneDNN and cuDNN
-pick algorithms by batch size, which changes the last bits).
+(bit-equal in fp32 when the convolution is batch-invariant, as PyTorch's own CPU convolution is: oneDNN, NNPACK and
+cuDNN pick algorithms by batch size, which changes the last bits; ``torch.backends.mkldnn.flags(enabled=False)`` and
+``torch.backends.nnpack.flags(enabled=False)`` give the exact path on the CPU).
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ class TAEHVStreamDecoder:
     ``normalize=True`` (default) they are in the DiT's normalised space and are mapped back to raw latents first
     with ``z * std + mean`` (Wan 2.1's statistics unless ``latents_mean``/``latents_std`` are given): TAEHV itself
     takes **raw** latents, unlike the Wan VAE's ``decode(normalize=True)``.  ``normalize=False``: raw latents in.
-    Returns frames (B, 3, F, s*h, s*w) (s = the spatial factor, 8 for taew2_1) in [-1, 1] (TAEHV's [0, 1] pixels mapped with ``2p - 1``) in the model's
-    dtype, F = 1 + 4(n - 1) on the first call of a clip and 4n afterwards.
+    Returns frames (B, 3, F, s*h, s*w) (s = the spatial factor, 8 for taew2_1) in [-1, 1] (TAEHV's [0, 1] pixels
+    mapped with ``2p - 1``) in the model's dtype, F = 1 + 4(n - 1) on the first call of a clip and 4n afterwards.
 
     latents_per_step : latent frames per internal decoder pass (default: all of a call in one pass, the fastest
         on a GPU; 1 = strictly one latent at a time).  Results do not depend on it (see the module notes).

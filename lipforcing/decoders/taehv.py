@@ -349,8 +349,8 @@ class TAEHV(nn.Module):
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """Encode a clip: frames (N, T, 3, H, W) in [0, 1], H and W multiples of the spatial factor s (8), T = 4k
         (-> k latents) or 1 + 4k (frame 0 is repeated 3 times first, mirroring the 3 frames the decoder drops ->
-        1 + k latents).  Returns raw latents (N, T', C_lat, H/s, W/s).  (The engine encodes with the Wan VAE; this is here so the
-        whole checkpoint is usable.)"""
+        1 + k latents).  Returns raw latents (N, T', C_lat, H/s, W/s).  (The engine encodes with the Wan VAE;
+        this is here so the whole checkpoint is usable.)"""
         if not isinstance(frames, torch.Tensor) or frames.dim() != 5 or frames.shape[2] != 3:
             got = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
             raise ValueError(f"frames must be (N, T, 3, H, W) in [0, 1], got {got}")
