@@ -102,3 +102,30 @@ def test_new_stages_resume_exactly(tmp_path, stage):
     for name in a.models:
         sa, sb = a.models[name][0].state_dict(), b2.models[name][0].state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), f"{stage}: resumed weights differ"
+
+
+def test_exported_vae_carries_its_latent_statistics(tmp_path):
+    """vae.safetensors = the trained VAE with the measured mean/std folded in: the stock loader (and the engine)
+    normalise with them, and reconstructions are unchanged."""
+    from safetensors import safe_open
+
+    import lipforcing
+    from lipforcing.distill.stages.base import config_from_yaml
+    from lipforcing.distill.stages.vae import VAEStage, VAEStageConfig, world_video_batch
+
+    st = VAEStage(config_from_yaml(VAEStageConfig, _config(tmp_path, "vae")))
+    st.train()
+    f = tmp_path / "vae" / "ckpt-000002" / "vae.safetensors"
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    mean, std = (torch.tensor(json.loads(meta[k])) for k in ("measured_latents_mean", "measured_latents_std"))
+    video, _ = world_video_batch([int(torch.randint(0, 10_000, ()))], 5, 32, "synthetic")
+    raw = st.vae.eval()
+    exported = lipforcing.load_vae(str(f))
+    mu = raw.encode(video, normalize=False)
+    torch.testing.assert_close(exported.encode(video, normalize=True), (mu - mean.view(1, -1, 1, 1, 1))
+                               / std.view(1, -1, 1, 1, 1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(exported.decode(exported.encode(video)), raw.decode(mu, normalize=False),
+                               rtol=1e-4, atol=1e-4)
+    eng = lipforcing.Engine.load(vae=str(f), resolution=32)
+    assert eng.vae.config.dim_mult == (1, 2, 2) and eng.vae.temporal_factor == 4
