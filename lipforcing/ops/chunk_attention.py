@@ -33,6 +33,8 @@ _IMPLS = {
     "flash_attn": Impl("lipforcing.ops.chunk_attention_dense", "chunk_attention_flash_attn"),
     "cudnn": Impl("lipforcing.ops.chunk_attention_dense", "chunk_attention_cudnn"),
 }
+# Forward backends that leave the log-sum-exp a flash-style backward needs (auto takes these when autograd records).
+_GRAD_IMPLS = {name: _IMPLS[name] for name in ("triton", "reference")}
 _BWD = {
     "reference": Impl(__name__, "_backward_reference"),
     "triton": Impl("lipforcing.kernels.chunk_attention", "chunk_attention_backward_triton"),
@@ -271,7 +273,13 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Ro
     gh, gw = rope.grid if rope is not None else (0, 0)
     args = (q, k, v, cache.k, cache.v, cache.pos, cache.chunk_size, cache.window, cache.sink, write, scale, cos, sin,
             gh, gw)
-    name = _dispatch.resolve("chunk_attention", _IMPLS, backend, q.device, args, {})
+    recorded = not write and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if recorded and _dispatch.requested_backend(backend) == "auto":
+        # the Triton forward saves the LSE for the Triton backward (the other fast backends would leave the
+        # fp32 reference backward, whose score matrix does not fit at 14B)
+        name = _dispatch.resolve("chunk_attention (with autograd)", _GRAD_IMPLS, backend, q.device, args, {})
+    else:
+        name = _dispatch.resolve("chunk_attention", _IMPLS, backend, q.device, args, {})
     if write:
         out = _op(*args, name)
         cache.writes += 1

@@ -464,3 +464,26 @@ def test_library_backends_need_cuda(backend):
         ops.chunk_attention(x, x, x, cache, write=False, backend=backend)
     with pytest.raises(ops.BackendUnavailable, match="no flash_attn implementation"):
         ops.block_causal_attention(x, x, x, chunk_size=4, backend="flash_attn")
+
+
+def test_auto_with_autograd_prefers_a_forward_that_saves_the_lse(monkeypatch):
+    """When autograd records a write=False step, auto picks among the backends whose forward leaves the LSE for
+    the flash-style backward (triton, reference), even where the table would put cuda first."""
+    import importlib
+
+    from lipforcing.ops import _dispatch
+
+    mod = importlib.import_module("lipforcing.ops.chunk_attention")
+    chosen = []
+    real = _dispatch.resolve
+
+    def spy(op, impls, backend, device, args, kwargs):
+        chosen.append((op, tuple(impls)))
+        return real(op, impls, backend, device, args, kwargs)
+
+    monkeypatch.setattr(_dispatch, "resolve", spy)
+    cache = lipforcing.RollingKVCache(1, 2, 8, chunk_size=4, window=8)
+    x = torch.randn(1, 4, 2, 8)
+    ops.chunk_attention(x, x, x, cache, write=False)
+    ops.chunk_attention(x.requires_grad_(), x, x, cache, write=False)
+    assert chosen[0][1] == tuple(mod._IMPLS) and chosen[1][1] == ("triton", "reference")
