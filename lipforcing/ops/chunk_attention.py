@@ -230,8 +230,9 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Ro
 
     Returns
     -------
-    (batch, n, heads, head_dim) in q's dtype.  No host synchronisation and no allocation besides the output
-    (and, when autograd records the call, the saved log-sum-exp).
+    (batch, n, heads, head_dim) in q's dtype.  No host synchronisation and no allocation besides the output and,
+    for ``write=False`` on the Triton and reference backends, the (batch, heads, n) float32 log-sum-exp kept for a
+    backward (CUDA-graph capturable: both come from the caching allocator).
     """
     if not isinstance(cache, RollingKVCache):
         raise TypeError(f"cache must be a lipforcing.RollingKVCache, got {type(cache).__name__}")
