@@ -190,18 +190,21 @@ class Session:
                 utt.pcm.append(self._resampler.push(block.contiguous()))
             return self._mark_ready(utt)
 
-    def end_of_speech(self) -> None:
+    def end_of_speech(self) -> int | None:
         """End the current utterance: its last chunk is computed on audio padded with silence, and only the
         frames covered by real audio (a partial last frame counts) are emitted; ``frames()`` then waits for them.
-        No-op without pending audio."""
-        if self._end_of_speech():
+        Returns the index after the utterance's last frame (a host can mark the segment's end when that frame
+        has been shown), or None (a no-op) without pending audio."""
+        work, end = self._end_of_speech()
+        if work:
             self.engine.scheduler.notify()
+        return end
 
-    def _end_of_speech(self) -> bool:
+    def _end_of_speech(self) -> tuple[bool, int | None]:
         with self._lock:
             self._check_open()
             if not self._utts or self._utts[-1].closed:
-                return False
+                return False, None
             utt = self._utts[-1]
             if self._resampler is not None:
                 rest = self._raw.read(self._raw.start, self._raw.end)
@@ -218,13 +221,13 @@ class Session:
                 if utt.chunks_done == 0:
                     self._utts.pop()
                 self._notify()
-                return False
+                return False, (utt.first_index + utt.num_frames if utt.num_frames else None)
             _, hi = chunk_span(utt.num_chunks - 1, e.first_chunk_frames, e.chunk_frames)
             pad = hi * SAMPLES_PER_FRAME - utt.pcm.end
             if pad > 0:
                 utt.pcm.append(torch.zeros(pad))
             self._mark_ready(utt)
-            return True
+            return True, utt.first_index + utt.num_frames
 
     def interrupt(self) -> None:
         """Barge-in: drop the buffered audio, the queued chunks and every frame not yet taken (a chunk being
