@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -19,6 +20,8 @@ from lipforcing.engine.frame import Frame
 
 if TYPE_CHECKING:
     from lipforcing.engine.engine import Engine
+
+logger = logging.getLogger("lipforcing.engine")
 
 __all__ = ["STAGES", "ChunkJob", "ChunkRunner", "ChunkGraphs", "run_chunk_step", "forward_chunks", "eager_dit",
            "eager_write", "noise_offsets", "model_input"]
@@ -356,7 +359,13 @@ def run_chunk_step(e: Engine, jobs: list[ChunkJob]) -> list[list[Frame]]:
     """Compute one chunk for each job (sessions are distinct): audio features, VAE encode and decode per session,
     the DiT passes of all of them at batch ``len(jobs)`` (one pass per stage; each session its own KV caches,
     noise and conditioning; with CUDA graphs, which are captured at batch 1, one session after another).
-    Returns the frames of each job.  Runs in the scheduler's worker thread under ``torch.no_grad()``."""
+    Returns the frames of each job.  Runs in the scheduler's worker thread under ``torch.no_grad()``.
+
+    Non-finite values (an audio front end or a model pass that overflowed) never poison a stream: one reduction per
+    chunk over its audio features and its x0 flags the chunk on the device; a flagged chunk continues from its
+    reference (x0 replaced by the reference latents for the decoder's and the KV cache's state, zero audio for the
+    DiT) and, when its frames are handed out (after the decode's device-to-host copy, so no extra wait), its frames
+    are the reference frames passed through, with a warning on the ``lipforcing.engine`` logger."""
     from lipforcing.model.audio import group_audio_frames
 
     with torch.no_grad():
@@ -371,6 +380,9 @@ def run_chunk_step(e: Engine, jobs: list[ChunkJob]) -> list[list[Frame]]:
                     audios.append(group_audio_frames(feats[None]))
                 else:
                     audios.append(feats.reshape(1, -1, VIDEO_FRAMES_PER_LATENT, feats.shape[-1]))
+            finite = [torch.isfinite(a).all() for a in audios]          # device flags: no host sync here
+            audios = [torch.where(ok, a, torch.zeros((), dtype=a.dtype, device=a.device))
+                      for ok, a in zip(finite, audios)]
         with e.stage("face_align"):
             crops = [j.reference if j.face is None else j.face.crops(j.reference, j.ref_index) for j in jobs]
         with e.stage("vae_encode"):
@@ -380,6 +392,11 @@ def run_chunk_step(e: Engine, jobs: list[ChunkJob]) -> list[list[Frame]]:
                 if j.capture_graphs and j.runner.graphs is None:
                     j.runner.graphs = ChunkGraphs(e, j.runner.state, y, audio, j.runner.seed)
         x0s, write = _dit(e, jobs, ys, audios)
+        for b, (x0, y) in enumerate(zip(x0s, ys)):
+            finite[b] = finite[b] & torch.isfinite(x0).all()
+            # in place: the decoder and the cache write (which holds x0) continue from the reference latents (the
+            # last 16 channels of y: the unmasked reference sequence) instead of NaN
+            x0.copy_(torch.where(finite[b], x0, y[:, -x0.shape[1]:].to(x0.dtype)))
         with e.stage("vae_decode"):
             images = []
             for j, x0 in zip(jobs, x0s):
@@ -394,7 +411,13 @@ def run_chunk_step(e: Engine, jobs: list[ChunkJob]) -> list[list[Frame]]:
         with e.stage("cache_write"):
             write()
     out = []
-    for j, imgs, full in zip(jobs, images, fulls):
+    for b, (j, imgs, full) in enumerate(zip(jobs, images, fulls)):
+        if not bool(finite[b]):      # read after the frames reached the host (.cpu() above): no extra wait
+            logger.warning("lipforcing: non-finite values (NaN/inf) in the chunk step of frames %d..%d (chunk %d); "
+                           "those frames are the reference frames passed through and the stream continues from them",
+                           j.first_index + j.lo, j.first_index + j.n_emit - 1, j.chunk_id)
+            imgs = crops[b].cpu().numpy()
+            full = imgs if j.face is None else j.reference[:j.n_emit - j.lo].cpu().numpy()
         frames = []
         for f in range(j.lo, j.n_emit):
             index = j.first_index + f

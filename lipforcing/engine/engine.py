@@ -93,19 +93,17 @@ def check_seed(seed, name: str = "seed") -> int:
 def _load_text(text, text_dim: int) -> torch.Tensor:
     """A prompt embedding from a tensor or a file (.safetensors: the single tensor in it; .pt/.pth: a tensor)."""
     if isinstance(text, (str, os.PathLike)):
-        path = os.fspath(text)
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        from lipforcing._weights import read_weight_file
 
-            tensors = load_file(path)
-            if len(tensors) != 1:
-                raise ValueError(f"{path} holds {len(tensors)} tensors ({sorted(tensors)[:5]}); expected exactly one "
+        path = os.fspath(text)
+        text, _ = read_weight_file(path, "prompt embedding")    # errors name the file; pickled objects refused
+        if path.endswith(".safetensors"):
+            if len(text) != 1:
+                raise ValueError(f"{path} holds {len(text)} tensors ({sorted(text)[:5]}); expected exactly one "
                                  "prompt embedding")
-            text = next(iter(tensors.values()))
-        else:
-            text = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(text, dict) and len(text) == 1:
-                text = next(iter(text.values()))
+            text = next(iter(text.values()))
+        elif isinstance(text, dict) and len(text) == 1:
+            text = next(iter(text.values()))
     if not isinstance(text, torch.Tensor):
         raise TypeError(f"text must be a tensor (L, text_dim) / (1, L, text_dim) or a path to one, got "
                         f"{type(text).__name__}")
@@ -224,7 +222,8 @@ class Engine:
     def load(cls, checkpoint=None, *, model="tiny", device="cpu", dtype=None, seed: int = 0, vae=None,
              audio_encoder=None, text=None, resolution=None, mask=None, cuda_graphs: bool = False,
              vae_frames_per_step: int | None = None, vae_latents_per_step: int | None = None,
-             backend: str = "auto", decoder=None, max_batch: int = 8, max_sessions=None) -> "Engine":
+             backend: str = "auto", decoder=None, max_batch: int = 8, max_sessions=None,
+             threads: int | None = None) -> "Engine":
         """Load (or randomly initialise) everything a stream needs.
 
         checkpoint : student weights (file, folder or list; see ``lipforcing.load_model``), or None for random
@@ -257,12 +256,21 @@ class Engine:
         max_sessions : admission control of :meth:`session`: None (no limit, default), an int, or ``"auto"`` (the
             real-time capacity measured from the chunk steps so far, :meth:`Scheduler.capacity`); a session
             beyond it raises :class:`~lipforcing.engine.AdmissionError`.
+        threads : CPU engines only: torch's intra-op thread count, set process-wide with
+            ``torch.set_num_threads``.  Default: 1 for tiny models (their tensors are too small to split: more
+            threads made the tiny engine 5-10x slower on a 2-core CPU), torch's own setting otherwise.
+            ``engine.threads`` says what was used (None on a GPU).
         """
         from lipforcing.model import build_model, load_model
 
         device = _as_device(device)
         dtype = _as_dtype(dtype, device)
         seed = check_seed(seed)
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+                raise TypeError(f"threads must be an int or None, got {type(threads).__name__} {threads!r}")
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
         notes = []
         if checkpoint is None:
             cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_name(model)
@@ -275,6 +283,8 @@ class Engine:
             net = load_model(checkpoint, config=cfg, causal=True, device=device, dtype=dtype)
             cfg = net.config
         tiny = cfg.audio_dim <= 256
+        if device.type == "cpu" and (threads is not None or tiny):
+            torch.set_num_threads(int(threads) if threads is not None else 1)
         vae_obj, note = _make_vae(vae, tiny=tiny, device=device, dtype=dtype, seed=seed)
         if note:
             notes.append(note)
@@ -299,9 +309,11 @@ class Engine:
         if notes:
             logger.warning("lipforcing.Engine: using %s", ", ".join(notes))
         res = resolution if resolution is not None else (_TINY_RESOLUTION if tiny else _REAL_RESOLUTION)
-        return cls(net, vae_obj, audio_obj, ctx.to(dtype), resolution=res, mask=mask, cuda_graphs=cuda_graphs,
-                   vae_frames_per_step=vae_frames_per_step, vae_latents_per_step=vae_latents_per_step,
-                   backend=backend, decoder=dec_obj, max_batch=max_batch, max_sessions=max_sessions)
+        engine = cls(net, vae_obj, audio_obj, ctx.to(dtype), resolution=res, mask=mask, cuda_graphs=cuda_graphs,
+                     vae_frames_per_step=vae_frames_per_step, vae_latents_per_step=vae_latents_per_step,
+                     backend=backend, decoder=dec_obj, max_batch=max_batch, max_sessions=max_sessions)
+        engine.threads = torch.get_num_threads() if device.type == "cpu" else None
+        return engine
 
     def _check_mask(self, mask) -> torch.Tensor:
         if isinstance(mask, (str, os.PathLike)):       # a mask image, LatentSync's convention (white = keep)
@@ -420,7 +432,9 @@ class Engine:
             if reference.dtype != np.uint8:
                 raise TypeError(f"reference frames must be uint8 RGB (N, H, W, 3), got numpy {reference.dtype}; "
                                 "convert float frames in [0, 1] with (x * 255).round().astype(np.uint8)")
-            reference = torch.from_numpy(np.ascontiguousarray(reference))
+            # a read-only array (np.asarray(PIL.Image), a memmap) is copied: torch.from_numpy warns on it
+            reference = torch.from_numpy(np.ascontiguousarray(reference) if reference.flags.writeable
+                                         else np.array(reference, order="C"))
         elif isinstance(reference, torch.Tensor):
             if reference.dtype != torch.uint8:
                 raise TypeError(f"reference frames must be uint8 RGB (N, H, W, 3), got torch "
@@ -454,6 +468,11 @@ def _make_vae(vae, *, tiny: bool, device, dtype, seed: int):
         return vae.to(device=device, dtype=dtype), None
     if isinstance(vae, (str, os.PathLike)) and os.path.exists(os.fspath(vae)):
         return load_vae(vae, device=device, dtype=dtype), None
+    if isinstance(vae, os.PathLike) or (isinstance(vae, str) and (os.sep in vae or vae.lower().endswith(
+            (".pth", ".pt", ".safetensors", ".bin", ".ckpt")))):
+        # a path (not a preset name such as "tiny" or "wan2.1") that is not there
+        raise FileNotFoundError(f"vae {os.fspath(vae)!r}: no such file or folder (expected a VAE checkpoint path, a "
+                                "preset name 'wan2.1' / 'tiny', a VAEConfig or a WanVAE)")
     if vae is None:
         vae = "tiny" if tiny else "wan2.1"
     if isinstance(vae, (str, VAEConfig)):
