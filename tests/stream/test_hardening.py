@@ -17,26 +17,31 @@ ENGINE_LOG = "lipforcing.engine"
 
 
 class _Poisoned:
-    """The engine's audio front end, except that in the streams opened while ``active``, push number ``n``
-    (1-based) of utterance ``u`` (0-based) returns NaN rows for every ``(u, n)`` in ``poison``: a stand-in for a
-    front end that overflowed."""
+    """The engine's audio front end, except that push number ``n`` (1-based) of utterance ``u`` (0-based) returns
+    NaN rows for every ``(u, n)`` in ``poison``: a stand-in for a front end that overflowed.  With ``only``, only
+    the streams whose first samples are ``only`` are poisoned (sessions open their streams lazily, in the
+    scheduler's thread)."""
 
-    def __init__(self, inner, poison):
-        self.inner, self.poison, self.active = inner, set(poison), False
+    def __init__(self, inner, poison, only=None):
+        self.inner, self.poison, self.only = inner, set(poison), only
         self.feature_dim, self.lookahead_samples = inner.feature_dim, inner.lookahead_samples
 
     def stream(self):
-        return _PoisonedStream(self.inner.stream(), self.poison if self.active else set())
+        return _PoisonedStream(self.inner.stream(), self.poison, self.only)
 
 
 class _PoisonedStream:
-    def __init__(self, inner, poison):
-        self.inner, self.poison, self.utterance, self.calls = inner, poison, 0, 0
+    def __init__(self, inner, poison, only):
+        self.inner, self.poison, self.only, self.utterance, self.calls = inner, poison, only, 0, 0
+        self.armed = only is None
 
     def push(self, x):
         rows = self.inner.push(x)
+        if self.utterance == 0 and self.calls == 0 and self.only is not None:
+            n = min(len(self.only), x.numel())
+            self.armed = bool(torch.equal(x[:n], torch.as_tensor(self.only[:n])))
         self.calls += 1
-        if (self.utterance, self.calls) in self.poison and rows.numel():
+        if self.armed and (self.utterance, self.calls) in self.poison and rows.numel():
             rows = torch.full_like(rows, float("nan"))
         return rows
 
@@ -76,7 +81,6 @@ def test_a_non_finite_chunk_passes_the_reference_through_and_never_poisons_later
     inner = eng.audio
     eng.audio = _Poisoned(inner, poison={(0, 2), (1, 2)})   # the 2nd chunk of utterances 0 and 1: NaN features
     try:
-        eng.audio.active = True
         with caplog.at_level(logging.WARNING, logger=ENGINE_LOG):
             poisoned = _utterances(eng, ref, pcms)
     finally:
@@ -98,6 +102,32 @@ def test_a_non_finite_chunk_passes_the_reference_through_and_never_poisons_later
     assert len(warned) == 2, warned
     # the next utterance is frame for frame the clean one: nothing of the bad chunks is left in the session
     assert_same_frames(clean[2], poisoned[2])
+
+
+def test_a_non_finite_chunk_in_a_batched_step_touches_only_its_session(eng):
+    ref_a = np.random.randint(0, 256, (1, RES, RES, 3), dtype=np.uint8)
+    ref_b = np.random.randint(0, 256, (2, RES, RES, 3), dtype=np.uint8)
+    pcm_a, pcm_b = speech(P * 33, seed=int(np.random.randint(1 << 30))), speech(P * 33, seed=5)
+    clean_b = _utterances(eng, ref_b, [pcm_b], seed=3)[0]
+    inner = eng.audio
+    eng.audio = _Poisoned(inner, poison={(0, 2)}, only=pcm_a[:64])    # session a's stream only
+    try:
+        a, b = eng.session(ref_a), eng.session(ref_b, seed=3)
+        before = dict(eng.stats()["batch_sizes"])
+        with eng.scheduler.paused():           # both sessions' chunks become ready together: batched steps
+            for s, pcm in ((a, pcm_a), (b, pcm_b)):
+                s.push_audio(pcm)
+                s.end_of_speech()
+        got_a, got_b = drain(a), drain(b)
+        a.close()
+        b.close()
+    finally:
+        eng.audio = inner
+    assert any(eng.stats()["batch_sizes"].get(n, 0) > before.get(n, 0) for n in (2, 3))
+    assert_same_frames(clean_b, got_b)
+    passed = [f for f in got_a if f.chunk_id == 1]
+    assert passed and all(np.array_equal(f.image, ref_a[0]) for f in passed)
+    assert all(f.image.any() and not np.array_equal(f.image, ref_a[0]) for f in got_a if f.chunk_id != 1)
 
 
 def test_huge_finite_audio_is_refused_and_the_session_stays_usable(eng):
