@@ -143,20 +143,28 @@ def load_decoder_arg(decoder: str | None, debug: bool = False):
 
 def load_engine(*, model: str = "tiny", checkpoint: str | None = None, device=None, dtype: str | None = None,
                 seed: int = 0, resolution: int | None = None, cuda_graphs: bool = False, debug: bool = False,
-                decoder: str | None = None):
+                decoder: str | None = None, vae: str | None = None, audio_encoder: str | None = None,
+                text: str | None = None, mask: str | None = None):
     """``Engine.load`` for the commands: problems with the checkpoint, resolution, decoder or options become
-    one-line :class:`UserError` s (the original exception with ``debug``).  Returns (engine, load seconds)."""
+    one-line :class:`UserError` s (the original exception with ``debug``).  ``vae``, ``audio_encoder``, ``text``,
+    ``mask``: the ``--vae`` / ``--audio-encoder`` / ``--text`` / ``--mask`` values (paths; ``vae`` may also be a
+    preset name), checked to exist here.  Returns (engine, load seconds)."""
     from lipforcing import Engine
 
     dev = check_device(device)
     check_checkpoint(checkpoint)
     if cuda_graphs and dev.type != "cuda":
         raise UserError("--cuda-graphs needs a CUDA device (--device cuda)")
+    for option, value in (("--vae", vae), ("--audio-encoder", audio_encoder), ("--text", text), ("--mask", mask)):
+        if value is not None and not (option == "--vae" and value in ("tiny", "wan2.1")) \
+                and not os.path.exists(value):
+            raise UserError(f"{option} {value}: no such file or folder")
     t = time.perf_counter()
     dec = load_decoder_arg(decoder, debug)
     try:
         engine = Engine.load(checkpoint, model=model, device=dev, dtype=DTYPES[dtype] if dtype else None, seed=seed,
-                             resolution=resolution, cuda_graphs=cuda_graphs, decoder=dec)
+                             resolution=resolution, cuda_graphs=cuda_graphs, decoder=dec, vae=vae,
+                             audio_encoder=audio_encoder, text=text, mask=mask)
     except (ValueError, TypeError, OSError, KeyError, ImportError) as exc:
         if debug:
             raise
@@ -165,5 +173,9 @@ def load_engine(*, model: str = "tiny", checkpoint: str | None = None, device=No
             raise UserError(f"cannot load checkpoint {checkpoint}: {msg}") from exc
         if resolution is not None and "resolution" in msg:
             raise UserError(f"--resolution {resolution}: {msg}") from exc
+        for option, value in (("--vae", vae), ("--audio-encoder", audio_encoder), ("--text", text),
+                              ("--mask", mask)):
+            if value is not None:
+                msg += f" (with {option} {value})"
         raise UserError(f"cannot build the {model} engine: {msg}") from exc
     return engine, time.perf_counter() - t

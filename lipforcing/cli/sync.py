@@ -1,7 +1,9 @@
 """``lipforcing sync``: offline lip sync of a video + audio file pair through the streaming session API.
 
-The video must already be aligned face crops at the model's resolution (512x512 for the real presets); the
-audio is any file FFmpeg reads (wav preferred), at any rate from 8 to 192 kHz (resampled to 16 kHz by the
+The video is any talking-head video, at any resolution and aspect ratio: the face is detected, tracked and aligned
+to the model's crop, and the generated mouth region is pasted back, so the output has the video's own resolution
+(frames without a face pass through unchanged).  A video that is already aligned face crops at the model's
+resolution is used as it is.  The audio is any file FFmpeg reads (wav preferred), at any rate from 8 to 192 kHz (resampled to 16 kHz by the
 session), or raw 16-bit PCM with ``--sample-rate``.  Without ``--audio`` the video's own audio track is used.
 The audio is pushed in 20 ms pieces and the frames drained as they come, exactly as a real-time host would;
 the output mp4 holds one frame per 40 ms of audio (the reference video is ping-ponged when shorter) and the
@@ -26,7 +28,8 @@ _RAW_EXTENSIONS = (".pcm", ".raw", ".s16le")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--video", required=True, help="reference video: aligned face crops (e.g. 512x512 mp4)")
+    p.add_argument("--video", required=True, help="reference video: any talking-head video (any size), or aligned "
+                                                  "face crops at the model's resolution")
     p.add_argument("--audio", help="speech to lip-sync to (wav/flac/mp3/m4a, or raw int16 mono with --sample-rate); "
                                    "default: the video's own audio track")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4)")
@@ -36,8 +39,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--resolution", type=int, default=None,
-                   help="face-crop size the model runs at (default: 512; 32 for the tiny preset); the video must "
-                        "match it")
+                   help="face-crop size the model runs at (default: 512; 32 for the tiny preset)")
+    p.add_argument("--vae", default=None, help="Wan2.1 VAE checkpoint (Wan2.1_VAE.pth, or a diffusers folder); "
+                                               "default: random for the tiny preset")
+    p.add_argument("--audio-encoder", default=None,
+                   help="local wav2vec2-base-960h folder (default: the built-in mel front end; a real checkpoint "
+                        "needs wav2vec2)")
+    p.add_argument("--text", default=None, help="prompt embedding file (.safetensors/.pt, 1 x L x 4096 UMT5 output)")
+    p.add_argument("--mask", default=None,
+                   help="mouth mask image (LatentSync's mask.png convention: white = keep, black = regenerate)")
+    p.add_argument("--face-index", type=int, default=None,
+                   help="which face to lip-sync when there are several (0 = largest, the default)")
+    p.add_argument("--paste", choices=("mouth", "face"), default="mouth",
+                   help="region of the generated crop pasted back into the video (default: mouth)")
     p.add_argument("--sample-rate", type=int, default=None,
                    help="sample rate of --audio: required for raw PCM, checked against the file otherwise")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the DiT passes as CUDA graphs")
@@ -122,49 +136,60 @@ def run(args) -> int:
         frames, fps = read_video(args.video, max_frames=4 * n_out + 1)
     except MediaError as exc:
         raise UserError(str(exc)) from exc
-    if args.checkpoint is None:
-        expected = args.resolution or (32 if args.model == "tiny" else 512)
-        h, w = frames.shape[1:3]
-        if (h, w) != (expected, expected):
-            hint = f" or pass --resolution {h}" if h == w and h % 16 == 0 and args.model == "tiny" else ""
-            raise UserError(f"{args.video}: frames are {w}x{h} but the {args.model} model takes {expected}x{expected} "
-                            f"aligned face crops; crop/resize the video (e.g. ffmpeg -i in.mp4 -vf "
-                            f"scale={expected}:{expected} out.mp4){hint}")
+    if args.face_index is not None and args.face_index < 0:
+        raise UserError(f"--face-index {args.face_index}: must be >= 0 (0 = the largest face)")
 
     engine, load_s = load_engine(model=args.model, checkpoint=args.checkpoint, device=dev, dtype=args.dtype,
                                  seed=0, resolution=args.resolution, cuda_graphs=args.cuda_graphs, debug=args.debug,
-                                 decoder=args.decoder)
-    H, W = engine.resolution
-    if tuple(frames.shape[1:3]) != (H, W):
-        raise UserError(f"{args.video}: frames are {frames.shape[2]}x{frames.shape[1]} but the model takes {W}x{H} "
-                        f"aligned face crops; crop/resize the video (e.g. ffmpeg -i in.mp4 -vf scale={W}:{H} "
-                        "out.mp4)")
+                                 decoder=args.decoder, vae=args.vae, audio_encoder=args.audio_encoder,
+                                 text=args.text, mask=args.mask)
+    H, W = frames.shape[1:3]                  # the output keeps the video's resolution
+    if H % 2 or W % 2:                        # H.264 yuv420p needs even sizes: repeat the last row / column
+        print(f"note: {args.video} is {W}x{H}; the output is padded to {W + W % 2}x{H + H % 2} (H.264 needs even "
+              "sizes)", file=sys.stderr)
     if abs(fps - 25.0) > 0.01:
         print(f"note: {args.video} is {fps:.3g} fps; its frames are resampled to the model's 25 fps", file=sys.stderr)
         frames = _resample_fps(frames, fps)
+    from lipforcing.face import FaceError
+
+    t = time.perf_counter()
+    try:     # the face stage (detection, tracking, alignment of the whole video) runs here, before any output
+        session = engine.session(frames, sample_rate=rate, seed=args.seed, face_index=args.face_index,
+                                 region=args.paste)
+    except FaceError as exc:
+        hint = ""
+        if H == W and H % 16 == 0 and args.resolution is None:
+            hint = f"; if the video is aligned face crops, pass --resolution {H}"
+        raise UserError(f"{args.video}: {exc}{hint}") from exc
     if args.checkpoint is None:
         print(f"note: no --checkpoint: the {args.model} preset has random weights, so the output is NOT real lip "
               "sync (it shows the pipeline)", file=sys.stderr)
-
+    if session.face is not None:
+        print(f"face: tracked in {int(session.face.track.found.sum())} of {len(frames)} frames of {W}x{H} "
+              f"({1e3 * (time.perf_counter() - t) / len(frames):.1f} ms per frame)", file=sys.stderr)
     timer = StageTimer(engine.device)
     engine.stage = timer
     piece = max(1, rate // 50)                                    # 20 ms
     first_frame_s = None
     try:
-        writer = VideoWriter(out, width=W, height=H, fps=25, sample_rate=16000)
-    except MediaError as exc:      # names the path already
-        raise UserError(str(exc)) from exc
-    except ValueError as exc:
-        raise UserError(f"-o {args.output}: {exc}") from exc
+        writer = VideoWriter(out, width=W + W % 2, height=H + H % 2, fps=25, sample_rate=16000)
+    except (MediaError, ValueError) as exc:
+        session.close()
+        del engine.stage
+        raise UserError(str(exc) if isinstance(exc, MediaError) else f"-o {args.output}: {exc}") from exc
+
     t0 = time.perf_counter()
     try:
-        with progress(n_out, "sync") as bar, engine.session(frames, sample_rate=rate, seed=args.seed) as session:
+        with progress(n_out, "sync") as bar, session:
             def drain():
                 nonlocal first_frame_s
                 for frame in session.frames():
                     if first_frame_s is None:
                         first_frame_s = time.perf_counter() - t0
-                    writer.write(frame.image, audio=frame.audio)
+                    image = frame.image
+                    if H % 2 or W % 2:
+                        image = np.pad(image, ((0, H % 2), (0, W % 2), (0, 0)), mode="edge")
+                    writer.write(image, audio=frame.audio)
                     bar.update(1)
 
             for i in range(0, len(pcm), piece):

@@ -21,7 +21,7 @@ class Frame:
     audio : (640,) float32 numpy array: the 16 kHz samples this frame covers (zero-padded after the end of an
         utterance), so a host can keep audio and video paired.
     chunk_id : the model step that produced it (counts chunks over the whole session).
-    face : (h, w, 3) uint8 RGB numpy array: the aligned crop the model generated (the same array as ``image``
+    face : (h, w, 3) uint8 RGB numpy array: the aligned crop the model generated (the same pixels as ``image``
         for aligned-crop references).
     """
 

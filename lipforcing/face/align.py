@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["TEMPLATE", "BOX", "RIGHT_BROW", "LEFT_BROW", "NOSE", "anchors_from_landmarks", "fit_similarity",
-           "similarity_to_crop", "crop_matrix", "warp_to_crop", "invert"]
+           "similarity_to_crop", "crop_matrix", "warp_to_crop", "invert", "footprint"]
 
 TEMPLATE = np.array([[17.0, 20.0], [58.0, 20.0], [37.5, 40.0]])
 BOX = (75.0, 100.0)                                     # (width, height) of the template box
@@ -79,6 +79,24 @@ def invert(m: np.ndarray) -> np.ndarray:
     return np.concatenate([A, t], -1)
 
 
+def footprint(matrix: np.ndarray, crop_size: tuple[int, int], frame_size: tuple[int, int], *, margin: int = 1,
+              rect=None):
+    """Integer bounding box (x0, y0, x1, y1) of the frame pixels a crop of ``crop_size`` (h, w) covers under the
+    frame -> crop ``matrix`` (only its part ``rect`` = (u0, v0, u1, v1) in crop pixels, if given), grown by
+    ``margin`` pixels and clipped to the frame (H, W); None when it misses the frame."""
+    h, w = crop_size
+    H, W = frame_size
+    u0, v0, u1, v1 = (0, 0, w, h) if rect is None else rect
+    inv = invert(matrix)
+    corners = np.array([[u0, v0, 1], [u1, v0, 1], [u0, v1, 1], [u1, v1, 1]], np.float64) @ inv.T
+    x0, y0 = np.floor(corners.min(0)).astype(int) - margin
+    x1, y1 = np.ceil(corners.max(0)).astype(int) + margin
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    return int(x0), int(y0), int(x1), int(y1)
+
+
 def _sample(src: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
     """Sample (N, C, h, w) ``src`` at continuous pixel coordinates ``coords`` (N, H', W', 2) (x, y); zeros
     outside."""
@@ -102,15 +120,25 @@ def pixel_grid(matrix: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> 
 def warp_to_crop(frames: torch.Tensor, matrices, resolution: tuple[int, int], *, mode: str = "bicubic"
                  ) -> torch.Tensor:
     """Cut aligned crops: frames (N, H, W, 3) uint8, matrices (N, 2, 3) frame -> crop -> (N, h, w, 3) uint8 on the
-    frames' device (pixels that fall outside the frame are black)."""
+    frames' device (pixels that fall outside the frame are black).  ``mode``: "bicubic" (default) or
+    "bilinear".  Only each crop's footprint in its frame (plus the 2-pixel reach of the bicubic taps) is read."""
     if frames.dim() != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be (N, H, W, 3), got {tuple(frames.shape)}")
     h, w = resolution
-    inv = torch.as_tensor(invert(np.asarray(matrices)), dtype=torch.float64, device=frames.device)
-    if inv.dim() == 2:
-        inv = inv[None]
+    H, W = frames.shape[1:3]
+    mats = np.asarray(matrices, np.float64).reshape(-1, 2, 3)
     dev = frames.device
-    coords = pixel_grid(inv, torch.arange(h, device=dev), torch.arange(w, device=dev))
-    src = frames.permute(0, 3, 1, 2).to(torch.float32)
-    out = _sample(src, coords, mode)
-    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    out = torch.zeros(len(frames), h, w, 3, dtype=torch.uint8, device=dev)
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    for i in range(len(frames)):
+        box = footprint(mats[i], (h, w), (H, W), margin=3)
+        if box is None:
+            continue
+        x0, y0, x1, y1 = box
+        m = mats[i].copy()
+        m[:, 2] += m[:, :2] @ [x0, y0]               # coordinates inside the sub-image: x = x' + x0
+        inv = torch.as_tensor(invert(m), dtype=torch.float64, device=dev)[None]
+        src = frames[i, y0:y1, x0:x1].permute(2, 0, 1)[None].to(torch.float32)
+        s = _sample(src, pixel_grid(inv, rows, cols), mode)
+        out[i] = s[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+    return out

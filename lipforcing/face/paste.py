@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lipforcing.face.align import _sample, invert, pixel_grid
+from lipforcing.face.align import _sample, footprint, pixel_grid
 
 __all__ = ["blend_weight", "paste_back", "footprint"]
 
@@ -61,21 +61,6 @@ def blend_weight(region_mask: torch.Tensor) -> torch.Tensor:
     return w[0, 0].clamp(0, 1)
 
 
-def footprint(matrix: np.ndarray, crop_size: tuple[int, int], frame_size: tuple[int, int]):
-    """Integer bounding box (x0, y0, x1, y1) of the frame pixels a crop of ``crop_size`` (h, w) covers under the
-    frame -> crop ``matrix``, clipped to the frame (H, W); None when it misses the frame."""
-    h, w = crop_size
-    H, W = frame_size
-    inv = invert(matrix)
-    corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], np.float64) @ inv.T
-    x0, y0 = np.floor(corners.min(0)).astype(int) - 1
-    x1, y1 = np.ceil(corners.max(0)).astype(int) + 1
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, W), min(y1, H)
-    if x0 >= x1 or y0 >= y1:
-        return None
-    return int(x0), int(y0), int(x1), int(y1)
-
-
 def paste_back(frame: torch.Tensor, crop: torch.Tensor, matrix: np.ndarray, weight: torch.Tensor) -> torch.Tensor:
     """Composite a generated crop into its frame.
 
@@ -89,7 +74,13 @@ def paste_back(frame: torch.Tensor, crop: torch.Tensor, matrix: np.ndarray, weig
     if tuple(weight.shape) != (h, w):
         raise ValueError(f"weight must have the crop's size {(h, w)}, got {tuple(weight.shape)}")
     out = frame.clone()
-    box = footprint(matrix, (h, w), tuple(frame.shape[:2]))
+    cols = torch.nonzero(weight.amax(0) > 0)
+    rows = torch.nonzero(weight.amax(1) > 0)
+    if len(cols) == 0:
+        return out
+    # only frame pixels whose crop position can see a positive weight (bilinear reach: 1 crop pixel)
+    rect = (int(cols[0]) - 1, int(rows[0]) - 1, int(cols[-1]) + 2, int(rows[-1]) + 2)
+    box = footprint(matrix, (h, w), tuple(frame.shape[:2]), rect=rect)
     if box is None:
         return out
     x0, y0, x1, y1 = box
