@@ -305,21 +305,34 @@ def compile_engine(engine) -> None:
     engine.model.forward_chunk = torch.compile(engine.model.forward_chunk)
 
 
-def synthetic_inputs(engine, seconds: float, *, seed: int = 0, max_reference_frames: int = 25):
-    """A face clip at the engine's resolution (ping-ponged by the session) and speech-like 16 kHz audio."""
+def synthetic_inputs(engine, seconds: float, *, seed: int = 0, max_reference_frames: int = 25,
+                     frame_size: tuple[int, int] | None = None):
+    """A face clip at the engine's resolution (ping-ponged by the session) and speech-like 16 kHz audio.  With
+    ``frame_size`` (H, W), the face (a square of 0.45 x the short side) moves inside frames of that size instead,
+    so the session runs the face stage (tracking, ``face_align``, ``paste_back``)."""
     from lipforcing.media import frame_loudness, synthetic_face_clip, synthetic_speech
 
     pcm = synthetic_speech(seconds, 16000, seed=seed)
     n_ref = max(1, min(max_reference_frames, int(seconds * 25)))
     loud = frame_loudness(pcm, n_ref)
-    ref = synthetic_face_clip(n_ref, engine.resolution, mouth_open=loud, seed=seed)
+    if frame_size is None:
+        return synthetic_face_clip(n_ref, engine.resolution, mouth_open=loud, seed=seed), pcm
+    H, W = frame_size
+    side = max(16, int(0.45 * min(H, W)))
+    faces = synthetic_face_clip(n_ref, side, mouth_open=loud, seed=seed)
+    ref = np.empty((n_ref, H, W, 3), np.uint8)
+    ref[:] = np.linspace(60, 140, W, dtype=np.float32).astype(np.uint8)[None, :, None]   # a plain gradient
+    for i in range(n_ref):
+        x0 = int((W - side) / 2 + 0.1 * (W - side) * np.sin(2 * np.pi * i / n_ref))
+        y0 = (H - side) // 2
+        ref[i, y0:y0 + side, x0:x0 + side] = faces[i]
     return ref, pcm
 
 
 def run_profile(*, model: str = "tiny", checkpoint: str | None = None, device: str = "cpu", dtype=None,
                 chunks: int = 16, warmup: int = 3, compile: bool = False, cuda_graphs: bool = False,
                 backend: str = "auto", seed: int = 0, resolution: int | None = None, progress=None,
-                engine=None) -> dict:
+                engine=None, frame_size: tuple[int, int] | None = None) -> dict:
     """Load an engine (or take ``engine``), warm it up, stream ``chunks`` chunks of synthetic input and return
     every number (the document written by ``--json``).  See the module docstring for what is measured.
     ``progress``: None (quiet) or a factory ``progress(total, desc) -> bar`` of an object with ``update(n)``,
@@ -335,7 +348,7 @@ def run_profile(*, model: str = "tiny", checkpoint: str | None = None, device: s
     try:
         return _run_profile(model=model, checkpoint=checkpoint, device=device, dtype=dtype, chunks=chunks,
                             warmup=warmup, compile=compile, cuda_graphs=cuda_graphs, backend=backend, seed=seed,
-                            resolution=resolution, progress=progress, engine=engine)
+                            resolution=resolution, progress=progress, engine=engine, frame_size=frame_size)
     finally:
         if backend != "auto":
             if saved_backend is None:
@@ -345,7 +358,7 @@ def run_profile(*, model: str = "tiny", checkpoint: str | None = None, device: s
 
 
 def _run_profile(*, model, checkpoint, device, dtype, chunks, warmup, compile, cuda_graphs, backend, seed,
-                 resolution, progress, engine) -> dict:
+                 resolution, progress, engine, frame_size=None) -> dict:
     from lipforcing import Engine
     from lipforcing.benchmarking import environment
 
@@ -367,11 +380,13 @@ def _run_profile(*, model, checkpoint, device, dtype, chunks, warmup, compile, c
     warm_utts = [warmup] if warmup == 1 else [warmup - 1, 1]
     warm_frames = sum(plan.frames(c) for c in warm_utts)
     seconds = (warm_frames + plan.frames(chunks)) * 640 / 16000 + 0.5
-    ref, pcm = synthetic_inputs(engine, seconds, seed=seed)
+    ref, pcm = synthetic_inputs(engine, seconds, seed=seed, frame_size=frame_size)
     meas_pcm = pcm[warm_frames * 640: (warm_frames + plan.frames(chunks)) * 640]
 
     bar = progress(warm_frames + plan.frames(chunks), "warm-up") if progress else None
-    session = engine.session(ref, seed=seed)
+    t = time.perf_counter()
+    session = engine.session(ref, seed=seed)         # full frames: face detection + tracking of the reference here
+    face_track_ms = 1e3 * (time.perf_counter() - t) / len(ref) if session.face is not None else None
     try:
         t = time.perf_counter()
         warm_frames_out, pos = 0, 0
@@ -436,6 +451,8 @@ def _run_profile(*, model, checkpoint, device, dtype, chunks, warmup, compile, c
         "threads": torch.get_num_threads(),
         "timer": "cuda_events" if timer.cuda else "perf_counter",
         "resolution": list(engine.resolution),
+        "frame_size": list(ref.shape[1:3]),
+        "face_track_ms_per_frame": face_track_ms,
         "latent_size": list(engine.latent_size),
         "tokens_per_latent_frame": tpf,
         "chunk_frames": engine.chunk_frames,
@@ -578,6 +595,11 @@ def format_report(doc: dict, *, title: str = "lipforcing profile") -> str:
         rows.append((f"decode ({cmp['decoder']})", f"{ms[cmp['decoder']]:.2f} ms",
                      f"per {cmp['frames_per_chunk']}-frame chunk; wan-vae {ms['wan-vae']:.2f} ms on the same "
                      f"latents" + (f" ({speed:.1f}x)" if speed else "")))
+    if doc.get("face_track_ms_per_frame") is not None:
+        fs = doc["frame_size"]
+        rows.append(("face tracking", f"{doc['face_track_ms_per_frame']:.2f} ms",
+                     f"per {fs[1]}x{fs[0]} reference frame, once when the session opens (detection, landmarks, "
+                     "smoothing); not in the chunk stages"))
     for name, value, note in rows:
         lines.append(f"  {name:<22}{value:>16}   {note}")
     lines += ["", f"  {'stage':<22}{'ms/chunk':>16}{'share':>9}"]
@@ -593,7 +615,8 @@ def format_report(doc: dict, *, title: str = "lipforcing profile") -> str:
 
 
 _COLORS = {"audio_features": "#8dd3c7", "vae_encode": "#80b1d3", "dit_pass_1": "#fb8072", "denoise_update": "#ffed6f",
-           "dit_pass_2": "#e15759", "vae_decode": "#bebada", "cache_write": "#fdb462"}
+           "dit_pass_2": "#e15759", "vae_decode": "#bebada", "cache_write": "#fdb462", "face_align": "#b3de69",
+           "paste_back": "#fccde5"}
 
 
 def plot_profile(doc: dict, path: str) -> None:

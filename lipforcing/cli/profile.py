@@ -32,10 +32,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "small to split; else torch's default)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random weights, input and noise")
     add_decoder_arg(p)
+    p.add_argument("--frame-size", metavar="WxH", default=None,
+                   help="stream full frames of this size (e.g. 1280x720) with a moving face instead of aligned "
+                        "crops, so the face stages (tracking, face_align, paste_back) are measured too")
     p.add_argument("--json", metavar="PATH", help="write every number to this JSON file")
     p.add_argument("--plot", metavar="PATH.png", help="write the stage breakdown and latency plot")
     p.add_argument("--force", action="store_true", help="run the 1.3b/14b presets on the CPU anyway (hours)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _frame_size(text: str | None):
+    """``--frame-size WxH`` -> (H, W), or None."""
+    if text is None:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--frame-size {text}: expected WIDTHxHEIGHT, e.g. 1280x720") from None
+    if not (64 <= w <= 8192 and 64 <= h <= 8192):
+        raise UserError(f"--frame-size {text}: width and height must be between 64 and 8192")
+    return h, w
 
 
 def run(args) -> int:
@@ -50,6 +66,7 @@ def run(args) -> int:
     if args.chunks < 1:
         raise UserError(f"--chunks must be >= 1, got {args.chunks}")
     check_resolution(args.resolution)
+    frame_size = _frame_size(args.frame_size)
     if args.warmup < 1 or (args.cuda_graphs and args.warmup < 2):
         raise UserError(f"--warmup must be >= 1 (>= 2 with --cuda-graphs), got {args.warmup}")
     if args.dtype in ("bf16", "fp16") and dev.type == "cpu":
@@ -65,7 +82,7 @@ def run(args) -> int:
     try:
         doc = run_profile(model=args.model, checkpoint=args.checkpoint, chunks=args.chunks, warmup=args.warmup,
                           compile=args.compile, backend=args.backend, seed=args.seed,
-                          progress=progress if args.progress else None, engine=engine)
+                          progress=progress if args.progress else None, engine=engine, frame_size=frame_size)
     except BackendUnavailable as exc:
         if args.debug:
             raise

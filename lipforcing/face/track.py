@@ -78,8 +78,8 @@ def _close(a, b, pos: float, size: float, angle: float) -> bool:
 def _thumb(image: np.ndarray) -> np.ndarray:
     from lipforcing.face._nets import cv2_module
     cv2 = cv2_module()
-    g = image.astype(np.float32).mean(-1)
-    return cv2.resize(g, (32, 32), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA)     # shrink first: cheap on big frames
+    return small.astype(np.float32).mean(-1)
 
 
 def scene_changed(prev_thumb, thumb, threshold: float) -> bool:
