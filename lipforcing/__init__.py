@@ -6,12 +6,12 @@ VAE and streaming engine are imported on first use.
 from __future__ import annotations
 
 from lipforcing._lazy import lazy_attributes
-from lipforcing.cache import RollingKVCache
 
 __version__ = "0.1.0"
 
 # name -> module that defines it (imported lazily so `import lipforcing` stays light)
 _LAZY = {
+    "RollingKVCache": "lipforcing.cache",   # lazy too: `lipforcing --help` never imports torch
     "ops": "lipforcing.ops",
     "ModelConfig": "lipforcing.config",
     "build_model": "lipforcing.model",
@@ -25,7 +25,7 @@ _LAZY = {
     "distill": "lipforcing.distill",
 }
 
-__all__ = ["RollingKVCache", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 __getattr__ = lazy_attributes(globals(), _LAZY)

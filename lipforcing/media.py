@@ -4,7 +4,10 @@ Reading
     :func:`read_video` -> (frames (N, H, W, 3) uint8 RGB, fps);  :func:`read_audio` -> (float32 mono, sample rate)
     from any file FFmpeg can open (wav, mp3, m4a, the audio track of a video).
 Writing
-    :class:`VideoWriter`: RGB frames (H.264, yuv420p) plus, optionally, 16 kHz mono audio (AAC) into an mp4;
+    :class:`VideoWriter`: RGB frames (H.264, yuv420p) plus, optionally, 16 kHz mono audio (AAC) into an mp4, written
+    as ``<name>.partial.mp4`` beside the target and renamed to it only when complete (an interrupted run never
+    leaves a truncated file under the target name); :func:`check_not_input`: an output path that is an input
+    under another name (symlink, hard link, ``..``) is refused;
     :func:`write_wav`: 16-bit PCM wav (standard library only).
 Synthetic media (for ``lipforcing demo`` / ``profile`` and the tests)
     :func:`synthetic_speech`: formant-synthesised voiced syllables with pauses (speech-like spectrum and rhythm);
@@ -28,7 +31,8 @@ from lipforcing.audio.pcm import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, check_amplitu
 
 logger = logging.getLogger("lipforcing")
 
-__all__ = ["MediaError", "read_video", "read_audio", "write_wav", "VideoWriter", "check_output_file",
+__all__ = ["MediaError", "read_video", "read_audio", "write_wav", "VideoWriter", "check_output_file", "check_not_input",
+           "partial_path",
            "synthetic_speech", "synthetic_face_clip", "frame_loudness"]
 
 
@@ -208,6 +212,39 @@ def check_output_file(path, *, keep: bool = False) -> None:
         os.remove(path)
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name the same file: the same inode on the same device when both exist (symlinks and
+    hard links included), else the same resolved path."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_not_input(output, inputs: dict) -> None:
+    """Raise :class:`MediaError` when ``output`` (or the partial file written beside it) is one of ``inputs``
+    (``{option name: path or None}``) under any name: writing it would destroy the input."""
+    out = os.fspath(output)
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        path = os.fspath(path)
+        for target in (out, partial_path(out)):
+            if _same_file(target, path):
+                how = "" if os.path.realpath(target) == os.path.realpath(path) and not os.path.islink(target) \
+                    else " (through a symlink or hard link)"
+                raise MediaError(f"{out}: the output would overwrite the input {name} {path}{how}; choose another "
+                                 "-o path")
+
+
+def partial_path(path) -> str:
+    """Where :class:`VideoWriter` writes until it is closed: ``out.mp4`` -> ``out.partial.mp4`` (same folder)."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.partial{ext}"
+
+
 def write_wav(path, samples: np.ndarray, sample_rate: int = 16000) -> None:
     """Write mono float samples in [-1, 1] (clipped) or int16 as a 16-bit PCM wav."""
     x = np.asarray(samples)
@@ -231,6 +268,11 @@ class VideoWriter:
             w.write(image, audio=pcm_640)   # (H, W, 3) uint8; audio (n,) float32 (any n, kept in order)
 
     Width and height must be even (yuv420p).  Audio is written as given, sample after sample, from time 0.
+
+    The frames go to :func:`partial_path` (``out.partial.mp4``) in the target folder; :meth:`close` finishes the
+    file and renames it to ``path`` (atomically replacing an older one).  Leaving the ``with`` block with an
+    exception (Ctrl-C included) or calling :meth:`abort` instead finishes the partial file and keeps it (a
+    playable mp4 of the frames written so far) or removes it when it has no frame; ``path`` is never touched.
     """
 
     def __init__(self, path, *, width: int, height: int, fps: int = 25, sample_rate: int | None = 16000,
@@ -239,19 +281,21 @@ class VideoWriter:
             raise ValueError(f"video width and height must be even and >= 2 (H.264 yuv420p), got {width}x{height}")
         av = _av()
         path = os.fspath(path)
-        created = not os.path.exists(path)
-        check_output_file(path, keep=True)    # FFmpeg opens the file only at the first frame
+        check_output_file(path)
         self.path = path
+        self.partial_path = partial = partial_path(path)
+        created = not os.path.exists(partial)
+        check_output_file(partial, keep=True)    # FFmpeg opens the file only at the first frame
         self.width, self.height = int(width), int(height)
         self._c = None
         try:
-            self._c = av.open(path, "w")
+            self._c = av.open(partial, "w")
             self._v = self._c.add_stream("libx264", rate=Fraction(int(fps), 1))
         except (av.error.FFmpegError, ValueError) as e:   # ValueError: unknown extension, or no H.264 in a .gif/.wav
             if self._c is not None:
                 self._c.close()
-            if created and os.path.isfile(path):
-                os.remove(path)
+            if created and os.path.isfile(partial):
+                os.remove(partial)
             raise MediaError(f"{path}: cannot write H.264 video there ({_ffmpeg_reason(e)}); use an .mp4 path") \
                 from e
         self._v.width, self._v.height, self._v.pix_fmt = self.width, self.height, "yuv420p"
@@ -288,20 +332,44 @@ class VideoWriter:
         self._c.mux(self._a.encode(frame))
         self.samples += a.shape[1]
 
+    def _finish(self) -> None:
+        c, self._c = self._c, None
+        try:
+            c.mux(self._v.encode())
+            if self._a is not None:
+                c.mux(self._a.encode())
+        finally:
+            c.close()
+
     def close(self) -> None:
+        """Finish the file and move it to ``path`` (idempotent; nothing after :meth:`abort`)."""
         if self._c is None:
             return
-        self._c.mux(self._v.encode())
-        if self._a is not None:
-            self._c.mux(self._a.encode())
-        self._c.close()
-        self._c = None
+        self._finish()
+        os.replace(self.partial_path, self.path)
+
+    def abort(self) -> str | None:
+        """Finish what was written as ``partial_path`` and keep it (returned), or remove it when it holds no frame
+        (None is returned).  ``path`` is left as it was."""
+        if self._c is not None:
+            try:
+                self._finish()
+            except Exception:          # an encoder that cannot flush: the frames so far are still kept
+                pass
+        if self.frames and os.path.isfile(self.partial_path):
+            return self.partial_path
+        if os.path.isfile(self.partial_path):
+            os.remove(self.partial_path)
+        return None
 
     def __enter__(self) -> "VideoWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 # --------------------------------------------------------------------------------------------- synthetic media

@@ -6,13 +6,17 @@ import argparse
 import os
 import sys
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from lipforcing.cli import UserError
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that need it: `lipforcing --help` and every subcommand's --help must
+# answer without it (tests/cli/test_cli_hardening.py checks sys.modules)
 PRESETS = ("tiny", "1.3b", "14b")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("fp32", "bf16", "fp16")   # names Engine.load takes
 
 
 def seed_arg(text: str) -> int:
@@ -73,6 +77,8 @@ def progress(total: int, desc: str, *, unit: str = "frame", file=None, interval:
 
 def check_device(device: str | None) -> torch.device:
     """The ``--device`` argument as a torch.device, with one-line errors for unusable devices."""
+    import torch
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -107,7 +113,10 @@ def check_checkpoint(path: str | None) -> None:
 
 
 def set_threads(threads: int | None, model: str, device: torch.device) -> None:
-    """``--threads``: default 1 for the tiny preset on the CPU (its tensors are too small to split), else torch's."""
+    """``--threads``: default 1 for the tiny preset on the CPU (its tensors are too small to split), else torch's.
+    :func:`load_engine` hands the resulting count to ``Engine.load(threads=...)``."""
+    import torch
+
     if threads is None:
         threads = 1 if model == "tiny" and device.type == "cpu" else None
     if threads is not None:
@@ -149,6 +158,8 @@ def load_engine(*, model: str = "tiny", checkpoint: str | None = None, device=No
     one-line :class:`UserError` s (the original exception with ``debug``).  ``vae``, ``audio_encoder``, ``text``,
     ``mask``: the ``--vae`` / ``--audio-encoder`` / ``--text`` / ``--mask`` values (paths; ``vae`` may also be a
     preset name), checked to exist here.  Returns (engine, load seconds)."""
+    import torch
+
     from lipforcing import Engine
 
     dev = check_device(device)
@@ -162,7 +173,9 @@ def load_engine(*, model: str = "tiny", checkpoint: str | None = None, device=No
     t = time.perf_counter()
     dec = load_decoder_arg(decoder, debug)
     try:
-        engine = Engine.load(checkpoint, model=model, device=dev, dtype=DTYPES[dtype] if dtype else None, seed=seed,
+        # threads: what set_threads (or torch) decided, so Engine.load's own default does not override --threads
+        engine = Engine.load(checkpoint, model=model, device=dev, dtype=dtype, seed=seed,
+                             threads=torch.get_num_threads() if dev.type == "cpu" else None,
                              resolution=resolution, cuda_graphs=cuda_graphs, decoder=dec, vae=vae,
                              audio_encoder=audio_encoder, text=text, mask=mask)
     except (ValueError, TypeError, OSError, KeyError, ImportError) as exc:

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from lipforcing.cli import UserError
+from lipforcing.cli import Interrupted, UserError
 from lipforcing.cli._common import (DTYPES, PRESETS, add_decoder_arg, check_checkpoint, check_device,
                                     check_resolution, load_engine, progress, seed_arg, set_threads)
 
@@ -107,7 +107,7 @@ def _resample_fps(frames: np.ndarray, fps: float) -> np.ndarray:
 
 
 def run(args) -> int:
-    from lipforcing.media import MediaError, VideoWriter, check_output_file, read_video
+    from lipforcing.media import MediaError, VideoWriter, check_not_input, check_output_file, read_video
     from lipforcing.profiling import StageTimer, summarize_chunks
 
     # cheap checks first: files, options, output folder
@@ -116,8 +116,10 @@ def run(args) -> int:
     if args.audio is not None and not os.path.exists(args.audio):
         raise UserError(f"{args.audio}: no such file (check the --audio path)")
     out = os.path.abspath(args.output)
-    if os.path.abspath(args.video) == out or (args.audio and os.path.abspath(args.audio) == out):
-        raise UserError(f"-o {args.output}: would overwrite an input file; choose another output path")
+    try:      # real paths and inodes: a symlink or hard link to an input is the input
+        check_not_input(out, {"--video": args.video, "--audio": args.audio, "--checkpoint": args.checkpoint})
+    except MediaError as exc:
+        raise UserError(str(exc)) from None
     check_output_file(out)
     dev = check_device(args.device)
     check_checkpoint(args.checkpoint)
@@ -197,9 +199,16 @@ def run(args) -> int:
                 drain()
             session.end_of_speech()
             drain()
+    except KeyboardInterrupt:       # Ctrl-C / SIGTERM: the frames so far stay in a playable partial file
+        kept = writer.abort()
+        raise Interrupted(f"interrupted after {writer.frames} of {n_out} frames; "
+                          + (f"partial output kept as {kept}" if kept else "nothing written")) from None
+    except BaseException:
+        writer.abort()
+        raise
     finally:
-        writer.close()
         del engine.stage
+    writer.close()                  # complete: out.partial.mp4 becomes the output
     wall = time.perf_counter() - t0
     chunks = timer.chunks()
     summary = summarize_chunks(engine, chunks) if chunks else None
