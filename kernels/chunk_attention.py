@@ -366,11 +366,10 @@ def _s3(t):
 
 
 def workspace_for(k_cache: torch.Tensor, chunk_size: int):
-    """The RollingKVCache workspace shared by caches shaped like ``k_cache`` (created on first use)."""
-    from lipforcing.cache import _workspace
+    """The ChunkWorkspace of the RollingKVCache that owns ``k_cache`` (lipforcing.cache.workspace_of)."""
+    from lipforcing.cache import workspace_of
 
-    B, slots, H, D = k_cache.shape
-    return _workspace(B, slots, chunk_size, H, D, k_cache.dtype, k_cache.device)
+    return workspace_of(k_cache, chunk_size)
 
 
 def rope_rows_triton(x, out, pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h, grid_w, *,

@@ -9,15 +9,18 @@ from lipforcing import _checks
 
 
 class ChunkWorkspace:
-    """Scratch buffers of the dense chunk step, shared by every cache of the same shape, dtype and device (the
-    layers of a model run one after another on one stream, so one set serves them all).  Allocated when the
-    first such cache is built, never inside a step.
+    """Scratch buffers of the dense chunk step (rotated q/k for dynamic RoPE, the staged post-write view for the
+    library backends, their key counts).  Allocated once, never inside a step.  One workspace may serve every
+    cache of one stream (the layers run one after another); caches used concurrently (other threads or streams)
+    need their own: give the caches of each stream one ``ChunkWorkspace(batch, sink + window, chunk_size, heads,
+    head_dim, dtype, device)`` (``RollingKVCache(..., workspace=ws)``), as the student model does per StreamState.  Without one, caches of the same shape share a process-wide workspace.
 
     ``k``/``v`` (B, sink + window, H, D): the keys (rotated for dynamic RoPE) and values of the slots as the
     attention sees them; ``q``/``kc`` (B, chunk, H, D): the rotated queries and current keys; ``count`` (B,)
     int32 and ``mask`` (B, 1, 1, sink + window) bool: how many slots a dense backend reads."""
 
-    def __init__(self, batch, slots, chunk, heads, head_dim, dtype, device):
+    def __init__(self, batch: int, slots: int, chunk: int, heads: int, head_dim: int, dtype: torch.dtype, device):
+        self.key = (batch, slots, chunk, heads, head_dim, dtype)
         big, small = (batch, slots, heads, head_dim), (batch, chunk, heads, head_dim)
         self.k = torch.zeros(big, dtype=dtype, device=device)
         self.v = torch.zeros(big, dtype=dtype, device=device)
@@ -27,16 +30,37 @@ class ChunkWorkspace:
         self.slot_index = torch.arange(slots, dtype=torch.int32, device=device)
         self.mask = torch.zeros(batch, 1, 1, slots, dtype=torch.bool, device=device)
 
+    @classmethod
+    def like(cls, cache: "RollingKVCache") -> "ChunkWorkspace":
+        """A new workspace for caches shaped like ``cache``."""
+        return cls(cache.batch, cache.slots, cache.chunk_size, cache.heads, cache.head_dim, cache.dtype,
+                   cache.device)
 
-_WORKSPACES: "weakref.WeakValueDictionary[tuple, ChunkWorkspace]" = weakref.WeakValueDictionary()
+    def fits(self, k_cache: torch.Tensor, chunk: int) -> bool:
+        B, slots, H, D = k_cache.shape
+        return self.key == (B, slots, chunk, H, D, k_cache.dtype) and self.k.device == k_cache.device
 
 
-def _workspace(batch, slots, chunk, heads, head_dim, dtype, device) -> ChunkWorkspace:
-    key = (batch, slots, chunk, heads, head_dim, dtype, torch.device(device) if device is not None else None)
-    ws = _WORKSPACES.get(key)
+_SHARED: "weakref.WeakValueDictionary[tuple, ChunkWorkspace]" = weakref.WeakValueDictionary()
+_BY_BUFFER: dict[int, ChunkWorkspace] = {}  # k buffer address of a live cache -> its workspace
+
+
+def _shared_workspace(batch, slots, chunk, heads, head_dim, dtype, device) -> ChunkWorkspace:
+    key = (batch, slots, chunk, heads, head_dim, dtype, torch.device(device))
+    ws = _SHARED.get(key)
     if ws is None:
         ws = ChunkWorkspace(batch, slots, chunk, heads, head_dim, dtype, device)
-        _WORKSPACES[key] = ws
+        _SHARED[key] = ws
+    return ws
+
+
+def workspace_of(k_cache: torch.Tensor, chunk: int) -> ChunkWorkspace:
+    """The workspace of the cache that owns the buffer ``k_cache`` (the backends get tensors, not the cache), or
+    the shared one of its shape (a copy of a cache's buffers, e.g. a snapshot, has no owner)."""
+    ws = _BY_BUFFER.get(k_cache.data_ptr())
+    if ws is None or not ws.fits(k_cache, chunk):
+        B, slots, H, D = k_cache.shape
+        ws = _shared_workspace(B, slots, chunk, H, D, k_cache.dtype, k_cache.device)
     return ws
 
 
@@ -68,10 +92,12 @@ class RollingKVCache:
         sink tokens.
     dtype, device
         Storage dtype (float32, float16 or bfloat16) and device of the buffers.
+    workspace : optional ChunkWorkspace shared with the other caches of the same stream (see ChunkWorkspace);
+        default: the process-wide one of this shape.
     """
 
     def __init__(self, batch: int, heads: int, head_dim: int, *, chunk_size: int, window: int, sink: int = 0,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, workspace: ChunkWorkspace | None = None):
         for name, v in (("batch", batch), ("heads", heads), ("head_dim", head_dim)):
             _checks.positive_int(name, v)
         if window is None:
@@ -88,7 +114,15 @@ class RollingKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.pos = torch.zeros(1, dtype=torch.int64, device=device)
-        self.workspace = _workspace(batch, sink + window, chunk_size, heads, head_dim, dtype, self.k.device)
+        if workspace is None:
+            workspace = _shared_workspace(batch, sink + window, chunk_size, heads, head_dim, dtype, self.k.device)
+        elif not isinstance(workspace, ChunkWorkspace) or not workspace.fits(self.k, chunk_size):
+            raise ValueError("workspace must be a ChunkWorkspace made for this cache's shape, dtype and device "
+                             "(ChunkWorkspace.like(cache))")
+        self.workspace = workspace
+        ptr = self.k.data_ptr()
+        _BY_BUFFER[ptr] = workspace
+        weakref.finalize(self, _BY_BUFFER.pop, ptr, None)
         # Host-side bookkeeping (no device reads): writes since construction, resets, and the length of the last
         # chunk written when it was short (the stream must end there).
         self.writes = 0

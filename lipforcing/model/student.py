@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lipforcing import ops
-from lipforcing.cache import RollingKVCache
+from lipforcing.cache import ChunkWorkspace, RollingKVCache
 from lipforcing.config import ModelConfig
 from lipforcing.model.layers import frame_timesteps, patchify
 from lipforcing.model.network import LipSyncDiT
@@ -136,9 +136,13 @@ class CausalLipSyncDiT(LipSyncDiT):
         c = self.config
         tpf = grid[0] * grid[1]
         sink = c.sink_frames if c.window_frames is not None else 0
-        state.caches = [RollingKVCache(state.batch, c.num_heads, c.head_dim, chunk_size=c.chunk_frames * tpf,
-                                       window=state.window_frames * tpf, sink=sink * tpf, dtype=state.dtype,
-                                       device=state.device) for _ in self.blocks]
+        chunk, window = c.chunk_frames * tpf, state.window_frames * tpf
+        # one scratch workspace per stream, shared by its layers: streams stepped concurrently never share one
+        ws = ChunkWorkspace(state.batch, sink * tpf + window, chunk, c.num_heads, c.head_dim, state.dtype,
+                            state.device)
+        state.caches = [RollingKVCache(state.batch, c.num_heads, c.head_dim, chunk_size=chunk, window=window,
+                                       sink=sink * tpf, dtype=state.dtype, device=state.device, workspace=ws)
+                        for _ in self.blocks]
         state.grid = grid
         state.rope = self.rope_table(grid, sink + state.window_frames, state.device)
 

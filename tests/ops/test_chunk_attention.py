@@ -316,6 +316,23 @@ def test_cache_layout_holds_a_whole_window():
     assert cache.workspace is lipforcing.RollingKVCache(2, 3, 8, chunk_size=4, window=12, sink=5).workspace
 
 
+def test_streams_with_their_own_workspace():
+    """Caches given their own ChunkWorkspace (one per concurrently stepped stream) use it, not the shared one;
+    a copy of a cache's buffers (a snapshot) falls back to the shared one; a workspace of another shape is
+    refused."""
+    from lipforcing.cache import ChunkWorkspace, workspace_of
+
+    kw = dict(chunk_size=4, window=12, sink=5)
+    shared = lipforcing.RollingKVCache(2, 3, 8, **kw)
+    ws = ChunkWorkspace(2, 17, 4, 3, 8, torch.float32, "cpu")
+    own = lipforcing.RollingKVCache(2, 3, 8, workspace=ws, **kw)
+    assert own.workspace is ws and shared.workspace is not ws
+    assert workspace_of(own.k, 4) is ws and workspace_of(shared.k, 4) is shared.workspace
+    assert workspace_of(own.k.clone(), 4) is shared.workspace
+    with pytest.raises(ValueError, match=r"workspace must be a ChunkWorkspace made for this cache's shape"):
+        lipforcing.RollingKVCache(2, 3, 8, chunk_size=4, window=8, sink=5, workspace=ws)
+
+
 def test_reset_leaves_a_new_cache():
     """Issue 13: stale values (a NaN included) must not survive reset()."""
     B, H, D, chunk, window, sink = 1, 2, 8, 4, 12, 3
