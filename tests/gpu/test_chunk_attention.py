@@ -167,3 +167,27 @@ def test_triton_backward_vs_reference(dtype, use_rope):
         err = (grads["tri"][i].float() - grads["ref"][i]).abs().max().item()
         err_pt = (grads["plain"][i].float() - grads["ref"][i]).abs().max().item()
         assert err <= 2 * err_pt + FLOOR[dtype], f"d{name} {dtype}: error {err} vs plain PyTorch {err_pt}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_tensors_on_another_device_than_the_current_one(backend):
+    """Device guard: tensors on cuda:1 while cuda:0 is current run on cuda:1 (forward, write, backward)."""
+    dtype, D = torch.float16, 64
+    why = _can_run(backend, dtype, D)
+    if why:
+        pytest.skip(why)
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    cache = RollingKVCache(1, 2, D, chunk_size=32, window=64, sink=16, dtype=dtype, device=dev)
+    ref_cache = RollingKVCache(1, 2, D, chunk_size=32, window=64, sink=16, dtype=torch.float32, device=dev)
+    for _ in range(4):
+        q, k, v = (torch.randn(1, 32, 2, D, device=dev, dtype=dtype) for _ in range(3))
+        out = chunk_attention(q, k, v, cache, write=True, backend=backend)
+        ref = chunk_attention(q.float(), k.float(), v.float(), ref_cache, write=True, backend="reference")
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = chunk_attention(*leaves, cache, write=False, backend="triton")
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    assert all(g.device == dev and g.isfinite().all() for g in grads)
+    assert torch.cuda.current_device() == 0
