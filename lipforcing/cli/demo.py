@@ -1,9 +1,11 @@
 """``lipforcing demo``: the main job end to end on a synthetic input, in well under a minute on a CPU.
 
-It draws a short face clip (an oval face with eyes and a mouth), synthesises speech-like audio (voiced, formant-
-shaped syllables with pauses), streams the audio through a :class:`lipforcing.Session` of the embedded default
-model in 20 ms pieces exactly like a real-time host would, writes the frames it gets back, with their audio, to
-``demo.mp4`` (synthetic input on the left, model output on the right) and prints a profile summary.
+It draws a short face clip (an oval face with eyes and a mouth) moving inside a 640x360 frame, synthesises
+speech-like audio (voiced, formant-shaped syllables with pauses), streams the audio through a
+:class:`lipforcing.Session` of the embedded default model in 20 ms pieces exactly like a real-time host would (the
+session detects, tracks and aligns the face, and pastes the generated mouth back into the full frames), writes the
+frames it gets back, with their audio, to ``demo.mp4`` (input on the left, output on the right, both at the
+640x360 original resolution) and prints a profile summary.
 
 The embedded default model is the ``tiny`` preset with fixed random weights (seed 0): it is untrained, so the
 right half of the video is not lip sync; the demo shows the pipeline and its speed.  Trained students run through
@@ -25,7 +27,8 @@ HELP = ("stream a synthetic face clip and speech through the embedded default mo
         "profile summary")
 
 DEFAULT_RESOLUTION = 64      # face-crop size of the demo (the tiny preset works at any multiple of 16)
-DISPLAY_SIZE = 256           # each half of demo.mp4 is upscaled (nearest) to this size
+FRAME_SIZE = (360, 640)      # (H, W) of the synthetic input video; demo.mp4 shows input | output at this size
+FACE_SIZE = 200              # side of the drawn face clip placed in it
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -40,8 +43,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_decoder_arg(p)
 
 
-def _upscale(img: np.ndarray, k: int) -> np.ndarray:
-    return img if k == 1 else np.repeat(np.repeat(img, k, axis=0), k, axis=1)
+def _in_frames(faces: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Place a (N, s, s, 3) face clip into (N, H, W, 3) frames on a soft gradient, drifting slowly sideways."""
+    H, W = size
+    s = faces.shape[1]
+    y = np.linspace(0, 1, H)[:, None, None]
+    x = np.linspace(0, 1, W)[None, :, None]
+    bg = (np.array([70.0, 80.0, 95.0]) * (1 - x) + np.array([150.0, 140.0, 120.0]) * x) * (0.8 + 0.2 * y)
+    out = np.empty((len(faces), H, W, 3), np.uint8)
+    out[:] = bg.astype(np.uint8)
+    for i, f in enumerate(faces):
+        x0 = int(W / 2 - s / 2 + 0.15 * W * np.sin(2 * np.pi * i / 100))
+        y0 = (H - s) // 2
+        out[i, y0:y0 + s, x0:x0 + s] = f
+    return out
 
 
 def run(args) -> int:
@@ -69,9 +84,11 @@ def run(args) -> int:
     pcm = synthetic_speech(args.seconds, 16000, seed=args.seed)
     # the reference clip: a face talking to *other* speech (the job: re-dub it to the new audio)
     other = frame_loudness(synthetic_speech(args.seconds, 16000, seed=args.seed + 1), n_frames)
-    reference = synthetic_face_clip(n_frames, res, mouth_open=other, seed=args.seed)
-    print(f"  input: {args.seconds:g} s of synthetic speech (16 kHz) and a {n_frames}-frame {res[0]}x{res[1]} "
-          f"synthetic face clip; model: {engine.config.num_layers} blocks, dim {engine.config.dim}, on {engine.device}")
+    reference = _in_frames(synthetic_face_clip(n_frames, FACE_SIZE, mouth_open=other, seed=args.seed), FRAME_SIZE)
+    print(f"  input: {args.seconds:g} s of synthetic speech (16 kHz) and a {n_frames}-frame {FRAME_SIZE[1]}x"
+          f"{FRAME_SIZE[0]} synthetic face video (the face is tracked, aligned to {res[1]}x{res[0]} crops and the "
+          f"generated mouth pasted back); model: {engine.config.num_layers} blocks, dim {engine.config.dim}, on "
+          f"{engine.device}")
 
     plan = StreamPlan(engine.first_chunk_frames, engine.chunk_frames, engine.lookahead_samples)
     # warm-up (excluded from the numbers): one chunk on a throwaway session
@@ -84,21 +101,23 @@ def run(args) -> int:
     warm_s = time.perf_counter() - t
 
     chunks = 1 + max(0, -(-(n_frames - plan.first) // plan.per))
-    k = max(1, DISPLAY_SIZE // max(res))
     timer = StageTimer(engine.device)
     engine.stage = timer
     try:
-        writer = VideoWriter(args.output, width=2 * res[1] * k, height=res[0] * k, fps=25, sample_rate=16000)
+        writer = VideoWriter(args.output, width=2 * FRAME_SIZE[1], height=FRAME_SIZE[0], fps=25, sample_rate=16000)
     except MediaError as exc:
         raise UserError(str(exc)) from exc
 
     def on_frame(frame):
         left = reference[face.pingpong_index(frame.index, len(reference))]
-        writer.write(np.concatenate([_upscale(left, k), _upscale(frame.image, k)], axis=1), audio=frame.audio)
+        writer.write(np.concatenate([left, frame.image], axis=1), audio=frame.audio)
 
+    t = time.perf_counter()
+    session = engine.session(reference, seed=args.seed)          # detects, tracks and aligns the face (once)
+    track_ms = 1e3 * (time.perf_counter() - t) / len(reference)
     try:
         with progress(n_frames, "streaming") as bar:
-            with engine.session(reference, seed=args.seed) as session:
+            with session:
                 stream = stream_utterance(session, pcm, plan, chunks, bar=bar, on_frame=on_frame)
     finally:
         writer.close()
@@ -109,8 +128,8 @@ def run(args) -> int:
     lat = summary["chunk_latency_ms"]
     fps = stream.frames / stream.wall_s
     print(f"\nwrote {args.output}: {writer.frames} frames, {writer.width}x{writer.height}, 25 fps, "
-          f"{writer.samples / 16000:.2f} s of audio (left: the synthetic input face, right: the model output, "
-          f"upscaled {k}x)")
+          f"{writer.samples / 16000:.2f} s of audio (left: the synthetic input video, right: the output, the model's "
+          f"{res[1]}x{res[0]} mouth pasted back)")
     print(f"\nprofile (tiny preset, {res[0]}x{res[1]}, {engine.device}, {torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() != 1 else ''}; "
           f"engine load {load_s:.2f} s and a {warm_s:.2f} s warm-up chunk excluded):")
     print(f"  {'frames':<24}{stream.frames:>12}   in {chunks} chunks (first {plan.first} frames, then {plan.per})")
@@ -119,6 +138,8 @@ def run(args) -> int:
     print(f"  {'time to first frame':<24}{stream.first_frame_s:>10.3f} s   compute after the first chunk's audio "
           f"(+ {engine.latency_report()['first_chunk_audio_ms'] / 1e3:.3f} s of audio buffering)")
     print(f"  {'chunk latency':<24}{lat['p50']:>9.1f} ms   p50; p90 {lat['p90']:.1f}, p99 {lat['p99']:.1f} ms")
+    print(f"  {'face tracking':<24}{track_ms:>9.1f} ms   per reference frame, once when the session opens "
+          "(detection, landmarks, smoothing; not in the FPS)")
     print(f"  {'stage':<24}{'ms/chunk':>12}{'share':>9}")
     for name, st in summary["stages"].items():
         print(f"  {name:<24}{st['mean_ms_per_chunk']:>12.2f}{100 * st['share']:>8.1f}%")

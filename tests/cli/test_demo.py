@@ -16,7 +16,7 @@ def test_demo_writes_a_playable_mp4(tmp_path, capsys):
         assert float(a.duration * a.time_base) == pytest_approx(1.0)
         frames = [f.to_ndarray(format="rgb24") for f in c.decode(v)]
     assert len(frames) == 25
-    assert frames[0].shape[1] == 2 * frames[0].shape[0]          # input | output side by side
+    assert frames[0].shape == (360, 2 * 640, 3)                  # input | output side by side, 640x360 each
     assert np.stack(frames).std() > 1
     text = capsys.readouterr().out
     assert "RANDOM WEIGHTS" in text and "NOT real lip sync" in text
