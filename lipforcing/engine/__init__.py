@@ -4,7 +4,7 @@
 
     engine = lipforcing.Engine.load("student.safetensors", model="1.3b", device="cuda", vae="Wan2.1_VAE.pth",
                                     audio_encoder="wav2vec2-base-960h/", text="prompt_embedding.pt")
-    sess = engine.session(face_frames)          # (N, 512, 512, 3) uint8 aligned face crops, or a video path
+    sess = engine.session(video_frames)         # (N, H, W, 3) uint8 of any size (face stage), or a video path
     sess.push_audio(pcm)                        # int16 / float32 mono, any length, any number of times
     for frame in sess.frames():                 # non-blocking: the frames that are ready now
         show(frame.image, frame.pts); play(frame.audio)
@@ -23,12 +23,15 @@ afterwards (``Engine.first_chunk_frames``, ``Engine.chunk_frames``).  A chunk is
 audio front end's lookahead have arrived (``Engine.latency_report()``).  Per chunk (paper, section 5):
 
   1. ``audio_features``  the front end's streaming features of the chunk's frames -> (1, 3, 4, audio_dim)
+  1b. ``face_align``     full-frame references only: cut the chunk's aligned crops (the face was tracked once, when
+                         the session opened; :mod:`lipforcing.engine.reference`)
   2. ``vae_encode``      the chunk's reference frames (ping-ponged when the reference is shorter than the speech),
                          unmasked and mouth-masked, through one streaming VAE encoder (batch of 2)
   3. ``dit_pass_1``      velocity at t = 0.999 of pure noise eps(seed, 2k) (counter-based, no host sync)
   4. ``denoise_update``  x0 = x - 0.999 v; re-noise to t = 0.769 with eps(seed, 2k + 1)
   5. ``dit_pass_2``      velocity at t = 0.769, then ``denoise_update`` again (t_next = 0) for x0
   6. ``vae_decode``      streaming decode of x0 to frames (uint8, moved to the host)
+  6b. ``paste_back``     full-frame references only: the generated crops composited into their reference frames
   7. ``cache_write``     a third pass on the clean x0 at t = 0 writes the chunk's K/V into the rolling cache
 
 Threads.  Nothing is computed in the caller's thread: ``push_audio`` validates, resamples and buffers;
