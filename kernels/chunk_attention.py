@@ -20,7 +20,7 @@ capturable).  The log-sum-exp is stored for the backward.
 
 Dynamic RoPE is *outside* the attention loop: ``_rope_rows_kernel`` rotates the queries and current keys once per
 step and ``_rope_slots_kernel`` the cache keys (at their window-relative frame for this chunk) into the cache's
-shared workspace; the attention then reads plain K tiles.  The same slot kernel can also materialise the whole
+workspace (lipforcing.cache.ChunkWorkspace); the attention then reads plain K tiles.  The same slot kernel can also materialise the whole
 post-write view (K and V, the chunk overlaid on its target slots) for the dense library backends.
 
 Backward (``write=False``): FlashAttention-2 backward from the saved log-sum-exp -- ``_chunk_bwd_dq_kernel``

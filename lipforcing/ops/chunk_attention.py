@@ -223,7 +223,7 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: Ro
         the cache holds un-rotated keys; q and every key are rotated with *window-relative* time positions (sink
         frames first, then the window in order) and their height/width positions.  chunk_size, window and sink
         must then be whole frames.  The fast backends rotate once per step (q and the visible keys, in a small
-        pass into the cache's shared workspace), never inside the attention loop.
+        pass into the cache's workspace), never inside the attention loop.
     scale : softmax scale, default ``head_dim ** -0.5``; finite and > 0.
     backend : ``"auto" | "cuda" | "triton" | "reference" | "flash_attn" | "cudnn"`` (the last two: the
         flash-attn package and PyTorch SDPA's cuDNN kernel on the dense step; full chunks on CUDA only).

@@ -8,7 +8,7 @@ keys the chunk sees (RollingKVCache: the sink fills first, the ring holds a whol
 
 * ``write=True``: the chunk is stored in the cache first and the cache itself is that buffer;
 * ``write=False``: the cache slots *as they would be after the write* (the chunk overlaid on the slots it would
-  overwrite) are materialised into the cache's shared workspace -- one copy pass, no change to the cache;
+  overwrite) are materialised into the cache's workspace -- one copy pass, no change to the cache;
 * dynamic RoPE: q and the keys are rotated once per step into the workspace (Triton passes of
   lipforcing.kernels.chunk_attention), so the libraries see plain attention.
 
