@@ -17,16 +17,14 @@ import argparse
 import time
 
 import numpy as np
-import torch
 
-from lipforcing.cli import UserError
+from lipforcing.cli import Interrupted, UserError
 from lipforcing.cli._common import (add_decoder_arg, check_device, check_resolution, load_engine, progress,
-                                    seed_arg)
+                                    seed_arg, set_threads)
 
 HELP = ("stream a synthetic face clip and speech through the embedded default model, write demo.mp4 and print a "
         "profile summary")
 
-DEFAULT_RESOLUTION = 64      # face-crop size of the demo (the tiny preset works at any multiple of 16)
 FRAME_SIZE = (360, 640)      # (H, W) of the synthetic input video; demo.mp4 shows input | output at this size
 FACE_SIZE = 200              # side of the drawn face clip placed in it
 
@@ -34,10 +32,10 @@ FACE_SIZE = 200              # side of the drawn face clip placed in it
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="demo.mp4", help="output video (default demo.mp4)")
     p.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic speech (default 4)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION,
-                   help=f"face-crop size the model works at (default {DEFAULT_RESOLUTION})")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="face-crop size the model works at (default: the tiny preset's, 32, as in sync and profile)")
+    p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default 1: the tiny model's tensors are too small to split)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the synthetic input and the noise")
     add_decoder_arg(p)
@@ -60,6 +58,8 @@ def _in_frames(faces: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def run(args) -> int:
+    import torch
+
     from lipforcing import face
     from lipforcing.media import (MediaError, VideoWriter, check_output_file, frame_loudness, synthetic_face_clip,
                                   synthetic_speech)
@@ -67,12 +67,10 @@ def run(args) -> int:
 
     if not (0.2 <= args.seconds <= 600):
         raise UserError(f"--seconds must be between 0.2 and 600, got {args.seconds}")
-    if args.threads < 1:
-        raise UserError(f"--threads must be >= 1, got {args.threads}")
     check_output_file(args.output)
-    check_device(args.device)
+    dev = check_device(args.device)
     check_resolution(args.resolution)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads, "tiny", dev)
     print("lipforcing demo: the embedded default model is the tiny preset with FIXED RANDOM WEIGHTS (untrained).\n"
           "  The output is NOT real lip sync: the demo shows the streaming pipeline and its speed.  For real output\n"
           "  run `lipforcing sync --video face.mp4 --audio speech.wav --checkpoint student.safetensors --model 1.3b`.")
@@ -119,9 +117,16 @@ def run(args) -> int:
         with progress(n_frames, "streaming") as bar:
             with session:
                 stream = stream_utterance(session, pcm, plan, chunks, bar=bar, on_frame=on_frame)
+    except KeyboardInterrupt:       # Ctrl-C / SIGTERM: the frames so far stay in a playable partial file
+        kept = writer.abort()
+        raise Interrupted(f"interrupted after {writer.frames} of {n_frames} frames; "
+                          + (f"partial output kept as {kept}" if kept else "nothing written")) from None
+    except BaseException:
+        writer.abort()
+        raise
     finally:
-        writer.close()
         del engine.stage
+    writer.close()
     summary = summarize_chunks(engine, timer.chunks())
     total_s = time.perf_counter() - t_start
 
