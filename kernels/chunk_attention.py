@@ -11,8 +11,9 @@ not depend on key order, so the step needs no causal mask:
   chunk's own k, v; the slots the chunk would overwrite hold tokens it must not see and are masked.
 
 A slot is visible when it holds a sink token or a token ``>= lo = max(pos + chunk - W, S)``: a column mask,
-applied by *selection* (masked loads and ``where``), so a NaN in an invisible slot never reaches the output.  For
-full chunks only the stale slots of ``write=False`` and the tail of the last tile are masked.
+applied by *selection* (masked loads and ``where``), so a NaN in an invisible slot never reaches the output.  A
+full chunk after its write needs no slot mask at all (only the tail of the last tile); ``write=False`` masks the
+stale slots, a short last chunk the oldest window slots.
 
 Algorithm of the attention: FlashAttention-2 forward (Dao, 2023) -- one program per (query tile, batch*head),
 online softmax in base 2 with fp32 accumulators; ``pos`` is read from device memory (no host sync, CUDA-graph
@@ -164,11 +165,12 @@ def _chunk_attention_fwd_kernel(
     Q, KS, VS, KN, VN, POS, OUT, LSE,
     sqb, sqm, sqh, sksb, sksm, sksh, svsb, svsm, svsh, sknb, sknm, sknh, svnb, svnm, svnh, sob, som, soh,
     H, N_TOK, FILLED_ADD, CHUNK, WINDOW, SINK, qk_scale,
-    HEAD_DIM: tl.constexpr, WRITTEN: tl.constexpr, STORE_LSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, WRITTEN: tl.constexpr, MASK_SLOTS: tl.constexpr, STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Queries (Q, already rotated with RoPE) against the visible slots of (KS, VS) and -- unless WRITTEN (the
-    chunk is already in the cache) -- the chunk's own keys (KN, VN)."""
+    chunk is already in the cache) -- the chunk's own keys (KN, VN).  Without MASK_SLOTS (a full chunk already
+    written) every slot below the written count is visible: only the tail of the last tile is masked."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -193,8 +195,11 @@ def _chunk_attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(0, n_slots, BLOCK_N):
         s_idx = start + offs_n
-        _, vis = _slot_tokens(s_idx, filled, lo, SINK, WINDOW)
-        vis = vis & (s_idx < n_slots)
+        if MASK_SLOTS:
+            _, vis = _slot_tokens(s_idx, filled, lo, SINK, WINDOW)
+            vis = vis & (s_idx < n_slots)
+        else:
+            vis = s_idx < n_slots
         m = vis[:, None] & d_ok[None, :]
         k = tl.load(k_base + s_idx[:, None] * sksm + d[None, :], mask=m, other=0.0)
         v = tl.load(v_base + s_idx[:, None] * svsm + d[None, :], mask=m, other=0.0)
@@ -432,7 +437,7 @@ def _attend(q_eff, ks, vs, kn, vn, pos, out, lse, n, chunk_size, window, sink, s
         q_eff, ks, vs, kn, vn, pos, out, lse if lse is not None else pos,
         *_s3(q_eff), *_s3(ks), *_s3(vs), *_s3(kn), *_s3(vn), *_s3(out),
         H, n, n if written else 0, chunk_size, window, sink, scale * LOG2E,
-        HEAD_DIM=D, WRITTEN=written, STORE_LSE=lse is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HEAD_DIM=D, WRITTEN=written, MASK_SLOTS=not (written and n == chunk_size), STORE_LSE=lse is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=block_d(D), DOT_PRECISION=torch_to_dot_precision(q_eff.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
