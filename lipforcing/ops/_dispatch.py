@@ -12,8 +12,8 @@ is *applicable* only to CUDA tensors (the Triton interpreter is used on CPU tens
 An implementation module may define ``<fn>_unsupported(*args, **kwargs) -> str | None`` next to ``<fn>``: it gets
 the op's arguments and returns why it cannot handle them (dtype, head_dim, ...), or ``None``.
 
-``LIPFORCING_BACKEND`` (``auto | cuda | triton | reference | flash_attn | cudnn``) replaces ``backend="auto"`` in every call; an
-explicit ``backend=`` argument wins over the environment.
+``LIPFORCING_BACKEND`` (``auto | cuda | triton | reference | flash_attn | cudnn``) replaces ``backend="auto"`` in
+every call; an explicit ``backend=`` argument wins over the environment.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import importlib
 import json
 import logging
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
