@@ -21,8 +21,9 @@ capturable).  The log-sum-exp is stored for the backward.
 
 Dynamic RoPE is *outside* the attention loop: ``_rope_rows_kernel`` rotates the queries and current keys once per
 step and ``_rope_slots_kernel`` the cache keys (at their window-relative frame for this chunk) into the cache's
-workspace (lipforcing.cache.ChunkWorkspace); the attention then reads plain K tiles.  The same slot kernel can also materialise the whole
-post-write view (K and V, the chunk overlaid on its target slots) for the dense library backends.
+workspace (lipforcing.cache.ChunkWorkspace); the attention then reads plain K tiles.  The same slot kernel can
+also materialise the whole post-write view (K and V, the chunk overlaid on its target slots) for the dense
+library backends.
 
 Backward (``write=False``): FlashAttention-2 backward from the saved log-sum-exp -- ``_chunk_bwd_dq_kernel``
 walks the keys per query tile, ``_chunk_bwd_dkdv_kernel`` the queries per current-chunk key tile (the cache is a
@@ -437,7 +438,8 @@ def _attend(q_eff, ks, vs, kn, vn, pos, out, lse, n, chunk_size, window, sink, s
         q_eff, ks, vs, kn, vn, pos, out, lse if lse is not None else pos,
         *_s3(q_eff), *_s3(ks), *_s3(vs), *_s3(kn), *_s3(vn), *_s3(out),
         H, n, n if written else 0, chunk_size, window, sink, scale * LOG2E,
-        HEAD_DIM=D, WRITTEN=written, MASK_SLOTS=not (written and n == chunk_size), STORE_LSE=lse is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HEAD_DIM=D, WRITTEN=written, MASK_SLOTS=not (written and n == chunk_size), STORE_LSE=lse is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_D=block_d(D), DOT_PRECISION=torch_to_dot_precision(q_eff.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -13,7 +13,8 @@ class ChunkWorkspace:
     library backends, their key counts).  Allocated once, never inside a step.  One workspace may serve every
     cache of one stream (the layers run one after another); caches used concurrently (other threads or streams)
     need their own: give the caches of each stream one ``ChunkWorkspace(batch, sink + window, chunk_size, heads,
-    head_dim, dtype, device)`` (``RollingKVCache(..., workspace=ws)``), as the student model does per StreamState.  Without one, caches of the same shape share a process-wide workspace.
+    head_dim, dtype, device)`` (``RollingKVCache(..., workspace=ws)``), as the student model does per
+    StreamState.  Without one, caches of the same shape share a process-wide workspace.
 
     ``k``/``v`` (B, sink + window, H, D): the keys (rotated for dynamic RoPE) and values of the slots as the
     attention sees them; ``q``/``kc`` (B, chunk, H, D): the rotated queries and current keys; ``count`` (B,)
