@@ -37,7 +37,7 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 def plot_curves(out: Path, *, keys=None, path=None, smooth: int = 0) -> Path | None:
-    """Plot every ``*loss*`` metric (or ``keys``) of ``out/metrics.jsonl`` against the iteration into
+    """Plot every ``*loss*``, ``*psnr*``, ``acc*`` and ``*gain`` metric (or ``keys``) of ``out/metrics.jsonl`` against the iteration into
     ``out/curves.png`` (log scale when all values are positive; a moving average of ``smooth`` points drawn on
     top).  Returns the PNG's path, or None without metrics or matplotlib."""
     rows = read_metrics(out)
@@ -51,7 +51,8 @@ def plot_curves(out: Path, *, keys=None, path=None, smooth: int = 0) -> Path | N
     except ImportError:  # pragma: no cover - matplotlib is in the media/test extras
         return None
     names = keys or sorted({k for r in rows for k, v in r.items()
-                            if ("loss" in k or "psnr" in k or k.startswith("acc")) and isinstance(v, (int, float))})
+                            if ("loss" in k or "psnr" in k or k.startswith("acc") or k.endswith("gain"))
+                            and isinstance(v, (int, float))})
     if not names:
         return None
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), squeeze=False)
