@@ -504,3 +504,31 @@ def test_auto_with_autograd_prefers_a_forward_that_saves_the_lse(monkeypatch):
     ops.chunk_attention(x, x, x, cache, write=False)
     ops.chunk_attention(x.requires_grad_(), x, x, cache, write=False)
     assert chosen[0][1] == tuple(mod._IMPLS) and chosen[1][1] == ("triton", "reference")
+
+
+def test_dispatch_table_from_a_benchmark_run():
+    """bench/update_dispatch_table.py ranks our backends by their time relative to the fastest per shape (a
+    backend that missed a shape last), ignoring baselines and RoPE variants, and replaces only the matching table
+    rows."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "update_dispatch_table.py"
+    spec = importlib.util.spec_from_file_location("update_dispatch_table", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    t = torch.rand(4).add(1.0).tolist()
+    shapes = [dict(Lq=3072, Lk=7168, H=12, D=128), dict(Lq=3072, Lk=7168, H=40, D=128)]
+    rows = [dict(op="chunk_attention", backend=b, shape=s, dtype="bfloat16", median_us=us * (1 + i))
+            for i, s in enumerate(shapes)
+            for b, us in (("cuda", 30 * t[0]), ("triton", 10 * t[1]), ("flash_attn", 20 * t[2]),
+                          ("sdpa_flash", 1.0), ("triton_rope", 1.0))]
+    rows.append(dict(op="chunk_attention", backend="cudnn", shape=shapes[0], dtype="bfloat16", median_us=0.5))
+    (entry,) = tool.rank(rows, "sm_90", "run.json")
+    assert entry["order"][:3] == ["triton", "flash_attn", "cuda"] and entry["order"][-1] == "cudnn"
+    assert (entry["op"], entry["arch"], entry["dtype"], entry["head_dim"]) == ("chunk_attention", "sm_90",
+                                                                              "bfloat16", 128)
+    old = {"note": "n", "entries": [dict(entry, order=["cuda"]), dict(entry, arch="sm_80", order=["cuda"])]}
+    merged = tool.merge(old, [entry])
+    assert merged["note"] == "n" and len(merged["entries"]) == 2
+    assert {e["arch"]: e["order"][0] for e in merged["entries"]} == {"sm_80": "cuda", "sm_90": "triton"}
