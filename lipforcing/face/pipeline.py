@@ -18,12 +18,7 @@ from lipforcing.face import align, paste
 from lipforcing.face.mask import load_mask, mouth_mask
 from lipforcing.face.track import MIN_FACE, FaceTrack, FaceTracker, track_clip
 
-__all__ = ["FacePipeline", "is_aligned"]
-
-
-def is_aligned(frames, resolution) -> bool:
-    """True when frames (N, H, W, 3) already have the crop's size (they are taken as aligned crops)."""
-    return tuple(frames.shape[-3:-1]) == tuple(resolution)
+__all__ = ["FacePipeline"]
 
 
 class FacePipeline:

@@ -140,7 +140,7 @@ class FaceTracker:
         self._thumb = None
         self.filter.reset()
         self.too_small = 0           # frames whose only faces were below min_face (for the error message)
-        self.smallest_seen = None
+        self.largest_too_small = None
 
     def _confirm(self, image, det):
         got = self._settle(image, landmarks.roi_from_detection(det))
@@ -152,11 +152,15 @@ class FaceTracker:
     def _pick(self, image, dets):
         """Choose among detections: same face as before (IoU), else the rule. Returns (det, landmarks) or None."""
         big = [d for d in dets if min(d.width, d.height) >= self.min_face]
-        if len(big) < len(dets):
-            small = [min(d.width, d.height) for d in dets if min(d.width, d.height) < self.min_face]
-            self.smallest_seen = max(small + ([self.smallest_seen] if self.smallest_seen else []))
-            if not big:
-                self.too_small += 1
+        if not big and dets:
+            # only faces below the minimum: remember the largest real one (confirmed by the landmark model, so a
+            # false detection in texture or noise is not reported as a small face) for the error message
+            for d in dets[:3]:
+                if landmarks.face_landmarks(image, landmarks.roi_from_detection(d))[1] >= PRESENCE:
+                    side = min(d.width, d.height)
+                    self.largest_too_small = max(side, self.largest_too_small or 0.0)
+                    self.too_small += 1
+                    break
         confirmed = []
         self._candidate_rois = {}
         for d in big:
@@ -256,7 +260,7 @@ def track_clip(frames: np.ndarray, tracker: FaceTracker) -> FaceTrack:
     if not found.any():
         H, W = frames.shape[1:3]
         if tracker.too_small:
-            raise FaceError(f"the face is too small to align: {tracker.smallest_seen:.0f} px, need at least "
+            raise FaceError(f"the face is too small to align: {tracker.largest_too_small:.0f} px, need at least "
                             f"{tracker.min_face} px (face box side) in the {W}x{H} frames; use a higher-resolution "
                             "or closer-cropped video")
         raise FaceError(f"no face found in any of the {n} frames ({W}x{H}); give a video with a visible, roughly "
