@@ -112,6 +112,8 @@ def _load_text(text, text_dim: int) -> torch.Tensor:
     if text.dim() != 3 or text.shape[0] != 1 or text.shape[-1] != text_dim or not text.is_floating_point():
         raise ValueError(f"text must be a float (1, L, text_dim={text_dim}) prompt embedding, got {text.dtype} "
                          f"{tuple(text.shape)}")
+    if not bool(torch.isfinite(text).all()):     # it conditions every chunk: NaN would make all of them NaN
+        raise ValueError(f"text (the prompt embedding) holds {int((~torch.isfinite(text)).sum())} NaN/inf values")
     return text
 
 

@@ -190,6 +190,10 @@ def test_engine_load_file_arguments_say_what_is_wrong(tmp_path):
     save_file({"text": torch.randn(4, small_config().text_dim)}, good)
     (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:40])
     torch.save({"text": torch.randn(2, 2), "x": torch.nn.Identity()}, tmp_path / "obj.pt")
+    bad = torch.randn(4, small_config().text_dim)
+    bad[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"text \(the prompt embedding\) holds 1 NaN/inf values"):
+        lipforcing.Engine.load(model=small_config(), vae=SMALL_VAE, resolution=RES, text=bad)
     for name, match in (("cut.safetensors", "not a readable safetensors file"), ("obj.pt", "refusing to load"),
                         ("none.pt", "does not exist")):
         with pytest.raises((ValueError, FileNotFoundError), match=match) as info:
