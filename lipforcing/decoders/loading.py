@@ -3,18 +3,19 @@
 ``.pth`` / ``.pt`` files are read only through ``torch.load(weights_only=True)``; ``.safetensors`` through
 safetensors.  The widths are read off the weight shapes (so the public ``taew2_1`` file and the ``tiny`` checkpoints
 written by ``lipforcing train --stage decoder`` both load), then every key and shape is checked against the
-network built from them.  Files that are not TAEHV checkpoints (a Wan VAE, a DiT, a truncated file, wrong shapes)
-raise ``ValueError`` naming the file and what is wrong.
+network built from them.  Files that are not TAEHV checkpoints (a Wan VAE, a DiT, a truncated file, wrong shapes,
+NaN/inf weights) raise :class:`~lipforcing._weights.CheckpointError` (a ``ValueError``) naming the file and what is
+wrong; the file is opened by :mod:`lipforcing._weights`, the project's one safe weight-file reader.
 """
 from __future__ import annotations
 
 import json
 import os
-import stat
 from typing import Mapping
 
 import torch
 
+from lipforcing._weights import CheckpointError, check_finite, read_safetensors, read_torch_file, regular_file
 from lipforcing.decoders.taehv import TAEHV, TAEHVConfig
 
 __all__ = ["load_decoder", "save_decoder", "read_checkpoint", "infer_config", "config_metadata"]
@@ -22,6 +23,7 @@ __all__ = ["load_decoder", "save_decoder", "read_checkpoint", "infer_config", "c
 CONFIG_METADATA_KEY = "taehv_config"     # safetensors metadata: the TAEHVConfig as JSON (spatial_upscale is not
                                          # visible in the weights)
 
+_WHAT = "decoder checkpoint"             # how the shared reader's messages name the file
 _LIST_CAP = 8
 _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 # (key, dim) -> which width it gives; every one must be present in a TAEHV checkpoint
@@ -43,49 +45,29 @@ def _listing(keys) -> str:
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors of a ``.safetensors`` or ``.pth``/``.pt`` file (on the CPU) and the safetensors metadata
-    (empty for ``.pth``), with errors naming the file."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"decoder checkpoint {path!r} does not exist")
-    if os.path.isdir(path):
-        raise ValueError(f"decoder checkpoint {path!r} is a folder; expected a taew2_1.pth or .safetensors file")
-    if not stat.S_ISREG(os.stat(path).st_mode):      # a FIFO would block open() forever
-        raise ValueError(f"decoder checkpoint {path!r} is not a regular file")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"decoder checkpoint {path!r} is empty")
-    lower = path.lower()
-    meta: dict[str, str] = {}
-    if lower.endswith(".safetensors"):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+    (empty for ``.pth``), with errors naming the file.
 
-        try:
-            sd = load_file(path, device="cpu")
-            with safe_open(path, framework="pt") as fh:
-                meta = dict(fh.metadata() or {})
-        except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
-            raise ValueError(f"could not read decoder checkpoint {path!r} as safetensors (truncated or not a "
-                             f"safetensors file): {exc}") from None
-    elif lower.endswith(_TORCH_SUFFIXES):
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"could not read decoder checkpoint {path!r} with torch.load(weights_only=True) "
-                             f"(truncated, corrupt, or holding more than tensors): {exc}") from None
-        if isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-            inner = sd.get("state_dict", sd.get("model"))
-            if isinstance(inner, Mapping):
-                sd = inner
-    else:
-        raise ValueError(f"decoder checkpoint {path!r}: unsupported file type; expected .safetensors or "
-                         f".pth/.pt")
+    The file itself is opened by :mod:`lipforcing._weights` (missing -> ``FileNotFoundError``; a folder, FIFO,
+    empty, truncated or pickled-object file -> :class:`CheckpointError`); this adds the suffix rule and unwraps a
+    ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper."""
+    path = os.fspath(path)
+    regular_file(path, _WHAT)
+    lower = path.lower()
+    if lower.endswith(".safetensors"):
+        return read_safetensors(path, _WHAT)
+    if not lower.endswith(_TORCH_SUFFIXES):
+        raise CheckpointError(f"{_WHAT} {path}: unsupported file type; expected .safetensors or .pth/.pt")
+    sd = read_torch_file(path, _WHAT)
+    if isinstance(sd, Mapping) and not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        inner = sd.get("state_dict", sd.get("model"))
+        if isinstance(inner, Mapping):
+            sd = inner
     if not isinstance(sd, Mapping):
-        raise ValueError(f"decoder checkpoint {path!r} does not hold a state dict (got {type(sd).__name__})")
+        raise CheckpointError(f"{_WHAT} {path} does not hold a state dict (got {type(sd).__name__})")
     not_tensors = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise ValueError(f"decoder checkpoint {path!r}: entries that are not tensors: "
-                         f"{_listing(map(str, not_tensors))}")
-    return dict(sd), meta
+        raise CheckpointError(f"{_WHAT} {path}: entries that are not tensors: {_listing(map(str, not_tensors))}")
+    return dict(sd), {}
 
 
 def _kind_hint(sd: Mapping[str, torch.Tensor]) -> str:
@@ -107,24 +89,24 @@ def infer_config(sd: Mapping[str, torch.Tensor], path: str = "<state dict>",
     ``spatial_upscale`` from the metadata :func:`save_decoder` writes, else all stages (8x, like taew2_1)."""
     missing = [key for key, _ in _WIDTH_KEYS.values() if key not in sd]
     if missing:
-        raise ValueError(f"{path!r} is not a TAEHV checkpoint: missing {_listing(set(missing))} "
-                         f"({len(sd)} tensors, e.g. {_listing(list(sd)[:3]) or 'none'}).{_kind_hint(sd)}")
+        raise CheckpointError(f"{path!r} is not a TAEHV checkpoint: missing {_listing(set(missing))} "
+                              f"({len(sd)} tensors, e.g. {_listing(list(sd)[:3]) or 'none'}).{_kind_hint(sd)}")
     bad = [k for k, _ in _WIDTH_KEYS.values() if sd[k].dim() != 4]
     if bad:
-        raise ValueError(f"{path!r} is not a TAEHV checkpoint: {_listing(set(bad))} must be 4-D conv weights, got "
-                         + ", ".join(f"{k} {tuple(sd[k].shape)}" for k in sorted(set(bad))))
+        raise CheckpointError(f"{path!r} is not a TAEHV checkpoint: {_listing(set(bad))} must be 4-D conv "
+                              "weights, got " + ", ".join(f"{k} {tuple(sd[k].shape)}" for k in sorted(set(bad))))
     size = {name: int(sd[key].shape[dim]) for name, (key, dim) in _WIDTH_KEYS.items()}
     ups = (True, True, True)
     if metadata and CONFIG_METADATA_KEY in metadata:
         try:
             ups = tuple(json.loads(metadata[CONFIG_METADATA_KEY])["spatial_upscale"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path!r}: unreadable {CONFIG_METADATA_KEY} metadata ({exc})") from None
+            raise CheckpointError(f"{path!r}: unreadable {CONFIG_METADATA_KEY} metadata ({exc})") from None
     try:
         return TAEHVConfig(latent_channels=size["latent_channels"], encoder_width=size["encoder_width"],
                            decoder_widths=(size["w0"], size["w1"], size["w2"], size["w3"]), spatial_upscale=ups)
     except ValueError as exc:
-        raise ValueError(f"{path!r}: {exc}") from None
+        raise CheckpointError(f"{path!r}: {exc}") from None
 
 
 def load_decoder(path: str | os.PathLike, *, config: TAEHVConfig | str | None = None, device=None, dtype=None,
@@ -135,8 +117,9 @@ def load_decoder(path: str | os.PathLike, *, config: TAEHVConfig | str | None = 
         ``spatial_upscale`` off the metadata of files written by :func:`save_decoder` / the training stage).
     device, dtype : where and in which dtype to place the model (default CPU, float32; the public file stores
         fp16, which is upcast).  channels_last : channels-last weights (faster convolutions on a GPU).
-    Returns the model in eval mode without gradients.  Raises ValueError naming the file for anything that is not
-    a TAEHV checkpoint of that configuration (missing, unexpected or mis-shaped tensors are listed).
+    Returns the model in eval mode without gradients.  Raises CheckpointError (a ValueError) naming the file for
+    anything that is not a TAEHV checkpoint of that configuration (missing, unexpected or mis-shaped tensors are
+    listed; NaN/inf weights refused); FileNotFoundError for a missing file.
     """
     path = os.fspath(path)
     sd, meta = read_checkpoint(path)
@@ -161,14 +144,12 @@ def load_decoder(path: str | os.PathLike, *, config: TAEHVConfig | str | None = 
         if shapes:
             parts.append("wrong shapes: " + ", ".join(f"{k} {tuple(sd[k].shape)} (expected {want[k]})"
                                                       for k in shapes[:_LIST_CAP]))
-        raise ValueError(f"{path!r} does not match the TAEHV architecture ({config}): " + "; ".join(parts)
-                         + "." + _kind_hint(sd))
+        raise CheckpointError(f"{path!r} does not match the TAEHV architecture ({config}): " + "; ".join(parts)
+                              + "." + _kind_hint(sd))
     not_float = sorted(k for k, v in sd.items() if not v.is_floating_point())
     if not_float:
-        raise ValueError(f"{path!r}: TAEHV weights must be floating point; {_listing(not_float)} are not")
-    nonfinite = sorted(k for k, v in sd.items() if not bool(torch.isfinite(v).all()))
-    if nonfinite:      # a NaN weight turns every frame black
-        raise ValueError(f"{path!r}: non-finite (NaN/inf) values in {_listing(nonfinite)}")
+        raise CheckpointError(f"{path!r}: TAEHV weights must be floating point; {_listing(not_float)} are not")
+    check_finite(sd, path, _WHAT)      # a NaN weight turns every frame black
     model = model.to_empty(device=device if device is not None else "cpu")
     model.load_state_dict(sd, strict=True)
     model = model.to(dtype=dtype if dtype is not None else torch.float32)
