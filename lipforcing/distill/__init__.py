@@ -31,6 +31,10 @@ _LAZY = {
     "Trainer": "lipforcing.distill.trainer",
     "SyntheticLatentDataset": "lipforcing.distill.data",
     "LatentFileDataset": "lipforcing.distill.data",
+    "TrainConfigError": "lipforcing.distill.errors",
+    "SmallSyncNet": "lipforcing.distill.syncnet_small",
+    "load_syncnet": "lipforcing.distill.syncnet_small",
+    "register_stage": "lipforcing.distill.stages",
 }
 
 __all__ = list(_LAZY)
