@@ -21,7 +21,7 @@ import torch
 
 from lipforcing.distill.errors import TrainConfigError
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "save_tensors", "load_tensors", "flatten_optim",
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "save_tensors", "load_tensors", "flatten_optim",
            "unflatten_optim", "resolve_checkpoint", "read_trainer_json", "write_checkpoint_meta",
            "check_finite"]
 
@@ -39,15 +39,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename, fsync the folder)."""
+def atomic_write(path, write) -> None:
+    """Create ``path`` atomically: ``write(tmp)`` fills a temporary file in the same folder, which is then
+    fsync-ed and renamed over ``path`` (and the folder fsync-ed).  On any error the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -59,16 +60,26 @@ def atomic_write_bytes(path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path, data: bytes) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
 def save_tensors(tensors: dict, path, metadata: dict | None = None) -> None:
-    """Save a dict of tensors as safetensors, atomically; metadata values are stored as strings."""
-    from safetensors.torch import save
+    """Save a dict of tensors as safetensors, atomically (streamed to the temporary file, not built in memory);
+    metadata values are stored as strings."""
+    from safetensors.torch import save_file
 
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(flat, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
 
 
 def load_tensors(path, *, finite: bool = True) -> tuple[dict, dict]:
