@@ -310,3 +310,27 @@ def test_trainer_on_gpu(tmp_path, precision):
         assert tr.device.type == "cuda"
         hist = tr.train()
         assert all(math.isfinite(v) for m in hist for k, v in m.items() if k.endswith("loss"))
+
+
+def test_sf_matches_the_authors_training_details(tmp_path, monkeypatch):
+    """Shifted DMD / critic timesteps are clamped to <= 0.999, and the training rollout starts from 0.999 * eps
+    (the same draws as without the scale, times 0.999)."""
+    from lipforcing import schedule
+    from lipforcing.distill import rollout
+
+    tr = Trainer(_cfg(tmp_path, "sf"))
+    k = int(torch.randint(0, 1000, ()))
+    shape = (tr.cfg.batch_size, 16, 3, 4, 4)
+    monkeypatch.setattr(schedule, "sample_dmd_timesteps", lambda n, generator=None: torch.full((n,), 0.9998))
+    t, _ = tr._dmd_noise(k, "dmd", shape)
+    assert float(t.max()) == pytest.approx(0.999)
+    seen = {}
+
+    def fake_rollout(student, noise, cond, **kw):
+        seen["noise"] = noise
+        return noise, {"exit_step": 0}
+
+    monkeypatch.setattr(rollout, "self_forcing_rollout", fake_rollout)
+    tr.rollout(k, None, shape, "student", grad=False)
+    eps = torch.stack([torch.randn(shape[1:], generator=g) for g in tr.sample_gens(k, "student/noise")])
+    torch.testing.assert_close(seen["noise"], 0.999 * eps)
