@@ -143,7 +143,7 @@ def sample_utterance(seed: int, *, seconds: float, split: str = "train", source:
     sentences = TRAIN_SENTENCES if split == "train" else EVAL_SENTENCES
     voice = voices[int(rng.integers(len(voices)))]
     rate, pitch = int(rng.integers(130, 201)), int(rng.integers(30, 71))
-    parts, texts, total = [np.zeros(int(rng.uniform(0.05, 0.3) * SAMPLE_RATE), np.float32)], [], 0
+    parts, texts = [np.zeros(int(rng.uniform(0.05, 0.3) * SAMPLE_RATE), np.float32)], []
     total = len(parts[0])
     while total < n:
         text = sentences[int(rng.integers(len(sentences)))]
