@@ -43,14 +43,14 @@ class FaceReference:
         mats = self.track.matrices[np.asarray(idx)]
         return warp_to_crop(frames.to(self.pipeline.device, non_blocking=True), mats, self.pipeline.resolution)
 
-    def paste(self, frames: torch.Tensor, crops: np.ndarray, idx) -> np.ndarray:
-        """Composite generated crops (n, h, w, 3) uint8 into reference frames ``idx`` -> (n, H, W, 3) uint8 numpy;
-        frames without a face come back unchanged."""
+    def paste(self, frames: torch.Tensor, crops: np.ndarray, idx) -> list[np.ndarray]:
+        """Composite generated crops (n, h, w, 3) uint8 into reference frames ``idx`` -> n (H, W, 3) uint8 numpy
+        arrays (new ones; the reference is not modified); frames without a face come back unchanged."""
         out = []
         gen = torch.from_numpy(np.ascontiguousarray(crops))
         for k, i in enumerate(np.asarray(idx).tolist()):
             out.append(self.pipeline.paste(frames[k], gen[k], self.track, i).cpu().numpy())
-        return np.stack(out)
+        return out
 
 
 @dataclass

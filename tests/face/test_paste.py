@@ -7,7 +7,7 @@ import torch
 from lipforcing.face import FacePipeline, mouth_mask
 from lipforcing.face.align import crop_matrix, fit_similarity, invert, warp_to_crop
 from lipforcing.face.paste import blend_weight, footprint, paste_back
-from tests.face.helpers import astronaut, background, clip, fresh_rng, procedural_face, psnr
+from tests.face.helpers import astronaut, clip, fresh_rng, procedural_face, psnr
 
 cv2 = pytest.importorskip("cv2")
 
