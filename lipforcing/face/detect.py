@@ -102,28 +102,33 @@ def weighted_nms(boxes: np.ndarray, scores: np.ndarray, kps: np.ndarray, iou: fl
     return out
 
 
+def _view(image: np.ndarray, x0: int, y0: int, side: int) -> np.ndarray:
+    """The square (x0, y0, side) of ``image`` (parts outside it black) resized to the 128x128 input, in [-1, 1]."""
+    cv2 = _nets.cv2_module()
+    H, W = image.shape[:2]
+    s = INPUT / side
+    canvas = np.zeros((INPUT, INPUT, 3), np.uint8)
+    ax0, ay0, ax1, ay1 = max(x0, 0), max(y0, 0), min(x0 + side, W), min(y0 + side, H)   # the part inside
+    u0, v0 = int(round((ax0 - x0) * s)), int(round((ay0 - y0) * s))
+    u1, v1 = min(int(round((ax1 - x0) * s)), INPUT), min(int(round((ay1 - y0) * s)), INPUT)
+    if u1 > u0 and v1 > v0:
+        # area averaging when shrinking (a 1280-pixel frame onto 128 pixels must not alias)
+        interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+        canvas[v0:v1, u0:u1] = cv2.resize(image[ay0:ay1, ax0:ax1], (u1 - u0, v1 - v0), interpolation=interp)
+    return canvas.astype(np.float32) / 127.5 - 1.0
+
+
 def _run_views(image: np.ndarray, views: list[tuple[int, int, int]]):
     """Run the detector on square views (x0, y0, side) of ``image`` (letterboxed when the view leaves the image);
     returns boxes/scores/keypoints in image pixels."""
-    cv2 = _nets.cv2_module()
-    H, W = image.shape[:2]
-    batch, maps = [], []
-    for x0, y0, side in views:
-        # affine image -> 128x128 view: scale s, shift so that the view's square lands on the input
-        s = INPUT / side
-        M = np.array([[s, 0, -x0 * s], [0, s, -y0 * s]], np.float64)
-        view = cv2.warpAffine(image, M, (INPUT, INPUT), flags=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-        batch.append(view.astype(np.float32) / 127.5 - 1.0)
-        maps.append((x0, y0, side))
     boxes, scores, kps = [], [], []
-    for i, (x0, y0, side) in enumerate(maps):
+    for x0, y0, side in views:
         # one view per call: OpenCV's TFLite importer does not keep the batch axis of these outputs apart
-        reg, cls = _nets.run(_nets.DETECTOR, batch[i][None], ["regressors", "classificators"])
-        b, s, k = decode(reg.reshape(-1, 16), cls.reshape(-1))
+        reg, cls = _nets.run(_nets.DETECTOR, _view(image, x0, y0, side)[None], ["regressors", "classificators"])
+        b, sc, k = decode(reg.reshape(-1, 16), cls.reshape(-1))
         boxes.append(b * side + np.array([x0, y0, x0, y0]))
         kps.append(k * side + np.array([x0, y0]))
-        scores.append(s)
+        scores.append(sc)
     return np.concatenate(boxes), np.concatenate(scores), np.concatenate(kps)
 
 
