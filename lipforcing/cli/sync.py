@@ -134,8 +134,12 @@ def run(args) -> int:
     pcm, rate, audio_src = _load_audio(args)
     n_out = -(-int(round(len(pcm) * 16000 / rate)) // 640)     # about one frame per 40 ms of audio
     try:
-        # only the frames the audio covers are needed (a reference of 25 fps or up to 4x faster)
-        frames, fps = read_video(args.video, max_frames=4 * n_out + 1)
+        # only the frames the audio covers are needed: read that many at 25 fps, more if the video is faster
+        # (full-resolution frames are large: never decode the whole of a long video)
+        frames, fps = read_video(args.video, max_frames=n_out + 1)
+        need = int(np.ceil(n_out * fps / 25.0)) + 1
+        if fps > 25.0 and len(frames) == n_out + 1 and need > len(frames):
+            frames, fps = read_video(args.video, max_frames=need)
     except MediaError as exc:
         raise UserError(str(exc)) from exc
     if args.face_index is not None and args.face_index < 0:

@@ -85,3 +85,17 @@ def test_sync_face_errors(tmp_path, capsys):
     assert "--face-index -1" in capsys.readouterr().err
     with av.open(str(video)) as c:
         assert c.streams.video[0].codec_context.width == 320
+
+
+@pytest.mark.parametrize("fps", [50, 12])
+def test_sync_other_frame_rates(tmp_path, capsys, fps):
+    """Only the frames the audio needs are decoded, also for videos faster than 25 fps (read again when short)."""
+    from tests.cli.helpers import make_video
+
+    video, wav, out = tmp_path / "v.mp4", tmp_path / "s.wav", tmp_path / "o.mp4"
+    make_video(video, 40, 32, fps=fps)                # aligned 32x32 crops: no face stage
+    make_wav(wav, 0.4, 16000)
+    assert main(["sync", "--video", str(video), "--audio", str(wav), "-o", str(out), "--device", "cpu"]) == 0
+    assert f"is {fps} fps" in capsys.readouterr().err
+    got, out_fps = read_video(out)
+    assert out_fps == 25.0 and len(got) == 10
