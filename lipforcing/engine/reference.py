@@ -106,8 +106,8 @@ def prepare_reference(engine, reference, *, aligned: bool | None = None, face_in
     same = tuple(frames.shape[1:3]) == tuple(engine.resolution)
     if aligned is True and not same:
         H, W = engine.resolution
-        raise ValueError(f"aligned=True but the reference frames are {frames.shape[1]}x{frames.shape[2]}, not "
-                         f"{H}x{W} (this engine's crop size); pass aligned=None to detect and align the face")
+        raise ValueError(f"aligned=True but the reference frames are {frames.shape[2]}x{frames.shape[1]}, not "
+                         f"{W}x{H} (this engine's crop size); pass aligned=None to detect and align the face")
     if aligned is True or (aligned is None and same):
         return Reference(frames, None, source)
     from lipforcing.face import FaceError

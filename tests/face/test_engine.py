@@ -67,7 +67,7 @@ def test_aligned_crops_still_work(engine):
     out = run(s, 0.2)
     s.close()
     assert out and all(f.image.shape == (32, 32, 3) and np.array_equal(f.face, f.image) for f in out)
-    with pytest.raises(ValueError, match="aligned=True but the reference frames are 48x64"):
+    with pytest.raises(ValueError, match="aligned=True but the reference frames are 64x48"):
         engine.session(np.zeros((2, 48, 64, 3), np.uint8), aligned=True)
     with pytest.raises(FaceError, match="no face found"):
         engine.session(crops, aligned=False)                            # detect anyway: random pixels have none
