@@ -1,4 +1,5 @@
-"""Pieces shared by the Triton attention kernels of lipforcing (chunk_attention, block_causal_attention).
+"""Pieces shared by the Triton kernels of lipforcing (chunk_attention, block_causal_attention,
+audio_cross_attention; denoise_update uses ``device_guard``).
 
 * ``_online_softmax_step``: one key tile of the FlashAttention online softmax (Dao et al., FlashAttention 1/2),
   in base 2: the scores arrive already multiplied by ``scale * log2(e)``.

@@ -31,8 +31,6 @@ last dimension; lse (B, H, Lq) float32 contiguous.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +46,7 @@ from lipforcing.kernels._attention_common import (
     _online_softmax_step,
     _store_tile,
     block_d,
+    device_guard,
     interpreting,
     torch_to_dot_precision,
 )
@@ -97,10 +96,6 @@ _AUDIO_BWD_WARPS = 4  # one warpgroup: the audio dK/dV tile has BLOCK_A <= 64 ro
 def _block_a_bwd(audio_window: int) -> int:
     # The audio dK/dV kernel's dots have BLOCK_A rows: at least 64 on GPUs, the rows of one wgmma.
     return _block_a(audio_window) if interpreting() else max(64, _block_a(audio_window))
-
-
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -167,11 +162,14 @@ def _key_tile(tile, n_keys, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _dkdv_over_queries(k, v, col_ok, q_base, do_base, stride_ql, stride_dol, Lse, Delta, row0, n_rows, offs_d, d_ok,
-                       qk_scale, dp_scale, SCALE_DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       qk_scale, dp_scale, SCALE_DP: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dk, dv (fp32, without the softmax scale) of one key tile over the query rows [row0, row0 + n_rows) (Lse,
     Delta: this (b, h)'s rows of the per-query float32 arrays).  Works on transposed scores (keys x queries) so
-    dk/dv accumulate without transposing the result."""
+    dk/dv accumulate without transposing the result.  With SCALE_DP, dO V^T is multiplied by ``dp_scale``.
+
+    ONE_TILE (the tile holds every key the rows see, SCALE_DP assumed): P is normalised here over the tile and
+    delta = rowsum(P * dP) taken from this tile, so Lse and Delta are not read."""
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     offs_m = tl.arange(0, BLOCK_M)
@@ -182,12 +180,23 @@ def _dkdv_over_queries(k, v, col_ok, q_base, do_base, stride_ql, stride_dol, Lse
         qd_mask = row_ok[:, None] & d_ok[None, :]
         q = _load_tile(q_base, rows, stride_ql, offs_d, qd_mask)
         do = _load_tile(do_base, rows, stride_dol, offs_d, qd_mask)
-        lse2 = tl.load(Lse + rows, mask=row_ok, other=0.0) * _LOG2E
-        delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        pt = tl.exp2(st - lse2[None, :])
-        pt = tl.where(col_ok[:, None] & row_ok[None, :], pt, 0.0)
-        dk, dv = _dkdv_step(dk, dv, pt, q, do, v, delta, dp_scale, SCALE_DP, DOT_PRECISION)
+        if ONE_TILE:
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * dp_scale  # dP^T
+            pt = tl.where(col_ok[:, None], st, float("-inf"))
+            pt = tl.exp2(pt - tl.max(pt, 0)[None, :])
+            pt = pt / tl.sum(pt, 0)[None, :]
+            delta = tl.sum(pt * dpt, 0)
+            pt = tl.where(row_ok[None, :], pt, 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dk += tl.dot((pt * (dpt - delta[None, :])).to(q.dtype), q, input_precision=DOT_PRECISION)
+        else:
+            lse2 = tl.load(Lse + rows, mask=row_ok, other=0.0) * _LOG2E
+            delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            pt = tl.exp2(st - lse2[None, :])
+            pt = tl.where(col_ok[:, None] & row_ok[None, :], pt, 0.0)
+            dk, dv = _dkdv_step(dk, dv, pt, q, do, v, delta, dp_scale, SCALE_DP, DOT_PRECISION)
     return dk, dv
 
 
@@ -273,7 +282,7 @@ def audio_cross_attention_triton(q, text_k, text_v, audio_k, audio_v, tokens_per
     lse_t = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     lse_a = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * H)
-    with _device_ctx(q):
+    with device_guard(q):
         _audio_cross_attention_fwd_kernel[grid](
             q, text_k, text_v, audio_k, audio_v, out, lse_t, lse_a,
             q.stride(0), q.stride(1), q.stride(2),
@@ -399,7 +408,7 @@ def _audio_cross_attention_bwd_dkdv_text_kernel(
     lse_base = pid_bh.to(tl.int64) * Lq
     dk, dv = _dkdv_over_queries(k, v, col_ok, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
                                 stride_ql, stride_dol, LseT + lse_base, DeltaT + lse_base, 0, Lq, offs_d, d_ok,
-                                qk_scale, 1.0, False, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+                                qk_scale, 1.0, False, False, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
     dk = dk * scale
     _store_tile(DTK + b * stride_dkb + h * stride_dkh, cols, stride_dkt, offs_d, dk, kv_mask)
     _store_tile(DTV + b * stride_dvb + h * stride_dvh, cols, stride_dvt, offs_d, dv, kv_mask)
@@ -431,34 +440,12 @@ def _audio_cross_attention_bwd_dkdv_audio_kernel(
     k = _load_tile(AK + b * stride_akb + f * stride_akf + h * stride_akh, cols, stride_aka, offs_d, kv_mask)
     v = _load_tile(AV + b * stride_avb + f * stride_avf + h * stride_avh, cols, stride_ava, offs_d, kv_mask)
     lse_base = pid_bh.to(tl.int64) * Lq
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    row0 = f * tokens_per_frame
-    dk = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_A, BLOCK_D], tl.float32)
-    offs_m = tl.arange(0, BLOCK_M)
-    # Transposed scores (audio keys x the frame's queries).  Only the frame's own rows: no hidden pairs.
-    for i_start in range(0, tokens_per_frame, BLOCK_M):
-        i = i_start + offs_m
-        row_ok = i < tokens_per_frame
-        rows = row0 + i
-        qd_mask = row_ok[:, None] & d_ok[None, :]
-        q = _load_tile(q_base, rows, stride_ql, offs_d, qd_mask)
-        do = _load_tile(do_base, rows, stride_dol, offs_d, qd_mask)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) * audio_scale  # dP_a^T
-        if ONE_A_TILE:  # the whole window is here: normalise over it and take delta from this dP
-            pt = tl.where(col_ok[:, None], st, float("-inf"))
-            pt = tl.exp2(pt - tl.max(pt, 0)[None, :])
-            pt = pt / tl.sum(pt, 0)[None, :]
-            delta = tl.sum(pt * dpt, 0)
-        else:
-            lse2 = tl.load(LseA + lse_base + rows, mask=row_ok, other=0.0) * _LOG2E
-            pt = tl.where(col_ok[:, None], tl.exp2(st - lse2[None, :]), 0.0)
-            delta = tl.load(DeltaA + lse_base + rows, mask=row_ok, other=0.0)
-        pt = tl.where(row_ok[None, :], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dk += tl.dot((pt * (dpt - delta[None, :])).to(q.dtype), q, input_precision=DOT_PRECISION)
+    # Only the frame's own query rows: no hidden pairs.  dP_a = audio_scale * dO V_a^T; a tile holding the whole
+    # window normalises P_a over it and takes delta_a from this dP_a (ONE_A_TILE).
+    dk, dv = _dkdv_over_queries(k, v, col_ok, Q + b * stride_qb + h * stride_qh, DO + b * stride_dob + h * stride_doh,
+                                stride_ql, stride_dol, LseA + lse_base, DeltaA + lse_base, f * tokens_per_frame,
+                                tokens_per_frame, offs_d, d_ok, qk_scale, audio_scale, True, ONE_A_TILE, BLOCK_M,
+                                BLOCK_A, BLOCK_D, DOT_PRECISION)
     dk = dk * scale
     dv = dv * audio_scale
     _store_tile(DAK + b * stride_dkb + f * stride_dkf + h * stride_dkh, cols, stride_dka, offs_d, dk, kv_mask)
@@ -502,7 +489,7 @@ def audio_cross_attention_backward_triton(grad_out, q, text_k, text_v, audio_k, 
     delta_t = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
     delta_a = torch.empty((B, H, Lq), dtype=torch.float32, device=dev)
     do = grad_out
-    with _device_ctx(q):
+    with device_guard(q):
         _audio_cross_attention_bwd_dq_kernel[(triton.cdiv(Lq, q_cfg["BLOCK_M"]), B * H)](
             q, text_k, text_v, audio_k, audio_v, out, do, lse_text, lse_audio, dq, delta_t, delta_a,
             q.stride(0), q.stride(1), q.stride(2),

@@ -35,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lipforcing.kernels._attention_common import (LOG2E, _online_softmax_step, _rope_rotate, block_d, device_guard,
-                                                  interpreting, launch_config, torch_to_dot_precision)
+from lipforcing.kernels._attention_common import (_LN2, _LOG2E, LOG2E, _dkdv_step, _dq_step, _load_tile,
+                                                  _online_softmax_step, _rope_rotate, _store_tile, block_d,
+                                                  device_guard, interpreting, launch_config, torch_to_dot_precision)
 
 
 @triton.jit
@@ -104,6 +105,17 @@ def _rope_rows_kernel(X, OUT, POS, COS, SIN, sxb, sxm, sxh, sob, som, soh,
 
 
 @triton.jit
+def _stage_plain(DST, s_dst, CACHE, s_cache, NEW, s_new, s64, j, ok, from_cache, from_chunk, d, dm,
+                 OVERLAY: tl.constexpr):
+    """Copy cache slots s (rows ``from_cache``) to DST unrotated; with OVERLAY the slots ``from_chunk`` take the
+    chunk's row j of NEW instead."""
+    x = _load_tile(CACHE, s64, s_cache, d, from_cache[:, None] & dm)
+    if OVERLAY:
+        x = tl.where(from_chunk[:, None], _load_tile(NEW, j, s_new, d, from_chunk[:, None] & dm), x)
+    tl.store(DST + s64[:, None] * s_dst + d[None, :], x, mask=ok[:, None] & dm)
+
+
+@triton.jit
 def _rope_slots_kernel(K, V, KC, VC, POS, COS, SIN, KS, VS,
                        skb, skm, skh, svb, svm, svh, skcb, skcm, skch, svcb, svcm, svch,
                        sksb, sksm, sksh, svsb, svsm, svsh,
@@ -131,6 +143,7 @@ def _rope_slots_kernel(K, V, KC, VC, POS, COS, SIN, KS, VS,
         from_cache = ok & ((p < pos) | (p >= pos + N_TOK))
     else:
         from_cache = ok
+        from_chunk, j = ok, s  # not read without OVERLAY
     if ROPE:
         frame = _window_frame(pc, lo, SINK, TPF)
         ye, yo = _rotate_tile(KC + b * skcb + h * skch, s64 * skcm, from_cache, frame, pc % TPF, COS, SIN, GRID_W,
@@ -144,21 +157,37 @@ def _rope_slots_kernel(K, V, KC, VC, POS, COS, SIN, KS, VS,
     d = tl.arange(0, BLOCK_D)
     dm = d[None, :] < HEAD_DIM
     if not ROPE:
-        kx = tl.load(KC + b * skcb + h * skch + s64[:, None] * skcm + d[None, :], mask=from_cache[:, None] & dm,
-                     other=0.0)
-        if OVERLAY:
-            kn = tl.load(K + b * skb + h * skh + j[:, None] * skm + d[None, :], mask=from_chunk[:, None] & dm,
-                         other=0.0)
-            kx = tl.where(from_chunk[:, None], kn, kx)
-        tl.store(KS + b * sksb + h * sksh + s64[:, None] * sksm + d[None, :], kx, mask=ok[:, None] & dm)
+        _stage_plain(KS + b * sksb + h * sksh, sksm, KC + b * skcb + h * skch, skcm, K + b * skb + h * skh, skm,
+                     s64, j, ok, from_cache, from_chunk, d, dm, OVERLAY)
     if STAGE_V:
-        vx = tl.load(VC + b * svcb + h * svch + s64[:, None] * svcm + d[None, :], mask=from_cache[:, None] & dm,
-                     other=0.0)
-        if OVERLAY:
-            vn = tl.load(V + b * svb + h * svh + j[:, None] * svm + d[None, :], mask=from_chunk[:, None] & dm,
-                         other=0.0)
-            vx = tl.where(from_chunk[:, None], vn, vx)
-        tl.store(VS + b * svsb + h * svsh + s64[:, None] * svsm + d[None, :], vx, mask=ok[:, None] & dm)
+        _stage_plain(VS + b * svsb + h * svsh, svsm, VC + b * svcb + h * svch, svcm, V + b * svb + h * svh, svm,
+                     s64, j, ok, from_cache, from_chunk, d, dm, OVERLAY)
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, K_base, V_base, skm, svm, cols, vis, d, d_ok, qk_scale,
+                 DOT_PRECISION: tl.constexpr):
+    """Fold key rows ``cols`` of (K_base, V_base) into the online softmax; rows with ``vis`` False are neither
+    loaded nor scored (selected to -inf, so a NaN there never reaches the output)."""
+    m = vis[:, None] & d_ok[None, :]
+    k = _load_tile(K_base, cols, skm, d, m)
+    v = _load_tile(V_base, cols, svm, d, m)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s = tl.where(vis[None, :], s * qk_scale, float("-inf"))
+    return _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, K_base, V_base, skm, svm, cols, vis, d, d_ok, qk_scale,
+             DOT_PRECISION: tl.constexpr):
+    """dq += dS k over key rows ``cols`` (P recomputed from the base-2 lse; rows with ``vis`` False: P = 0,
+    not loaded)."""
+    m = vis[:, None] & d_ok[None, :]
+    k = _load_tile(K_base, cols, skm, d, m)
+    v = _load_tile(V_base, cols, svm, d, m)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.where(vis[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+    return _dq_step(dq, p, k, v, do, delta, DOT_PRECISION)
 
 
 @triton.jit
@@ -185,8 +214,7 @@ def _chunk_attention_fwd_kernel(
     row_ok = i < N_TOK
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0)
+    q = _load_tile(Q + b * sqb + h * sqh, i, sqm, d, row_ok[:, None] & d_ok[None, :])
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -201,31 +229,21 @@ def _chunk_attention_fwd_kernel(
             vis = vis & (s_idx < n_slots)
         else:
             vis = s_idx < n_slots
-        m = vis[:, None] & d_ok[None, :]
-        k = tl.load(k_base + s_idx[:, None] * sksm + d[None, :], mask=m, other=0.0)
-        v = tl.load(v_base + s_idx[:, None] * svsm + d[None, :], mask=m, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = tl.where(vis[None, :], s * qk_scale, float("-inf"))
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, sksm, svsm, s_idx, vis, d, d_ok, qk_scale,
+                                     DOT_PRECISION)
     if not WRITTEN:
         kn_base = KN + b * sknb + h * sknh
         vn_base = VN + b * svnb + h * svnh
         for start in range(0, N_TOK, BLOCK_N):
             j = start + offs_n
-            ok = j < N_TOK
-            m = ok[:, None] & d_ok[None, :]
-            k = tl.load(kn_base + j[:, None] * sknm + d[None, :], mask=m, other=0.0)
-            v = tl.load(vn_base + j[:, None] * svnm + d[None, :], mask=m, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s = tl.where(ok[None, :], s * qk_scale, float("-inf"))
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kn_base, vn_base, sknm, svnm, j, j < N_TOK, d, d_ok,
+                                         qk_scale, DOT_PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only: every real query sees at least its own chunk
     out = acc / l_safe[:, None]
-    tl.store(OUT + b * sob + h * soh + i[:, None] * som + d[None, :], out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    _store_tile(OUT + b * sob + h * soh, i, som, d, out, row_ok[:, None] & d_ok[None, :])
     if STORE_LSE:  # base-e log-sum-exp of the scaled scores: (m + log2 l) * ln 2
-        tl.store(LSE + pid_bh.to(tl.int64) * N_TOK + i, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=row_ok)
+        tl.store(LSE + pid_bh.to(tl.int64) * N_TOK + i, (m_i + tl.log2(l_safe)) * _LN2, mask=row_ok)
 
 
 @triton.jit
@@ -278,9 +296,9 @@ def _chunk_bwd_dq_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     qm = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + d[None, :], mask=qm, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + i[:, None] * sdom + d[None, :], mask=qm, other=0.0)
-    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N_TOK + i, mask=row_ok, other=0.0) * 1.4426950408889634
+    q = _load_tile(Q + b * sqb + h * sqh, i, sqm, d, qm)
+    do = _load_tile(DO + b * sdob + h * sdoh, i, sdom, d, qm)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N_TOK + i, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * N_TOK + i, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
@@ -289,30 +307,15 @@ def _chunk_bwd_dq_kernel(
     for start in range(0, n_slots, BLOCK_N):
         s_idx = start + offs_n
         _, vis = _slot_tokens(s_idx, pos, lo, SINK, WINDOW)
-        vis = vis & (s_idx < n_slots)
-        m = vis[:, None] & d_ok[None, :]
-        k = tl.load(k_base + s_idx[:, None] * sksm + d[None, :], mask=m, other=0.0)
-        v = tl.load(v_base + s_idx[:, None] * svsm + d[None, :], mask=m, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.where(vis[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, sksm, svsm, s_idx, vis & (s_idx < n_slots), d, d_ok,
+                      qk_scale, DOT_PRECISION)
     kn_base = KN + b * sknb + h * sknh
     vn_base = VN + b * svnb + h * svnh
     for start in range(0, N_TOK, BLOCK_N):
         j = start + offs_n
-        ok = j < N_TOK
-        m = ok[:, None] & d_ok[None, :]
-        k = tl.load(kn_base + j[:, None] * sknm + d[None, :], mask=m, other=0.0)
-        v = tl.load(vn_base + j[:, None] * svnm + d[None, :], mask=m, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.where(ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(DQ + b * sdqb + h * sdqh + i[:, None] * sdqm + d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=qm)
+        dq = _dq_tile(dq, q, do, lse2, delta, kn_base, vn_base, sknm, svnm, j, j < N_TOK, d, d_ok, qk_scale,
+                      DOT_PRECISION)
+    _store_tile(DQ + b * sdqb + h * sdqh, i, sdqm, d, dq * sm_scale, qm)
 
 
 @triton.jit
@@ -334,8 +337,8 @@ def _chunk_bwd_dkdv_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     km = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(KN + b * sknb + h * sknh + j[:, None] * sknm + d[None, :], mask=km, other=0.0)
-    v = tl.load(VN + b * svnb + h * svnh + j[:, None] * svnm + d[None, :], mask=km, other=0.0)
+    k = _load_tile(KN + b * sknb + h * sknh, j, sknm, d, km)
+    v = _load_tile(VN + b * svnb + h * svnh, j, svnm, d, km)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     offs_m = tl.arange(0, BLOCK_M)
@@ -343,19 +346,15 @@ def _chunk_bwd_dkdv_kernel(
         i = start + offs_m
         ok = i < N_TOK
         qm = ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + i[:, None] * sqm + d[None, :], mask=qm, other=0.0)
-        do = tl.load(DO + b * sdob + h * sdoh + i[:, None] * sdom + d[None, :], mask=qm, other=0.0)
-        lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N_TOK + i, mask=ok, other=0.0) * 1.4426950408889634
+        q = _load_tile(Q + b * sqb + h * sqh, i, sqm, d, qm)
+        do = _load_tile(DO + b * sdob + h * sdoh, i, sdom, d, qm)
+        lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N_TOK + i, mask=ok, other=0.0) * _LOG2E
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * N_TOK + i, mask=ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         p_t = tl.where(ok[None, :] & col_ok[:, None], tl.exp2(s_t - lse2[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    tl.store(DK + b * sdkb + h * sdkh + j[:, None] * sdkm + d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-             mask=km)
-    tl.store(DV + b * sdvb + h * sdvh + j[:, None] * sdvm + d[None, :], dv.to(DV.dtype.element_ty), mask=km)
+        dk, dv = _dkdv_step(dk, dv, p_t, q, do, v, delta, 1.0, False, DOT_PRECISION)
+    _store_tile(DK + b * sdkb + h * sdkh, j, sdkm, d, dk * sm_scale, km)
+    _store_tile(DV + b * sdvb + h * sdvh, j, sdvm, d, dv, km)
 
 
 # ------------------------------------------------------------------------------------------------- launchers

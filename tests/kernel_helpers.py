@@ -1,5 +1,6 @@
 """Helpers shared by the Triton kernel test tiers: tests/interp (interpreter or GPU) and tests/compile
 (compile-only, in a subprocess)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -25,6 +26,20 @@ def triton_test_device() -> str:
     if not interpreting() and not torch.cuda.is_available():
         pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
     return "cpu" if interpreting() else "cuda"
+
+
+def record_device_guard(monkeypatch, module) -> list:
+    """Replace ``module.device_guard`` (a kernel module's launch-device context) by one that only records the
+    device of the tensor each launch enters it with; returns that list (kernels still run)."""
+    seen = []
+
+    @contextlib.contextmanager
+    def guard(t):
+        seen.append(t.device)
+        yield
+
+    monkeypatch.setattr(module, "device_guard", guard)
+    return seen
 
 
 def compile_in_subprocess(script: str, timeout: float, env: dict | None = None) -> list[dict]:

@@ -189,3 +189,15 @@ def test_nonfinite_audio_of_one_frame_stays_in_that_frame():
         assert torch.isfinite(dq[0, ~in_f1]).all(), backend
     torch.testing.assert_close(outs["triton"][0][0, ~in_f1], outs["reference"][0][0, ~in_f1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["triton"][1][0, ~in_f1], outs["reference"][1][0, ~in_f1], atol=1e-4, rtol=1e-4)
+
+
+def test_launchers_enter_the_device_guard(monkeypatch):
+    """Forward and backward launch inside the shared device_guard(q) (torch.cuda.device on a GPU)."""
+    from tests.kernel_helpers import record_device_guard
+
+    seen = record_device_guard(monkeypatch, triton_kernels)
+    xs = tuple(x.requires_grad_(True) for x in _inputs(1, 2, 5, 1, 16, 3, 2, torch.float32))
+    out = ops.audio_cross_attention(*xs, tokens_per_frame=5, backend="triton")
+    assert seen == [xs[0].device]
+    out.sum().backward()
+    assert seen == [xs[0].device] * 2

@@ -5,7 +5,7 @@ import torch
 
 from lipforcing.ops import block_causal_attention
 from lipforcing.ops.reference import block_causal_attention_ref
-from tests.kernel_helpers import triton_test_device
+from tests.kernel_helpers import record_device_guard, triton_test_device
 
 pytestmark = pytest.mark.interp
 
@@ -113,18 +113,9 @@ def test_nonfinite_query_gives_nan_row_on_both_backends():
 def test_launchers_enter_the_device_guard(monkeypatch):
     """Forward and backward launch inside device_guard(q) (on a GPU: torch.cuda.device(q.device), so tensors on
     cuda:1 launch there even when cuda:0 is current); here the guard is recorded and the kernels still run."""
-    import contextlib
-
     import lipforcing.kernels.block_causal_attention as mod
 
-    entered = []
-
-    @contextlib.contextmanager
-    def guard(t):
-        entered.append(t.device)
-        yield
-
-    monkeypatch.setattr(mod, "device_guard", guard)
+    entered = record_device_guard(monkeypatch, mod)
     q, k, v = (torch.randn(1, 20, 1, 16, device=DEVICE).requires_grad_() for _ in range(3))
     out = block_causal_attention(q, k, v, chunk_size=8, backend="triton")
     assert entered == [q.device]

@@ -9,7 +9,7 @@ import torch
 from lipforcing import RollingKVCache
 from lipforcing.ops import block_causal_attention, chunk_attention, rope_spec
 from lipforcing.ops.reference import block_causal_attention_ref
-from tests.kernel_helpers import interpreting, triton_test_device
+from tests.kernel_helpers import interpreting, record_device_guard, triton_test_device
 
 pytestmark = pytest.mark.interp
 
@@ -212,18 +212,9 @@ def test_nan_in_invisible_slots_and_nan_agreement():
 def test_device_guard_entered(monkeypatch):
     """Every launcher runs under device_guard(tensor) (torch.cuda.device on a GPU): record that it is entered
     with the inputs' device, for the forward (both write modes, with RoPE) and the backward."""
-    import contextlib
-
     import lipforcing.kernels.chunk_attention as mod
 
-    seen = []
-
-    @contextlib.contextmanager
-    def guard(t):
-        seen.append(t.device)
-        yield
-
-    monkeypatch.setattr(mod, "device_guard", guard)
+    seen = record_device_guard(monkeypatch, mod)
     D = 16
     spec = rope_spec(D, (1, 2), max_frames=8, device=DEVICE)
     cache = RollingKVCache(1, 1, D, chunk_size=2, window=4, sink=2, device=DEVICE)
@@ -268,19 +259,10 @@ def test_dense_staging_of_the_library_backends(use_rope):
 
 def test_device_guard_entered_by_denoise_update(monkeypatch):
     """denoise_update's Triton launcher runs under device_guard(x_t) as well (issue 16)."""
-    import contextlib
-
     import lipforcing.kernels.denoise_update as mod
     from lipforcing.ops import denoise_update
 
-    seen = []
-
-    @contextlib.contextmanager
-    def guard(t):
-        seen.append(t.device)
-        yield
-
-    monkeypatch.setattr(mod, "device_guard", guard)
+    seen = record_device_guard(monkeypatch, mod)
     x = torch.randn(2, 3, 5, device=DEVICE)
     flow = torch.randn_like(x)
     x0, _ = denoise_update(x, flow, 0.5, 0.0, backend="triton")
