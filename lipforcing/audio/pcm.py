@@ -82,6 +82,20 @@ def to_mono_float(pcm, sample_rate, *, name: str = "pcm") -> torch.Tensor:
     return x
 
 
+def interleaved_int16_to_mono(data, channels: int = 1) -> np.ndarray:
+    """Interleaved int16 PCM (bytes or a buffer, e.g. a host's audio frame) -> mono samples a session takes: the
+    int16 samples themselves for one channel, the mean of the channels as float32 in [-1, 1] for more."""
+    pcm = np.frombuffer(data, dtype=np.int16)
+    if channels > 1:
+        pcm = pcm.reshape(-1, channels).mean(axis=1).astype(np.float32) / 32768.0
+    return pcm
+
+
+def float_to_int16(audio) -> np.ndarray:
+    """Float PCM in [-1, 1] (a frame's ``audio``) -> int16 samples, rounded, clipped to the int16 range."""
+    return np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
+
+
 def check_amplitude(x, name: str = "pcm") -> None:
     """ValueError naming ``name`` when a float sample of ``x`` (tensor or array) exceeds
     :data:`MAX_FLOAT_AMPLITUDE` in magnitude (float32 in [-1, 1] is the expected range)."""

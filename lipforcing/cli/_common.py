@@ -1,14 +1,16 @@
 """Helpers shared by the subcommands: argument types and checks (seed, device, dtype, resolution, checkpoint,
-threads), :func:`load_engine` with one-line errors, and the progress display of long commands."""
+threads), :func:`load_engine` with one-line errors, the progress display of long commands and
+:func:`writing_video` (what a video-writing command does on success, Ctrl-C or an error)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 from typing import TYPE_CHECKING
 
-from lipforcing.cli import UserError
+from lipforcing.cli import Interrupted, UserError
 
 if TYPE_CHECKING:
     import torch
@@ -73,6 +75,24 @@ def progress(total: int, desc: str, *, unit: str = "frame", file=None, interval:
 
         return tqdm(total=total, unit=unit, desc=desc, file=file, dynamic_ncols=True, leave=False)
     return _LineProgress(total, desc, unit, file, interval)
+
+
+@contextlib.contextmanager
+def writing_video(writer, total: int):
+    """The block that streams frames into ``writer`` (a :class:`lipforcing.media.VideoWriter` of ``total``
+    frames).  Completed: the writer is closed (its partial file becomes the output).  Ctrl-C / SIGTERM: the frames
+    so far stay in a playable partial file and :class:`Interrupted` says how many.  Any other error: the partial
+    file is discarded and the error propagates."""
+    try:
+        yield writer
+    except KeyboardInterrupt:
+        kept = writer.abort()
+        raise Interrupted(f"interrupted after {writer.frames} of {total} frames; "
+                          + (f"partial output kept as {kept}" if kept else "nothing written")) from None
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
 
 
 def check_device(device: str | None) -> torch.device:

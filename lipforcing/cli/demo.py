@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from lipforcing.cli import Interrupted, UserError
+from lipforcing.cli import UserError
 from lipforcing.cli._common import (add_decoder_arg, check_device, check_resolution, load_engine, progress,
-                                    seed_arg, set_threads)
+                                    seed_arg, set_threads, writing_video)
 
 HELP = ("stream a synthetic face clip and speech through the embedded default model, write demo.mp4 and print a "
         "profile summary")
@@ -114,19 +114,10 @@ def run(args) -> int:
     session = engine.session(reference, seed=args.seed)          # detects, tracks and aligns the face (once)
     track_ms = 1e3 * (time.perf_counter() - t) / len(reference)
     try:
-        with progress(n_frames, "streaming") as bar:
-            with session:
-                stream = stream_utterance(session, pcm, plan, chunks, bar=bar, on_frame=on_frame)
-    except KeyboardInterrupt:       # Ctrl-C / SIGTERM: the frames so far stay in a playable partial file
-        kept = writer.abort()
-        raise Interrupted(f"interrupted after {writer.frames} of {n_frames} frames; "
-                          + (f"partial output kept as {kept}" if kept else "nothing written")) from None
-    except BaseException:
-        writer.abort()
-        raise
+        with writing_video(writer, n_frames), progress(n_frames, "streaming") as bar, session:
+            stream = stream_utterance(session, pcm, plan, chunks, bar=bar, on_frame=on_frame)
     finally:
         del engine.stage
-    writer.close()
     summary = summarize_chunks(engine, timer.chunks())
     total_s = time.perf_counter() - t_start
 

@@ -18,9 +18,9 @@ import time
 
 import numpy as np
 
-from lipforcing.cli import Interrupted, UserError
+from lipforcing.cli import UserError
 from lipforcing.cli._common import (DTYPES, PRESETS, add_decoder_arg, check_checkpoint, check_device,
-                                    check_resolution, load_engine, progress, seed_arg, set_threads)
+                                    check_resolution, load_engine, progress, seed_arg, set_threads, writing_video)
 
 HELP = "lip-sync a face video to an audio file (offline, through the streaming session API)"
 
@@ -186,7 +186,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     try:
-        with progress(n_out, "sync") as bar, session:
+        with writing_video(writer, n_out), progress(n_out, "sync") as bar, session:
             def drain():
                 nonlocal first_frame_s
                 for frame in session.frames():
@@ -203,16 +203,8 @@ def run(args) -> int:
                 drain()
             session.end_of_speech()
             drain()
-    except KeyboardInterrupt:       # Ctrl-C / SIGTERM: the frames so far stay in a playable partial file
-        kept = writer.abort()
-        raise Interrupted(f"interrupted after {writer.frames} of {n_out} frames; "
-                          + (f"partial output kept as {kept}" if kept else "nothing written")) from None
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
+    finally:                        # completed: writing_video closed the writer (out.partial.mp4 -> out.mp4)
         del engine.stage
-    writer.close()                  # complete: out.partial.mp4 becomes the output
     wall = time.perf_counter() - t0
     chunks = timer.chunks()
     summary = summarize_chunks(engine, chunks) if chunks else None

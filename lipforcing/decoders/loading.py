@@ -125,12 +125,9 @@ def load_decoder(path: str | os.PathLike, *, config: TAEHVConfig | str | None = 
     sd, meta = read_checkpoint(path)
     if config is None:
         config = infer_config(sd, path, meta)
-    elif isinstance(config, str):
-        config = TAEHVConfig.from_name(config)
-    elif not isinstance(config, TAEHVConfig):
-        raise TypeError(f"config must be a TAEHVConfig, a preset name or None, got {type(config).__name__}")
     with torch.device("meta"):
-        model = TAEHV(config)
+        model = TAEHV(config)               # a TAEHVConfig or a preset name (TypeError otherwise)
+    config = model.config
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = set(want) - set(sd)
     unexpected = set(sd) - set(want)

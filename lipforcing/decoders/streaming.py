@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from lipforcing.decoders.taehv import TAEHV, _memory_format, run_layers
+from lipforcing.vae.streaming import check_latents
 
 __all__ = ["TAEHVStreamDecoder"]
 
@@ -138,18 +139,8 @@ class TAEHVStreamDecoder:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         m = self.model
-        if not isinstance(latents, torch.Tensor):
-            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
-        if latents.dim() != 5 or latents.shape[1] != m.latent_channels:
-            raise ValueError(f"latents must be (B, {m.latent_channels}, n, h, w), got shape {tuple(latents.shape)}")
-        if not latents.is_floating_point():
-            raise TypeError(f"latents must be a floating-point tensor, got dtype {latents.dtype}")
+        check_latents(latents, m.latent_channels, m.device, "decoder")
         b, _, n, h, w = latents.shape
-        if min(b, n, h, w) == 0:
-            raise ValueError(f"latents must have at least one frame and a non-empty B, h, w; got shape "
-                             f"{tuple(latents.shape)}")
-        if latents.device != m.device:
-            raise ValueError(f"latents are on {latents.device} but the decoder is on {m.device}")
         self._prepare(b, h, w, latents.device)
         z = latents.to(m.dtype)
         if self.normalize:

@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("lipforcing.integrations.livekit needs LiveKit Agents: pip install 'lipforcing[livekit]'") \
         from exc
 
-from lipforcing.audio.pcm import SAMPLE_RATE
+from lipforcing.audio.pcm import SAMPLE_RATE, float_to_int16, interleaved_int16_to_mono
 
 __all__ = ["LipForcingVideoGenerator", "engine_load", "engine_load_fnc"]
 
@@ -91,10 +91,7 @@ class LipForcingVideoGenerator(VideoGenerator):
             self._open(frame.sample_rate)
         elif frame.sample_rate != self._rate:
             raise ValueError(f"audio frame at {frame.sample_rate} Hz, but the session runs at {self._rate} Hz")
-        pcm = np.frombuffer(frame.data, dtype=np.int16)
-        if frame.num_channels > 1:
-            pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.float32) / 32768.0
-        await self.session.apush_audio(pcm)
+        await self.session.apush_audio(interleaved_int16_to_mono(frame.data, frame.num_channels))
 
     def clear_buffer(self) -> None:
         if self.session is not None:
@@ -117,7 +114,7 @@ class LipForcingVideoGenerator(VideoGenerator):
         async for f in self.session.aframes():
             h, w = f.image.shape[:2]
             yield rtc.VideoFrame(w, h, rtc.VideoBufferType.RGB24, np.ascontiguousarray(f.image).tobytes())
-            pcm = np.clip(np.round(f.audio * 32768.0), -32768, 32767).astype(np.int16)
+            pcm = float_to_int16(f.audio)
             yield rtc.AudioFrame(pcm.tobytes(), SAMPLE_RATE, 1, pcm.size)
             self.frames_out += 1
             while self._ends and f.index + 1 >= self._ends[0]:

@@ -29,7 +29,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("lipforcing.integrations.pipecat needs Pipecat: pip install 'lipforcing[pipecat]'") from exc
 
-from lipforcing.audio.pcm import SAMPLE_RATE
+from lipforcing.audio.pcm import SAMPLE_RATE, float_to_int16, interleaved_int16_to_mono
 
 __all__ = ["LipForcingVideoService"]
 
@@ -84,17 +84,14 @@ class LipForcingVideoService(FrameProcessor):
             self._out_task = self.create_task(self._output())
         elif frame.sample_rate != self._rate:
             raise ValueError(f"TTS audio at {frame.sample_rate} Hz, but the session runs at {self._rate} Hz")
-        pcm = np.frombuffer(frame.audio, dtype=np.int16)
-        if frame.num_channels > 1:
-            pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.float32) / 32768.0
-        await self.session.apush_audio(pcm)
+        await self.session.apush_audio(interleaved_int16_to_mono(frame.audio, frame.num_channels))
 
     async def _output(self) -> None:
         async for f in self.session.aframes():
             h, w = f.image.shape[:2]
             image = OutputImageRawFrame(image=np.ascontiguousarray(f.image).tobytes(), size=(w, h), format="RGB")
             image.sync_with_audio = True
-            pcm = np.clip(np.round(f.audio * 32768.0), -32768, 32767).astype(np.int16)
+            pcm = float_to_int16(f.audio)
             await self.push_frame(image)
             await self.push_frame(OutputAudioRawFrame(audio=pcm.tobytes(), sample_rate=SAMPLE_RATE, num_channels=1))
             self._last_index = f.index

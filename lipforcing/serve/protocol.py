@@ -187,7 +187,9 @@ def encode_frame(frame, *, video_format: str, audio_format: str, jpeg_quality: i
     else:
         image = np.ascontiguousarray(frame.image).tobytes()
     if audio_format == "s16le":
-        audio = np.clip(np.round(frame.audio * 32768.0), -32768, 32767).astype("<i2").tobytes()
+        from lipforcing.audio.pcm import float_to_int16      # here: decoding clients need no torch
+
+        audio = float_to_int16(frame.audio).astype("<i2", copy=False).tobytes()
     else:
         audio = frame.audio.astype("<f4").tobytes()
     header = json.dumps({"index": frame.index, "pts": frame.pts, "chunk_id": frame.chunk_id, "width": w,

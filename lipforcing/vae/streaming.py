@@ -29,7 +29,7 @@ import torch
 
 from lipforcing.vae.model import WanVAE, _detach_state
 
-__all__ = ["StreamEncoder", "StreamDecoder", "StreamingDecoder", "LatentDecoder", "DecoderStream"]
+__all__ = ["StreamEncoder", "StreamDecoder", "StreamingDecoder", "LatentDecoder", "DecoderStream", "check_latents"]
 
 _RANGE_TOL = 1e-3
 
@@ -67,6 +67,24 @@ class LatentDecoder(Protocol):
     through :class:`StreamingDecoder` instead (``Engine.load(decoder=...)``), leaving the VAE unchanged."""
 
     def stream(self) -> DecoderStream: ...
+
+
+def check_latents(latents, channels: int, device: torch.device, owner: str) -> None:
+    """What every :class:`StreamingDecoder` ``decode(latents)`` accepts: a floating-point (B, channels, n, h, w)
+    tensor with B, n, h, w >= 1 on ``device``; ``owner`` names the decoder in the device error."""
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+    if latents.dim() != 5 or latents.shape[1] != channels:
+        raise ValueError(f"latents must be (B, {channels}, n, h, w) (5-D, z_dim = {channels} channels in dim 1), got "
+                         f"shape {tuple(latents.shape)}")
+    if not latents.is_floating_point():
+        raise TypeError(f"latents must be a floating-point tensor, got dtype {latents.dtype}")
+    b, _, n, h, w = latents.shape
+    if min(b, n, h, w) == 0:
+        raise ValueError(f"latents must have at least one frame and a non-empty B, h, w; got shape "
+                         f"{tuple(latents.shape)}")
+    if latents.device != device:
+        raise ValueError(f"latents are on {latents.device} but the {owner} is on {device}")
 
 
 def _check_tensor(name: str, x, ndim: int) -> None:
@@ -210,14 +228,8 @@ class StreamDecoder(_Stream):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae
         f, s = vae.temporal_factor, vae.spatial_factor
-        _check_tensor("latents", latents, 5)
-        b, c, n, h, w = latents.shape
-        if c != vae.z_dim:
-            raise ValueError(f"latents must have z_dim = {vae.z_dim} channels in dim 1 (B, C, T, h, w), got shape "
-                             f"{tuple(latents.shape)}")
-        if n == 0 or h == 0 or w == 0:
-            raise ValueError(f"latents must have at least one frame and a non-empty h x w, got shape "
-                             f"{tuple(latents.shape)}")
+        check_latents(latents, vae.z_dim, vae.device, "VAE")
+        b, _, n, h, w = latents.shape
         self._check_signature("latents", latents)
         first = self._signature is None
         z = latents.to(vae.dtype)

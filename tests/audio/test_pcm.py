@@ -118,3 +118,23 @@ def test_loud_float_pcm_and_full_scale_int16_pass():
     assert torch.equal(to_mono_float(x, 16000), torch.from_numpy(x))
     i16 = np.array([-32768, 32767, 0], dtype=np.int16)
     assert to_mono_float(i16, 16000).abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_host_int16_frames_to_mono_and_back(channels):
+    """The host adapters' conversions (LiveKit, Pipecat, serve): interleaved int16 bytes -> mono, float -> int16."""
+    from lipforcing.audio.pcm import float_to_int16, interleaved_int16_to_mono
+
+    n = int(np.random.randint(1, 700))
+    raw = np.random.randint(-32768, 32768, size=(n, channels)).astype(np.int16)
+    mono = interleaved_int16_to_mono(raw.tobytes(), channels)
+    if channels == 1:
+        assert mono.dtype == np.int16 and np.array_equal(mono, raw[:, 0])
+    else:
+        assert mono.dtype == np.float32 and mono.shape == (n,)
+        np.testing.assert_allclose(mono, raw.astype(np.float64).mean(axis=1) / 32768.0, rtol=0, atol=1e-6)
+    x = np.concatenate([np.random.uniform(-1.5, 1.5, n), [1.0, -1.0, 0.5 / 32768]]).astype(np.float32)
+    y = float_to_int16(x)
+    assert y.dtype == np.int16
+    assert np.array_equal(y, np.clip(np.rint(x.astype(np.float64) * 32768), -32768, 32767).astype(np.int16))
+    assert y[-3] == 32767 and y[-2] == -32768
