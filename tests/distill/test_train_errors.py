@@ -129,6 +129,9 @@ def test_interrupted_save_keeps_the_previous_checkpoint_and_pointer(tmp_path, ca
     monkeypatch.setattr(ck.os, "replace", real)
     assert (run / "latest").read_text() == "ckpt-000001"
     assert not list(run.rglob("*.tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "ckpt-000001" / "student.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     assert json.loads((run / "ckpt-000001" / "trainer.json").read_text())["iteration"] == 1
     again = Trainer(cfg)
     assert again.iteration == 1
