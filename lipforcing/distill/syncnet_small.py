@@ -10,7 +10,7 @@ face, resized to ``frame_size``.  Its weight file carries its config in the meta
 Sizes (width w): audio 1 -> w -> 2w -> 4w convolutions (3 x 3, the last two strided) and global average pooling;
 lips a 5-frame 3-D convolution (5 x 5 x 5, stride 2 in space) then 2w -> 4w strided 2-D convolutions and global
 pooling to a 3 x 3 grid (the mouth's position survives); each followed by Linear(., 4w) - ReLU - Linear(4w,
-embed_dim).  Defaults (48 px, w = 32, 128-d): about 0.9 M parameters.
+embed_dim).  Defaults (48 px, w = 32, 128-d): about 0.4 M parameters.
 """
 from __future__ import annotations
 
