@@ -6,7 +6,7 @@ old file or the new one, never half of one.  The run's ``latest`` pointer (the n
 folder) is written the same way, after the checkpoint it names is complete.
 
 Reads refuse what cannot be resumed from, with :class:`~lipforcing.distill.errors.TrainConfigError` naming the
-file: unreadable or truncated safetensors, a ``trainer.json`` that is not the expected JSON object, an iteration
+file: unreadable or truncated safetensors (read by :mod:`lipforcing._weights`, the project's one safe reader), a ``trainer.json`` that is not the expected JSON object, an iteration
 < 0, and weights with NaN or inf values.
 """
 from __future__ import annotations
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from lipforcing._weights import CheckpointError, check_finite, read_safetensors
 from lipforcing.distill.errors import TrainConfigError
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "save_tensors", "load_tensors", "flatten_optim",
-           "unflatten_optim", "resolve_checkpoint", "read_trainer_json", "write_checkpoint_meta",
-           "check_finite"]
+           "unflatten_optim", "resolve_checkpoint", "read_trainer_json", "write_checkpoint_meta"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -86,31 +86,16 @@ def save_tensors(tensors: dict, path, metadata: dict | None = None) -> None:
 
 
 def load_tensors(path, *, finite: bool = True) -> tuple[dict, dict]:
-    """(tensors, metadata) of a safetensors file; TrainConfigError naming the file when it is missing, not a
-    regular file, truncated or corrupt, or (``finite=True``) holds NaN/inf values."""
-    from safetensors import safe_open
-
-    p = Path(path)
-    if not p.is_file():
-        raise TrainConfigError(f"{p}: no such checkpoint file" if not p.exists() else f"{p}: not a regular file")
+    """(tensors, metadata) of a safetensors file, read through :mod:`lipforcing._weights` (the one safe
+    weight-file reader); TrainConfigError naming the file when it is missing, not a regular file, empty,
+    truncated or corrupt, or (``finite=True``) holds NaN/inf values."""
     try:
-        with safe_open(os.fspath(p), "pt") as h:
-            meta = dict(h.metadata() or {})
-            tensors = {k: h.get_tensor(k) for k in h.keys()}
-    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
-        raise TrainConfigError(f"{p}: not a readable safetensors file (truncated or corrupt?): "
-                               f"{' '.join(str(exc).split())[:200]}") from None
-    if finite:
-        check_finite(tensors, p)
+        tensors, meta = read_safetensors(path, "checkpoint")
+        if finite:
+            check_finite(tensors, os.fspath(path))
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise TrainConfigError(str(exc)) from None
     return tensors, meta
-
-
-def check_finite(tensors: dict, source) -> None:
-    """TrainConfigError naming up to 5 tensors of ``tensors`` that hold NaN or inf."""
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
-        raise TrainConfigError(f"{source}: NaN/inf values in {', '.join(bad[:5])}{more}; refusing to resume from it")
 
 
 def flatten_optim(osd: dict) -> tuple[dict, dict]:
