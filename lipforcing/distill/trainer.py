@@ -247,14 +247,9 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path, **overrides) -> "TrainConfig":
         """Read a YAML file (keys = field names; nested ``data:`` / ``reward:``); ``overrides`` win."""
-        import yaml
+        from lipforcing.distill.stages.base import read_config_yaml
 
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a mapping of TrainConfig fields, got {type(d).__name__}")
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(d)
+        return cls.from_dict(read_config_yaml(path, overrides))
 
 
 def _from_dict(cls, d: dict, where: str):

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lipforcing.audio.pcm import SAMPLE_RATE, SAMPLES_PER_FRAME
+
 __all__ = ["MouthTrack", "mouth_track", "LEAD_SECONDS", "SAMPLE_RATE", "SAMPLES_PER_FRAME", "window_rms"]
 
-SAMPLE_RATE = 16000
-SAMPLES_PER_FRAME = 640
 LEAD_SECONDS = 0.04
 _FLOOR = 0.02
 _ATTACK, _RELEASE = 0.75, 0.5

@@ -28,7 +28,8 @@ from lipforcing.distill import checkpoint as ckpt
 from lipforcing.distill.errors import TrainConfigError
 from lipforcing.distill.runlog import Progress, append_metrics, plot_curves
 
-__all__ = ["StageConfig", "Stage", "check_positive_number", "check_int", "config_from_dict", "config_from_yaml"]
+__all__ = ["StageConfig", "Stage", "check_positive_number", "check_int", "config_from_dict", "config_from_yaml",
+           "read_config_yaml"]
 
 log = logging.getLogger("lipforcing.train")
 
@@ -62,8 +63,9 @@ def config_from_dict(cls, d: dict, where: str = "config"):
         raise TrainConfigError(f"{where}: {exc}") from None
 
 
-def config_from_yaml(cls, path, **overrides):
-    """Read a YAML mapping of ``cls``'s fields; ``overrides`` that are not None win."""
+def read_config_yaml(path, overrides: dict) -> dict:
+    """The YAML mapping in ``path`` (an empty file is ``{}``) with the ``overrides`` that are not None applied;
+    TrainConfigError when the file holds something other than a mapping."""
     import yaml
 
     with open(path) as f:
@@ -71,7 +73,12 @@ def config_from_yaml(cls, path, **overrides):
     if not isinstance(d, dict):
         raise TrainConfigError(f"{path}: expected a mapping of config fields, got {type(d).__name__}")
     d.update({k: v for k, v in overrides.items() if v is not None})
-    return config_from_dict(cls, d)
+    return d
+
+
+def config_from_yaml(cls, path, **overrides):
+    """Read a YAML mapping of ``cls``'s fields; ``overrides`` that are not None win."""
+    return config_from_dict(cls, read_config_yaml(path, overrides))
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 from lipforcing.distill.errors import TrainConfigError
 from lipforcing.distill.stages.base import Stage, StageConfig, check_int, check_positive_number
 
-__all__ = ["VAEStageConfig", "VAEStage", "DEFAULT_VAE", "world_video_batch", "psnr"]
+__all__ = ["VAEStageConfig", "VAEStage", "DEFAULT_VAE", "world_video_batch", "psnr", "mouth_psnr"]
 
 DEFAULT_VAE = {"dim": 16, "z_dim": 16, "dim_mult": [1, 2, 2], "num_res_blocks": 1,
                "temporal_downsample": [True, True]}
@@ -69,10 +69,20 @@ class VAEStageConfig(StageConfig):
             raise TrainConfigError(f"vae: {exc}") from None
 
 
+def _db(mse: float) -> float:
+    """PSNR in dB of a mean squared error between videos in [-1, 1] (peak-to-peak 2)."""
+    return float(10 * np.log10(4.0 / max(mse, 1e-12)))
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of videos in [-1, 1] (peak-to-peak 2)."""
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return float(10 * np.log10(4.0 / max(mse, 1e-12)))
+    return _db(float(((a.float() - b.float()) ** 2).mean()))
+
+
+def mouth_psnr(rec: torch.Tensor, video: torch.Tensor, box: torch.Tensor) -> float:
+    """PSNR in dB inside the mouth: ``rec``/``video`` (B, 3, T, H, W) in [-1, 1], ``box`` (B, 1, T, H, W) the 0/1
+    mouth mask (the error is averaged over the masked pixels of the 3 channels)."""
+    return _db(float((((rec - video) ** 2) * box).sum() / (3 * box.sum()).clamp(min=1)))
 
 
 def world_video_batch(seeds, frames: int, size: int, speech: str = "auto", split: str = "train"):
@@ -115,9 +125,8 @@ class VAEStage(Stage):
         gnorm = self.clip_and_step("vae_raw", loss)
         with torch.no_grad():
             r = rec.clamp(-1, 1)
-            mouth_mse = float((((r - video) ** 2) * box).sum() / (3 * box.sum()).clamp(min=1))
-        return {"loss": loss.item(), "psnr": psnr(r, video),
-                "mouth_psnr": float(10 * np.log10(4.0 / max(mouth_mse, 1e-12))), "grad_norm": gnorm,
+        return {"loss": loss.item(), "psnr": psnr(r, video), "mouth_psnr": mouth_psnr(r, video, box),
+                "grad_norm": gnorm,
                 "latent_rms": float(mu.detach().pow(2).mean().sqrt())}
 
     @torch.no_grad()
@@ -200,6 +209,5 @@ def evaluate_vae(vae, *, clips: int = 4, frames: int = 21, size: int = 64, split
     video, box = world_video_batch(seeds, frames, size, speech, split)
     video, box = video.to(vae.device, vae.dtype), box.to(vae.device, vae.dtype)
     rec = torch.cat([vae.decode(vae.encode(v[None], normalize=True), normalize=True) for v in video])
-    mouth = float((((rec - video) ** 2) * box).sum() / (3 * box.sum()).clamp(min=1))
-    return {"psnr": psnr(rec, video), "mouth_psnr": float(10 * np.log10(4.0 / max(mouth, 1e-12))),
+    return {"psnr": psnr(rec, video), "mouth_psnr": mouth_psnr(rec, video, box),
             "clips": clips, "frames": frames, "split": split}
