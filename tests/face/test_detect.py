@@ -73,7 +73,10 @@ def test_detect_placed_faces(kind, size):
         frame = render(src, background(H, W, rng), G)
         dets = detect.detect_faces(frame)
         assert dets, f"no face found (seed {seed}, scale {scale:.2f}, centre {centre})"
-        d = dets[0]
+        # the placed face is the most confident detection: detect_faces lists the largest first, and in about 1
+        # portrait frame in 70 a larger false box scoring just above MIN_SCORE (0.50-0.56, vs 0.95+ for the face)
+        # came first (the tracker drops such boxes: landmark confirmation)
+        d = max(dets, key=lambda d: d.score)
         want = apply(G, src_anchors)
         assert d.box[0] < want[:, 0].min() and d.box[2] > want[:, 0].max(), seed
         pts, presence = landmarks.face_landmarks(frame, landmarks.roi_from_detection(d))
