@@ -6,8 +6,8 @@ old file or the new one, never half of one.  The run's ``latest`` pointer (the n
 folder) is written the same way, after the checkpoint it names is complete.
 
 Reads refuse what cannot be resumed from, with :class:`~lipforcing.distill.errors.TrainConfigError` naming the
-file: unreadable or truncated safetensors (read by :mod:`lipforcing._weights`, the project's one safe reader), a ``trainer.json`` that is not the expected JSON object, an iteration
-< 0, and weights with NaN or inf values.
+file: unreadable or truncated safetensors (read by :mod:`lipforcing._weights`, the project's one safe reader), a
+``trainer.json`` that is not the expected JSON object, an iteration < 0, and weights with NaN or inf values.
 """
 from __future__ import annotations
 
