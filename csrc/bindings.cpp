@@ -10,6 +10,7 @@
 #include "lipforcing/common.h"
 #include "lipforcing/runtime.h"
 #include "lipforcing/chunk_attention.h"
+#include "lipforcing/chunk_attention_sm90.h"
 #include "lipforcing/audio_cross_attention.h"
 #include "lipforcing/denoise_update.h"
 
@@ -127,6 +128,80 @@ PYBIND11_MODULE(_C, m) {
       "chunk_attention forward on raw device pointers (FlashAttention-2 style, fp16/bf16, head_dim 64/128); "
       "optionally writes k, v into the cache and advances pos.  Enqueued on `stream`; no host sync.");
   // --- end chunk_attention ---
+#ifdef LIPFORCING_SM90
+  // --- chunk_attention_sm90 (csrc/chunk_attention_sm90.cu, built for sm_90a only) ---
+  // The dense chunk step's attention on Hopper: q (B, n, H, D) against the first count[b] slots of the dense
+  // k/v buffers (B, slots, H, D); strides (batch, token, head) in elements for q, k, v, out (12 ints).
+  m.def(
+      "chunk_attention_sm90",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t count, const py::sequence& strides,
+         int batch, int n, int slots, int heads, int head_dim, double scale, int dtype, uintptr_t stream) {
+        if (py::len(strides) != 12) {
+          throw std::invalid_argument("chunk_attention_sm90: strides must hold 12 ints (batch, token, head strides "
+                                      "of q, k, v, out), got " + std::to_string(py::len(strides)));
+        }
+        lipforcing::ChunkAttnSm90Params p;
+        p.q = reinterpret_cast<const void*>(q);
+        p.k = reinterpret_cast<const void*>(k);
+        p.v = reinterpret_cast<const void*>(v);
+        p.out = reinterpret_cast<void*>(out);
+        p.count = reinterpret_cast<const int32_t*>(count);
+        int64_t* dst[4] = {p.q_stride, p.k_stride, p.v_stride, p.out_stride};
+        for (int i = 0; i < 12; ++i) dst[i / 3][i % 3] = strides[i].cast<int64_t>();
+        p.batch = batch;
+        p.n = n;
+        p.slots = slots;
+        p.heads = heads;
+        p.head_dim = head_dim;
+        p.scale = static_cast<float>(scale);
+        p.dtype = dtype_arg(dtype, "chunk_attention_sm90");
+        if (const char* why = lipforcing::check_chunk_attention_sm90(p)) {
+          throw std::invalid_argument(std::string("chunk_attention_sm90: ") + why);
+        }
+        require_device("chunk_attention_sm90");
+        check_cuda(lipforcing::launch_chunk_attention_sm90(p, reinterpret_cast<cudaStream_t>(stream)),
+                   "chunk_attention_sm90");
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("count"), py::arg("strides"),
+      py::arg("batch"), py::arg("n"), py::arg("slots"), py::arg("heads"), py::arg("head_dim"), py::arg("scale"),
+      py::arg("dtype"), py::arg("stream"),
+      "Dense chunk attention on sm_90 (wgmma + TMA, fp16/bf16, head_dim 64/128): fills out with softmax(scale q "
+      "k[:count]^T) v[:count] per batch row and head.  Enqueued on `stream`; no host sync.");
+  // Host-side helpers of the sm_90 kernel, exposed so tests can check them without a GPU.
+  m.def(
+      "chunk_attention_sm90_desc",
+      [](uint32_t smem_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+        return lipforcing::wgmma_desc_sw128(smem_addr, lbo_bytes, sbo_bytes);
+      },
+      py::arg("smem_addr"), py::arg("lbo_bytes"), py::arg("sbo_bytes"),
+      "The 64-bit wgmma shared-memory descriptor (128-byte swizzle) the sm_90 kernel builds.");
+  m.def("chunk_attention_sm90_kmajor_desc", &lipforcing::sm90_kmajor_desc, py::arg("tile_base"),
+        py::arg("subtile_rows"), py::arg("row0"), py::arg("kk"),
+        "Descriptor of k-step kk of a K-major operand (Q or K) as the sm_90 kernel computes it.");
+  m.def("chunk_attention_sm90_v_desc", &lipforcing::sm90_v_desc, py::arg("tile_base"), py::arg("kk"),
+        "Descriptor of k-step kk of the MN-major V operand as the sm_90 kernel computes it.");
+  m.def(
+      "chunk_attention_sm90_tma_spec",
+      [](int64_t batch, int64_t tokens, int64_t heads, int64_t head_dim, const py::sequence& strides, int rows) {
+        if (py::len(strides) != 3) throw std::invalid_argument("chunk_attention_sm90_tma_spec: 3 strides expected");
+        const int64_t st[3] = {strides[0].cast<int64_t>(), strides[1].cast<int64_t>(), strides[2].cast<int64_t>()};
+        const lipforcing::TmaTileSpec s = lipforcing::chunk_attention_sm90_tma_spec(batch, tokens, heads, head_dim,
+                                                                                      st, rows);
+        py::dict d;
+        d["dims"] = py::make_tuple(s.dims[0], s.dims[1], s.dims[2], s.dims[3]);
+        d["strides_bytes"] = py::make_tuple(s.strides_bytes[0], s.strides_bytes[1], s.strides_bytes[2]);
+        d["box"] = py::make_tuple(s.box[0], s.box[1], s.box[2], s.box[3]);
+        return d;
+      },
+      py::arg("batch"), py::arg("tokens"), py::arg("heads"), py::arg("head_dim"), py::arg("strides"),
+      py::arg("rows"), "The 4-d TMA view (dims, byte strides, box) the sm_90 kernel encodes for one tensor.");
+  m.def("chunk_attention_sm90_swizzle_offset", &lipforcing::sw128_offset, py::arg("row"), py::arg("chunk16"),
+        "Byte offset of 16-byte chunk `chunk16` of row `row` in a 128B-swizzled subtile.");
+  m.def("chunk_attention_sm90_smem_bytes", &lipforcing::chunk_attention_sm90_smem_bytes, py::arg("head_dim"),
+        "Dynamic shared memory of the sm_90 kernel for head_dim (0 when unsupported).");
+  m.attr("chunk_attention_sm90_tile") = py::make_tuple(lipforcing::kSm90BlockM, lipforcing::kSm90BlockN);
+  // --- end chunk_attention_sm90 ---
+#endif
   // denoise_update: x0 = x_t - t * flow; x_next = (1 - t_next) * x0 + t_next * eps (csrc/denoise_update.cu).
   // t_mode / t_next_mode: 0 = the *_value number, 1 = 0-d device tensor, 2 = (batch,) device tensor.
   // noise = 0: eps from Philox with seed / offset (0-d int64 device tensors, or 0 and the *_value).

@@ -187,31 +187,57 @@ def _demangle(names: list[str]) -> dict[str, str]:
     return dict(zip(names, out)) if len(out) == len(names) else {n: n for n in names}
 
 
-def _hgmma_functions(so_path: str) -> set[str] | None:
-    """Mangled names of the sm_90 functions whose SASS has HGMMA (wgmma) instructions; None without cuobjdump."""
+def cuobjdump() -> str | None:
+    """Path of cuobjdump (Triton's copy, else PATH), or None."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
         tool = os.path.join(os.path.dirname(get_ptxas(ARCH).path), "cuobjdump")
     except Exception:
         tool = None
-    tool = tool if tool and os.path.exists(tool) else shutil.which("cuobjdump")
+    return tool if tool and os.path.exists(tool) else shutil.which("cuobjdump")
+
+
+def sass_by_function(so_path: str) -> dict[str, str] | None:
+    """SASS text of every sm_90 / sm_90a function of the module, by mangled name; None without cuobjdump."""
+    tool = cuobjdump()
     if tool is None:
         return None
     sass = subprocess.run([tool, "-sass", "-arch", f"sm_{ARCH}", so_path], capture_output=True, text=True).stdout
-    found, current = set(), None
+    funcs: dict[str, list[str]] = {}
+    current = None
     for line in sass.splitlines():
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
             current = m.group(1)
-        elif current and "HGMMA" in line:
-            found.add(current)
-    return found
+            funcs.setdefault(current, [])
+        elif current:
+            funcs[current].append(line)
+    return {name: "\n".join(lines) for name, lines in funcs.items()}
 
 
-def cuda_rows(ptxas_log: str, so_path: str) -> list[dict]:
-    """Rows for the CUDA extension's sm_90 kernels from its build's ``ptxas -v`` log (static shared memory only:
-    the dynamic part is set at launch)."""
+def _hgmma_functions(so_path: str) -> set[str] | None:
+    """Mangled names of the sm_90 functions whose SASS has HGMMA (wgmma) instructions; None without cuobjdump."""
+    sass = sass_by_function(so_path)
+    return None if sass is None else {name for name, text in sass.items() if "HGMMA" in text}
+
+
+def cuda_path(kernel: str, wgmma: bool | None) -> str:
+    """Which GPUs run a CUDA kernel of the extension (the report's "path" label)."""
+    if "_sm90_kernel" in kernel:
+        return "sm_90 (wgmma + TMA, built for sm_90a)"
+    if "chunk_attention_fwd_kernel" in kernel:
+        return ("sm_80-89 (mma.sync); on sm_90 only for a short last chunk or LIPFORCING_CUDA_SM90=0 (full chunks "
+                "run chunk_attention_sm90_kernel)")
+    if "attention" in kernel and "_fwd_kernel" in kernel and not wgmma:
+        return "sm_80+ (mma.sync; auto prefers triton on sm_90)"
+    return "sm_80+"
+
+
+def cuda_rows(ptxas_log: str, so_path: str, module=None) -> list[dict]:
+    """Rows for the CUDA extension's sm_90 kernels from its build's ``ptxas -v`` log.  ``smem_bytes`` is the static
+    shared memory, plus, for the sm_90 chunk_attention kernel, the dynamic shared memory it is launched with
+    (``module.chunk_attention_sm90_smem_bytes``, when the built module is given)."""
     entries: dict[str, dict] = {}
     current = None
     for line in ptxas_log.splitlines():
@@ -235,8 +261,13 @@ def cuda_rows(ptxas_log: str, so_path: str) -> list[dict]:
     names = _demangle(list(entries))
     rows = []
     for mangled, r in entries.items():
-        rows.append({"kernel": "cuda." + names[mangled], **r,
-                     "wgmma": (mangled in hgmma) if hgmma is not None else None})
+        name = names[mangled]
+        wgmma = (mangled in hgmma) if hgmma is not None else None
+        row = {"kernel": "cuda." + name, **r, "wgmma": wgmma, "path": cuda_path(name, wgmma)}
+        m = re.search(r"chunk_attention_sm90_kernel<[^,]+, (\d+)>", name)
+        if m and module is not None and hasattr(module, "chunk_attention_sm90_smem_bytes"):
+            row["smem_bytes"] += module.chunk_attention_sm90_smem_bytes(int(m.group(1)))
+        rows.append(row)
     return rows
 
 

@@ -1,7 +1,8 @@
 """Compile tier: the sm_90 compile report of every kernel (tests/compile/compile_report.py).
 
 Writes build/compile_report_sm90.json (rows {"kernel", "regs", "spill_bytes", "smem_bytes", "wgmma"}, kernel names
-"<op>.<kernel>" for Triton, "cuda.<signature>" for the extension), with the CUDA rows when nvcc is there (the
+"<op>.<kernel>" for Triton, "cuda.<signature>" for the extension, whose rows also say which GPUs run them
+("path": the sm_90a wgmma kernel, the mma.sync kernels of sm_80-89), with the CUDA rows when nvcc is there (the
 session's shared build of tests/compile/conftest.py).  A copy from a full run is kept in bench/results/.
 """
 import os
@@ -34,7 +35,7 @@ def report(request):
     except pytest.skip.Exception:
         built = None
     if built is not None:
-        rows += cuda_rows(built.log, built.so_path)
+        rows += cuda_rows(built.log, built.so_path, built.module)
     write_report(rows, os.path.join(ROOT, "build", REPORT_NAME))
     return rows
 
@@ -59,3 +60,20 @@ def test_attention_kernels_do_not_spill_and_use_wgmma(report):
            for op, kernels in STRICT.items() for name in (f"{op}.{k}" for k in kernels)
            if rows[name]["spill_bytes"] or not rows[name]["wgmma"]]
     assert not bad, "\n".join(bad)
+
+
+def test_cuda_sm90_kernels_use_wgmma_without_spills(report):
+    """The extension's Hopper kernels (chunk_attention_sm90_kernel, fp16/bf16 x head_dim 64/128) are in the report
+    with HGMMA in their SASS, no spills, and their dynamic shared memory counted; the mma.sync chunk kernel is
+    labelled as the sm_80-89 path."""
+    cuda = [r for r in report if r["kernel"].startswith("cuda.")]
+    if not cuda:
+        pytest.skip("no CUDA rows (nvcc not on PATH)")
+    sm90 = [r for r in cuda if "chunk_attention_sm90_kernel" in r["kernel"]]
+    assert len(sm90) == 4, [r["kernel"] for r in cuda]
+    for r in sm90:
+        assert r["wgmma"] is not False and r["spill_bytes"] == 0, r
+        assert 64 * 1024 < r["smem_bytes"] <= SMEM_LIMIT[90], r
+        assert r["path"].startswith("sm_90"), r
+    mma = [r for r in cuda if "chunk_attention_fwd_kernel" in r["kernel"]]
+    assert mma and all(r["path"].startswith("sm_80-89") and r["wgmma"] is not True for r in mma), mma

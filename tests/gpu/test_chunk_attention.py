@@ -1,5 +1,6 @@
 """GPU tier of chunk_attention: every backend (triton, cuda, and the library backends flash_attn / cudnn) x
-fp32/fp16/bf16, with and without dynamic RoPE, write=False and write=True, against the fp32 reference; the Triton
+fp32/fp16/bf16, with and without dynamic RoPE, write=False and write=True, against the fp32 reference; the sm_90
+wgmma kernel (raw, with per-batch key counts, and through backend="cuda"); the Triton
 backward; a CUDA-graph capture of a loop of chunk steps (no allocation, no host sync per step).
 
 Pass rule (FlashAttention's): error vs the fp32 reference <= 2 x the error of plain PyTorch in the same dtype
@@ -191,3 +192,88 @@ def test_tensors_on_another_device_than_the_current_one(backend):
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
     assert all(g.device == dev and g.isfinite().all() for g in grads)
     assert torch.cuda.current_device() == 0
+
+
+def _sm90_extension():
+    """lipforcing._C when the sm_90 wgmma kernel can run here, else skip."""
+    from lipforcing.ops import cuda as ext
+
+    why = ext.unavailable_reason()
+    if why:
+        pytest.skip(why)
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel (sm_90a) runs on compute capability 9.0 only")
+    if not hasattr(ext.extension(), "chunk_attention_sm90"):
+        pytest.skip("lipforcing._C was built without the sm_90a kernels")
+    return ext.extension()
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sm90_kernel_vs_reference(dtype, head_dim):
+    """The wgmma kernel on its own: batch 2 with different random valid-key counts (not multiples of the 128-key
+    tile), n not a multiple of the 128-row tile, q a strided view of a fused qkv tensor; stale slots past the
+    count hold large values that must not leak in.  2x rule vs plain PyTorch in the same dtype."""
+    from lipforcing.ops.cuda import DTYPE_CODES
+
+    ext = _sm90_extension()
+    B, n, H, slots = 2, 200, 3, 517
+    counts = torch.randint(1, slots + 1, (B,), dtype=torch.int32, device="cuda")
+    counts[1] = torch.randint(1, 130, ()).item()  # the second row: at most two tiles, often one partial tile
+    qkv = torch.randn(B, n, 3, H, head_dim, device="cuda").to(dtype)
+    q = qkv[:, :, 0]
+    k, v = (torch.randn(B, slots, H, head_dim, device="cuda").to(dtype) for _ in range(2))
+    valid = torch.arange(slots, device="cuda")[None, :] < counts[:, None].long()  # (B, slots)
+    k.masked_fill_(~valid[:, :, None, None], 30.0)
+    v.masked_fill_(~valid[:, :, None, None], 1000.0)
+    out = torch.full((B, n, H, head_dim), float("nan"), device="cuda", dtype=dtype)
+    scale = head_dim ** -0.5
+    strides = [s for t in (q, k, v, out) for s in t.stride()[:3]]
+    ext.chunk_attention_sm90(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), counts.data_ptr(), strides,
+                             B, n, slots, H, head_dim, scale, DTYPE_CODES[dtype], torch.cuda.current_stream().cuda_stream)
+
+    def attention(dt):
+        s = torch.einsum("bqhd,bkhd->bhqk", q.to(dt), k.to(dt)) * scale
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s.float(), -1).to(dt), v.to(dt))
+
+    ref, plain = attention(torch.float32), attention(dtype)
+    assert out.isfinite().all()
+    err = (out.float() - ref).abs().max().item()
+    err_pt = (plain.float() - ref).abs().max().item()
+    assert err <= 2 * err_pt + FLOOR[dtype], f"counts {counts.tolist()}: error {err} vs plain PyTorch {err_pt}"
+
+
+@pytest.mark.parametrize("heads", [12, 40])
+@pytest.mark.parametrize("use_rope", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sm90_chunk_steps_vs_reference(dtype, use_rope, heads):
+    """backend="cuda" on sm_90 runs the dense step + wgmma kernel for full chunks: write=False and write=True,
+    with and without dynamic RoPE, the 1.3B / 14B head counts at reduced length (1 sink frame, 9-frame window,
+    3-frame chunks of 128 tokens per frame), through the ring's wrap-around; 2x rule vs plain PyTorch."""
+    from lipforcing.ops.cuda.chunk_attention import sm90_problem
+
+    _sm90_extension()
+    B, D, grid = 1, 128, (8, 16)
+    chunk, window, sink = 384, 1152, 128
+    rope = rope_spec(D, grid, device="cuda") if use_rope else None
+    cache = RollingKVCache(B, heads, D, chunk_size=chunk, window=window, sink=sink, dtype=dtype, device="cuda")
+    scale = D ** -0.5
+    for _ in range(5):
+        q, k, v = (torch.randn(B, chunk, heads, D, device="cuda").to(dtype) for _ in range(3))
+        assert sm90_problem(q, chunk) is None
+        args = (cache.k, cache.v, cache.pos)
+        ref = chunk_attention_ref(q.float(), k.float(), v.float(), cache.k.float(), cache.v.float(), cache.pos.clone(),
+                                  chunk_size=chunk, window=window, sink=sink, write=False, scale=scale, rope=rope)
+        err_pt = (_plain_torch(q, k, v, *args, chunk, window, sink, scale, rope).float() - ref).abs().max().item()
+        k_before = cache.k.clone()
+        read = chunk_attention(q, k, v, cache, write=False, rope=rope, backend="cuda")
+        assert torch.equal(cache.k, k_before)
+        err = (read.float() - ref).abs().max().item()
+        assert err <= 2 * err_pt + FLOOR[dtype], f"write=False: error {err} vs plain PyTorch {err_pt}"
+        out = chunk_attention(q, k, v, cache, write=True, rope=rope, backend="cuda")
+        err = (out.float() - ref).abs().max().item()
+        assert err <= 2 * err_pt + FLOOR[dtype], f"write=True: error {err} vs plain PyTorch {err_pt}"
+        expect_k = k_before.clone()
+        cache_write_ref(k, v, expect_k, torch.empty_like(expect_k), cache.pos - chunk, sink=sink)
+        assert torch.equal(cache.k, expect_k)

@@ -1,0 +1,578 @@
+// SPDX-License-Identifier: Apache-2.0
+// chunk_attention on Hopper (sm_90a): the dense chunk step's attention, out = softmax(scale * q k^T) v over the
+// first count[b] key slots of a dense K/V buffer, no other mask.  FlashAttention-3's design (Shah et al., 2024):
+// warp specialisation, TMA loads into 128B-swizzled shared memory, an mbarrier producer/consumer pipeline, wgmma
+// (warpgroup MMA, asynchronous, operands read from shared memory through matrix descriptors), online softmax in
+// fp32 registers with base-2 exponents.
+//
+// One CTA = 128 query rows of one (batch, head), 3 warpgroups (384 threads):
+//   warpgroup 0  producer: gives its registers away (setmaxnreg.dec), one thread issues every TMA load: the Q tile
+//                once, then K and V tiles of 128 keys into a 2-stage ring, each stage guarded by a "full"
+//                barrier (TMA transaction bytes) per operand and an "empty" barrier (all 256 consumer threads);
+//   warpgroups 1-2 consumers: 64 query rows each (setmaxnreg.inc to 240 registers).  Per key tile:
+//                S = Q K^T     wgmma m64n128k16, A = Q and B = K from shared memory (both "K-major"), fp32 acc;
+//                online softmax on S in registers (mask keys >= count in the last tile), P rounded to 16 bits;
+//                O += P V      wgmma m64nDk16, A = P from registers, B = V from shared memory ("MN-major":
+//                              V is stored keys x head_dim, i.e. transposed for the B operand, imm-trans-b = 1);
+//                then the stage is released to the producer.
+//   Epilogue: O / l rounded to 16 bits, staged through the consumer's own (no longer read) Q rows in shared
+//   memory, written to global memory with 16-byte stores (rows >= n skipped).
+//
+// Shared memory (D = head_dim, 16-bit elements; every region 1024-byte aligned, as the 128B swizzle needs):
+//   Q  D/64 subtiles of 128 rows x 128 B      K[s], V[s]  D/64 subtiles of 128 keys x 128 B each
+// A "subtile" is what one TMA box writes: `rows` rows of 64 columns (128 B), 16-byte chunk c of row r stored at
+// r * 128 + ((c ^ (r % 8)) * 16) (sw128_offset in the header).  8 rows = one 1024-byte swizzle atom.
+//
+// wgmma descriptors (wgmma_desc_sw128 in the header: start >> 4 in bits 0-13, LBO >> 4 in 16-29, SBO >> 4 in
+// 32-45, swizzle mode 1 = 128B in bits 62-63):
+//   Q (A of S = Q K^T, 64 x 16 per k-step, K-major): start = Q subtile (kk / 4) + 64 * consumer * 128 B (its 64
+//       rows) + (kk % 4) * 32 B (16 columns = 32 B inside the 128-byte row); SBO = 1024 (next 8 rows); LBO unused.
+//   K (B of S, 128 keys x 16 per k-step, K-major): same with the K subtile; rows are keys.
+//   V (B of O += P V, 16 keys x D per k-step, MN-major): start = V stage + kk * 16 rows * 128 B; SBO = 1024 (next
+//       8 keys), LBO = 128 keys * 128 B = 16384 (the next 64 head_dim columns live in the next subtile).
+//
+// Fragment layout of the m64nNk16 fp32 accumulator (S and O): warp w of the warpgroup owns rows 16 w .. 16 w + 15;
+// lane l holds, for each 8-column block j, d[4j + 0/1] at row 16 w + l / 4, columns 8 j + 2 (l % 4) + 0/1 and
+// d[4j + 2/3] at row 16 w + l / 4 + 8, same columns.  The A fragment of a register-A wgmma (k-step of 16 keys)
+// is the mma.m16n8k16 A layout: a0 (row l/4, cols 2(l%4)+0/1), a1 (row l/4+8, same), a2 (row l/4, cols
+// 8+2(l%4)+0/1), a3 (row l/4+8, same); so P of key block kk is {pack(S[8kk+0,1]), pack(S[8kk+2,3]),
+// pack(S[8kk+4,5]), pack(S[8kk+6,7])}, i.e. pa[4kk .. 4kk+3] below, without any data movement.
+#include "lipforcing/chunk_attention_sm90.h"
+
+#include <cuda.h>          // CUtensorMap and its enums (types only: the driver function is looked up at run time)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "chunk_attention_sm90.cu uses wgmma and setmaxnreg: compile it for sm_90a only (CMakeLists.txt does)"
+#endif
+
+namespace lipforcing {
+namespace {
+
+constexpr int kBM = kSm90BlockM, kBN = kSm90BlockN, kStages = kSm90Stages;
+constexpr uint32_t kProducerRegs = 24, kConsumerRegs = 240;  // 128 * 24 + 256 * 240 <= 65536
+
+template <int D>
+struct Layout {
+  static constexpr int kSub = D / 64;                        // 64-column subtiles per row
+  static constexpr int kQBytes = kSub * kBM * 128;
+  static constexpr int kTileBytes = kSub * kBN * 128;         // one K or V tile
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kQBytes;                     // K stage s at kK + s * kTileBytes
+  static constexpr int kV = kK + kStages * kTileBytes;
+  static constexpr int kBar = kV + kStages * kTileBytes;      // q_full, k_full[S], v_full[S], empty[S] (8 B each)
+  static constexpr int kBytes = kBar + 8 * (1 + 3 * kStages) + 1024;  // + 1024: aligning the dynamic base
+  static_assert(kQBytes % 1024 == 0 && kTileBytes % 1024 == 0, "swizzle atoms must stay 1024-byte aligned");
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Arrive once and add `bytes` to the transaction count the current phase waits for (the TMA loads complete it).
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Wait until the phase with parity `parity` has completed (a fresh barrier is in phase 0: waiting for parity 1
+// returns at once, which the producer's first pass over the empty barriers relies on).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// TMA: box at element coordinates (c0 = column, c1 = head, c2 = token, c3 = batch) -> shared memory at `dst`,
+// completion counted on `bar` in bytes.  Out-of-range rows/columns are filled with zeros (and still counted).
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                            int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, "
+      "%5}], [%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_prefetch_desc(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+template <uint32_t R>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+
+template <uint32_t R>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R));
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// Keeps the compiler from moving reads/writes of accumulator registers across the asynchronous wgmma window.
+template <int N>
+__device__ __forceinline__ void reg_fence(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// wgmma instructions (operand lists written out: one asm per shape and dtype).
+//   ss: D (+)= A(smem desc) * B(smem desc), both K-major (imm-trans-a = imm-trans-b = 0)
+//   rs: D (+)= A(registers) * B(smem desc), B MN-major (imm-trans-b = 1)
+// scale_d = 0 ignores the old accumulator (D = A * B).
+
+__device__ __forceinline__ void wgmma_ss_m64n128k16_f16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_rs_m64n128k16_f16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_rs_m64n64k16_f16(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_ss_m64n128k16_bf16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_rs_m64n128k16_bf16(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_rs_m64n64k16_bf16(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<__half> {
+  static constexpr CUtensorMapDataType kTma = CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo = the even column
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void qk(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
+    wgmma_ss_m64n128k16_f16(d, a, b, scale_d);
+  }
+  static __device__ __forceinline__ void pv(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+    wgmma_rs_m64n128k16_f16(d, a, b, 1);
+  }
+  static __device__ __forceinline__ void pv(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+    wgmma_rs_m64n64k16_f16(d, a, b, 1);
+  }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  static constexpr CUtensorMapDataType kTma = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ void qk(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
+    wgmma_ss_m64n128k16_bf16(d, a, b, scale_d);
+  }
+  static __device__ __forceinline__ void pv(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+    wgmma_rs_m64n128k16_bf16(d, a, b, 1);
+  }
+  static __device__ __forceinline__ void pv(float (&d)[32], const uint32_t (&a)[4], uint64_t b) {
+    wgmma_rs_m64n64k16_bf16(d, a, b, 1);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// The kernel
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T, int D>
+__global__ void __launch_bounds__(kSm90Threads, 1)
+    chunk_attention_sm90_kernel(const ChunkAttnSm90Params p, const __grid_constant__ CUtensorMap tm_q,
+                                const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v) {
+  using L = Layout<D>;
+  static_assert(kBN == 128, "the S = Q K^T wgmma is m64n128k16");
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;  // 128B-swizzle atoms must start 1024-byte aligned
+  uint8_t* const base_ptr = smem_raw + (base - raw);
+  const uint32_t sq = base + L::kQ, sk = base + L::kK, sv = base + L::kV;
+  const uint32_t bar_q = base + L::kBar;
+  auto bar_k_full = [&](int s) { return bar_q + 8u * (1 + s); };
+  auto bar_v_full = [&](int s) { return bar_q + 8u * (1 + kStages + s); };
+  auto bar_empty = [&](int s) { return bar_q + 8u * (1 + 2 * kStages + s); };
+
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int count = min(max(p.count[b], 0), p.slots);  // keys this batch row attends to
+  const int n_tiles = (count + kBN - 1) / kBN;
+  const int wg = threadIdx.x / 128;
+
+  if (threadIdx.x == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_k_full(s), 1);
+      mbar_init(bar_v_full(s), 1);
+      mbar_init(bar_empty(s), 256);  // every consumer thread arrives once it has read the stage
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the TMA (async) proxy
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---------------------------------------------------------------- producer warpgroup
+    setmaxnreg_dec<kProducerRegs>();
+    if (threadIdx.x == 0) {
+      tma_prefetch_desc(&tm_q);
+      tma_prefetch_desc(&tm_k);
+      tma_prefetch_desc(&tm_v);
+      mbar_arrive_expect_tx(bar_q, L::kQBytes);
+      for (int c = 0; c < L::kSub; ++c) {
+        tma_load_4d(sq + c * kBM * 128, &tm_q, bar_q, c * 64, h, m_block * kBM, b);
+      }
+      for (int i = 0; i < n_tiles; ++i) {
+        const int s = i % kStages;
+        const uint32_t phase = (i / kStages) & 1;
+        mbar_wait(bar_empty(s), phase ^ 1);  // the consumers released the tile that used this stage before
+        mbar_arrive_expect_tx(bar_k_full(s), L::kTileBytes);
+        for (int c = 0; c < L::kSub; ++c) {
+          tma_load_4d(sk + s * L::kTileBytes + c * kBN * 128, &tm_k, bar_k_full(s), c * 64, h, i * kBN, b);
+        }
+        mbar_arrive_expect_tx(bar_v_full(s), L::kTileBytes);
+        for (int c = 0; c < L::kSub; ++c) {
+          tma_load_4d(sv + s * L::kTileBytes + c * kBN * 128, &tm_v, bar_v_full(s), c * 64, h, i * kBN, b);
+        }
+      }
+    }
+    return;
+  }
+
+  // ------------------------------------------------------------------------------------ consumer warpgroups
+  setmaxnreg_inc<kConsumerRegs>();
+  const int cw = wg - 1;            // consumer 0/1: query rows cw * 64 .. cw * 64 + 63 of the tile
+  const int tid = threadIdx.x - 128 * wg;
+  const int warp = tid / 32, lane = tid % 32;
+  const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in base 2: e^(s x) = 2^(s log2(e) x)
+  constexpr float kNegInf = -INFINITY;
+
+  float o[D / 2];  // O accumulator (64 x D per warpgroup), fragment layout above
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float m_run[2] = {kNegInf, kNegInf};  // running max (already times scale_log2) of rows l/4 and l/4 + 8
+  float l_run[2] = {0.f, 0.f};          // this thread's part of the running denominators (summed over the quad
+                                        // at the end)
+
+  mbar_wait(bar_q, 0);
+
+  for (int i = 0; i < n_tiles; ++i) {
+    const int s = i % kStages;
+    const uint32_t phase = (i / kStages) & 1;
+    float sacc[64];  // S = Q K^T, 64 x 128 per warpgroup
+
+    mbar_wait(bar_k_full(s), phase);
+    reg_fence(sacc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t da = sm90_kmajor_desc(sq, kBM, cw * 64, kk);  // this warpgroup's 64 Q rows
+      const uint64_t db = sm90_kmajor_desc(sk + s * L::kTileBytes, kBN, 0, kk);
+      Elem<T>::qk(sacc, da, db, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    reg_fence(sacc);
+
+    // keys >= count (only in the last tile) get -inf
+    if ((i + 1) * kBN > count) {
+      const int key0 = i * kBN + 2 * (lane % 4);
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (key0 + 8 * j + e >= count) {
+            sacc[4 * j + e] = kNegInf;
+            sacc[4 * j + 2 + e] = kNegInf;
+          }
+        }
+      }
+    }
+
+    // online softmax: row max over the quad of 4 lanes that share a row
+    float mx[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      mx[0] = fmaxf(mx[0], fmaxf(sacc[4 * j], sacc[4 * j + 1]));
+      mx[1] = fmaxf(mx[1], fmaxf(sacc[4 * j + 2], sacc[4 * j + 3]));
+    }
+    float mb[2], alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m_run[r], mx[r] * scale_log2);
+      mb[r] = m_new == kNegInf ? 0.f : m_new;  // a row with no finite score so far: subtract 0, not -inf
+      alpha[r] = ex2(m_run[r] - mb[r]);        // rescales the old O and l (0 on the first tile)
+      m_run[r] = m_new;
+    }
+
+    // P = 2^(S * scale_log2 - m), rounded to 16 bits and packed as the A fragments of the P V wgmma
+    uint32_t pa[32];
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float p0 = ex2(fmaf(sacc[4 * j + 0], scale_log2, -mb[0]));
+      const float p1 = ex2(fmaf(sacc[4 * j + 1], scale_log2, -mb[0]));
+      const float p2 = ex2(fmaf(sacc[4 * j + 2], scale_log2, -mb[1]));
+      const float p3 = ex2(fmaf(sacc[4 * j + 3], scale_log2, -mb[1]));
+      rs[0] += p0 + p1;
+      rs[1] += p2 + p3;
+      pa[2 * j] = Elem<T>::pack(p0, p1);
+      pa[2 * j + 1] = Elem<T>::pack(p2, p3);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) {
+      o[4 * j + 0] *= alpha[0];
+      o[4 * j + 1] *= alpha[0];
+      o[4 * j + 2] *= alpha[1];
+      o[4 * j + 3] *= alpha[1];
+    }
+
+    // O += P V: 8 k-steps of 16 keys
+    mbar_wait(bar_v_full(s), phase);
+    reg_fence(o);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t a[4] = {pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3]};
+      const uint64_t db = sm90_v_desc(sv + s * L::kTileBytes, kk);
+      Elem<T>::pv(o, a, db);
+    }
+    wgmma_commit();
+    wgmma_wait_all();
+    reg_fence(o);
+    mbar_arrive(bar_empty(s));  // this thread is done with stage s
+  }
+
+  // ---------------------------------------------------------------------------------------------- epilogue
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+  }
+  // Stage O in this warpgroup's own Q rows (its last wgmma reading them has completed), same swizzle.
+  const int row0 = cw * 64 + warp * 16 + lane / 4;
+#pragma unroll
+  for (int j = 0; j < D / 8; ++j) {
+    const uint32_t sub = (j / 8) * kBM * 128;
+    const uint32_t byte = 4 * (lane % 4);
+    *reinterpret_cast<uint32_t*>(base_ptr + L::kQ + sub + sw128_offset(row0, j % 8) + byte) =
+        Elem<T>::pack(o[4 * j] * inv[0], o[4 * j + 1] * inv[0]);
+    *reinterpret_cast<uint32_t*>(base_ptr + L::kQ + sub + sw128_offset(row0 + 8, j % 8) + byte) =
+        Elem<T>::pack(o[4 * j + 2] * inv[1], o[4 * j + 3] * inv[1]);
+  }
+  named_barrier_sync(1 + cw, 128);  // barrier 0 is __syncthreads; 1 and 2: one per consumer warpgroup
+  constexpr int kChunks = D / 8;    // 16-byte chunks per output row
+  char* const out = static_cast<char*>(p.out);
+  for (int idx = tid; idx < 64 * kChunks; idx += 128) {
+    const int r = cw * 64 + idx / kChunks, c = idx % kChunks;
+    const int token = m_block * kBM + r;
+    if (token < p.n) {
+      const uint4 val = *reinterpret_cast<const uint4*>(base_ptr + L::kQ + (c / 8) * kBM * 128 + sw128_offset(r, c % 8));
+      const int64_t off = (b * p.out_stride[0] + token * p.out_stride[1] + h * p.out_stride[2]) + c * 8;
+      *reinterpret_cast<uint4*>(out + off * static_cast<int64_t>(sizeof(T))) = val;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------------------------
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+bool encode_tile_map(CUtensorMap* map, CUtensorMapDataType dt, const void* ptr, const TmaTileSpec& s) {
+  cuuint64_t dims[4], strides[3];
+  cuuint32_t box[4], elem_strides[4] = {1, 1, 1, 1};
+  for (int i = 0; i < 4; ++i) {
+    dims[i] = s.dims[i];
+    box[i] = s.box[i];
+  }
+  for (int i = 0; i < 3; ++i) strides[i] = s.strides_bytes[i];
+  const CUresult r = tensor_map_encoder()(map, dt, 4, const_cast<void*>(ptr), dims, strides, box, elem_strides,
+                                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                          CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
+template <typename T, int D>
+cudaError_t launch_typed(const ChunkAttnSm90Params& p, cudaStream_t stream) {
+  const CUtensorMapDataType dt = Elem<T>::kTma;
+  CUtensorMap tq, tk, tv;
+  if (!encode_tile_map(&tq, dt, p.q, chunk_attention_sm90_tma_spec(p.batch, p.n, p.heads, D, p.q_stride, kBM)) ||
+      !encode_tile_map(&tk, dt, p.k, chunk_attention_sm90_tma_spec(p.batch, p.slots, p.heads, D, p.k_stride, kBN)) ||
+      !encode_tile_map(&tv, dt, p.v, chunk_attention_sm90_tma_spec(p.batch, p.slots, p.heads, D, p.v_stride, kBN))) {
+    return cudaErrorInvalidValue;
+  }
+  auto kernel = chunk_attention_sm90_kernel<T, D>;
+  const int smem = Layout<D>::kBytes;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.n, kBM)), static_cast<unsigned>(p.heads),
+                  static_cast<unsigned>(p.batch));
+  kernel<<<grid, kSm90Threads, smem, stream>>>(p, tq, tk, tv);
+  return cudaGetLastError();
+}
+
+bool tma_stride_ok(int64_t extent, int64_t stride_elems) {
+  if (extent <= 1) return true;  // replaced by the packed stride in chunk_attention_sm90_tma_spec
+  return stride_elems > 0 && stride_elems % 8 == 0 && stride_elems * 2 < (int64_t(1) << 40);
+}
+
+}  // namespace
+
+int chunk_attention_sm90_smem_bytes(int head_dim) {
+  return head_dim == 64 ? Layout<64>::kBytes : head_dim == 128 ? Layout<128>::kBytes : 0;
+}
+
+const char* check_chunk_attention_sm90(const ChunkAttnSm90Params& p) {
+  if (!p.q || !p.k || !p.v || !p.out || !p.count) return "q, k, v, out and count must be device pointers";
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return "dtype must be float16 or bfloat16";
+  if (p.head_dim != 64 && p.head_dim != 128) return "head_dim must be 64 or 128";
+  if (p.batch < 1 || p.n < 1 || p.slots < 1 || p.heads < 1) return "batch, n, slots and heads must be >= 1";
+  if (p.heads > 65535 || p.batch > 65535) return "heads and batch must be <= 65535 (grid dimensions)";
+  for (const void* ptr : {p.q, p.k, p.v, static_cast<const void*>(p.out)}) {
+    if (reinterpret_cast<uintptr_t>(ptr) % 16) return "q, k, v and out must be 16-byte aligned";
+  }
+  const int64_t ext[3] = {p.batch, 0, p.heads};
+  for (int i = 0; i < 3; ++i) {
+    const int64_t e_q = i == 1 ? p.n : ext[i], e_kv = i == 1 ? p.slots : ext[i];
+    if (!tma_stride_ok(e_q, p.q_stride[i]) || !tma_stride_ok(e_kv, p.k_stride[i]) ||
+        !tma_stride_ok(e_kv, p.v_stride[i]) || !tma_stride_ok(e_q, p.out_stride[i])) {
+      return "strides (batch, token, head) must be positive multiples of 8 elements (16 bytes) below 2^39";
+    }
+  }
+  return nullptr;
+}
+
+cudaError_t launch_chunk_attention_sm90(const ChunkAttnSm90Params& p, cudaStream_t stream) {
+  if (check_chunk_attention_sm90(p) != nullptr) return cudaErrorInvalidValue;
+  if (tensor_map_encoder() == nullptr) return cudaErrorNotSupported;
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (p.head_dim == 128) return bf16 ? launch_typed<__nv_bfloat16, 128>(p, stream) : launch_typed<__half, 128>(p, stream);
+  return bf16 ? launch_typed<__nv_bfloat16, 64>(p, stream) : launch_typed<__half, 64>(p, stream);
+}
+
+}  // namespace lipforcing
