@@ -13,6 +13,11 @@ Baselines get the keys already gathered into contiguous (B, H, Lk, D) tensors (g
 compiled; every key is visible to every query of the chunk so it needs no block mask) and ``flash_attn_kvcache``
 (flash-attn's ``flash_attn_with_kvcache`` on a linear cache) when flash-attn is installed.  Our rows carry in
 ``extra`` the ratio to the best baseline measured for the same shape.
+
+``test_chunk_attention_split_kv`` (12 heads: 24 query tiles x 12 = 288 programs, ~2.2 waves on 132 SMs) times the
+Triton launcher itself with the split-KV count forced to 1 (one pass), 2, 3, 4 and left to its heuristic
+(``split_auto``), all in the same run and through the same call; each row carries the chosen S and its speed-up
+over S = 1, so a GPU run checks (and can retune) kernels/chunk_attention_split.py's unmeasured cost model.
 """
 import pytest
 import torch
@@ -162,3 +167,36 @@ def test_chunk_attention_backward(bench_record, h):
 
     row = bench_record("chunk_attention_fwd_bwd", "triton", shape, DTYPE, ours, flops=3.5 * _flops(lk, h))
     row.extra["speedup_vs_sdpa_flash"] = base.median_us / row.median_us
+
+
+SPLIT_ROWS = [1, 2, 3, 4, None]  # None: the launcher's own choice (choose_splits with the GPU's SM count)
+_split_us: dict[tuple, float] = {}  # (lk, write) -> median us of S = 1
+
+
+@pytest.mark.parametrize("write", [False, True])
+@pytest.mark.parametrize("lk", [4096, 7168])
+@pytest.mark.parametrize("splits", SPLIT_ROWS, ids=lambda s: f"split{s}" if s else "split_auto")
+def test_chunk_attention_split_kv(bench_record, splits, lk, write):
+    """Split-KV vs the one-pass forward at 12 heads (no RoPE; write=True re-stores the same chunk each call)."""
+    from lipforcing.kernels.chunk_attention import chunk_attention_triton, forward_splits
+
+    h = 12
+    cache = _cache(lk, h)
+    q, k, v = (torch.randn(B, LQ, h, D, device="cuda", dtype=DTYPE) for _ in range(3))
+    pos0 = cache.pos.clone()
+    chosen = forward_splits(q, cache.k, LQ, write, splits=splits)
+
+    def fn():
+        if write:
+            cache.pos.copy_(pos0)  # the launcher advances pos: keep the steady-state position
+        return chunk_attention_triton(q, k, v, cache.k, cache.v, cache.pos, LQ, lk - SINK, SINK, write, D ** -0.5,
+                                      None, None, 0, 0, splits=splits)
+
+    shape = dict(B=B, Lq=LQ, Lk=lk, H=h, D=D, sink=SINK, window=lk - SINK, write=write)
+    name = f"triton_split{splits}" if splits else "triton_split_auto"
+    row = bench_record("chunk_attention_split_kv", name, shape, DTYPE, fn, flops=_flops(lk, h))
+    row.extra["splits"] = chosen
+    if splits == 1:
+        _split_us[(lk, write)] = row.median_us
+    elif (lk, write) in _split_us:
+        row.extra["speedup_vs_split1"] = _split_us[(lk, write)] / row.median_us

@@ -17,7 +17,10 @@ stale slots, a short last chunk the oldest window slots.
 
 Algorithm of the attention: FlashAttention-2 forward (Dao, 2023) -- one program per (query tile, batch*head),
 online softmax in base 2 with fp32 accumulators; ``pos`` is read from device memory (no host sync, CUDA-graph
-capturable).  The log-sum-exp is stored for the backward.
+capturable).  The log-sum-exp is stored for the backward.  When the launch fills few waves of the GPU's SMs
+(1.3B: 288 programs on 132 SMs) the key range is split over S programs per query tile instead
+(``_chunk_attention_split_fwd_kernel`` + a log-sum-exp combine, kernels/chunk_attention_split.py); the same
+``_fwd_query_tile`` runs in both kernels.
 
 Dynamic RoPE is *outside* the attention loop: ``_rope_rows_kernel`` rotates the queries and current keys once per
 step and ``_rope_slots_kernel`` the cache keys (at their window-relative frame for this chunk) into the cache's
@@ -38,6 +41,7 @@ import triton.language as tl
 from lipforcing.kernels._attention_common import (_LN2, _LOG2E, LOG2E, _dkdv_step, _dq_step, _load_tile,
                                                   _online_softmax_step, _rope_rotate, _store_tile, block_d,
                                                   device_guard, interpreting, launch_config, torch_to_dot_precision)
+from lipforcing.kernels.chunk_attention_split import choose_splits, combine_splits, device_sm_count, split_partials
 
 
 @triton.jit
@@ -191,16 +195,19 @@ def _dq_tile(dq, q, do, lse2, delta, K_base, V_base, skm, svm, cols, vis, d, d_o
 
 
 @triton.jit
-def _chunk_attention_fwd_kernel(
-    Q, KS, VS, KN, VN, POS, OUT, LSE,
-    sqb, sqm, sqh, sksb, sksm, sksh, svsb, svsm, svsh, sknb, sknm, sknh, svnb, svnm, svnh, sob, som, soh,
-    H, N_TOK, FILLED_ADD, CHUNK, WINDOW, SINK, qk_scale,
-    HEAD_DIM: tl.constexpr, WRITTEN: tl.constexpr, MASK_SLOTS: tl.constexpr, STORE_LSE: tl.constexpr,
+def _fwd_query_tile(
+    Q, KS, VS, KN, VN, POS,
+    sqb, sqm, sqh, sksb, sksm, sksh, svsb, svsm, svsh, sknb, sknm, sknh, svnb, svnm, svnh,
+    H, N_TOK, FILLED_ADD, CHUNK, WINDOW, SINK, N_SPLIT, qk_scale,
+    HEAD_DIM: tl.constexpr, WRITTEN: tl.constexpr, MASK_SLOTS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Queries (Q, already rotated with RoPE) against the visible slots of (KS, VS) and -- unless WRITTEN (the
-    chunk is already in the cache) -- the chunk's own keys (KN, VN).  Without MASK_SLOTS (a full chunk already
-    written) every slot below the written count is visible: only the tail of the last tile is masked."""
+    """Online softmax of query tile ``program_id(0)`` of (batch, head) ``program_id(1)`` over the visible slots of
+    (KS, VS) and -- unless WRITTEN (the chunk is already in the cache) -- the chunk's own keys (KN, VN); with
+    SPLIT only over segment ``program_id(2)`` of N_SPLIT: key tiles [t0, t1) of [slot tiles | chunk-key tiles],
+    t0 = s T / N_SPLIT (whole tiles, dealt out evenly; T from the device-side pos, so computed here).  Without
+    MASK_SLOTS (a full chunk already written) every slot below the written count is visible: only the tail of
+    the last tile is masked.  Returns (acc, m_i, l_i, i, row_ok, d, d_ok)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -219,10 +226,28 @@ def _chunk_attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
+    if SPLIT:
+        slot_tiles = tl.cdiv(n_slots, BLOCK_N)
+        if WRITTEN:
+            n_tiles = slot_tiles
+        else:
+            n_tiles = slot_tiles + tl.cdiv(N_TOK, BLOCK_N)
+        sid = tl.program_id(2)
+        t0 = sid * n_tiles // N_SPLIT
+        t1 = (sid + 1) * n_tiles // N_SPLIT
+        slot_lo = tl.minimum(t0, slot_tiles) * BLOCK_N
+        slot_hi = tl.minimum(t1, slot_tiles) * BLOCK_N
+        own_lo = tl.maximum(t0 - slot_tiles, 0) * BLOCK_N
+        own_hi = tl.maximum(t1 - slot_tiles, 0) * BLOCK_N
+    else:
+        slot_lo = 0
+        slot_hi = n_slots
+        own_lo = 0
+        own_hi = N_TOK
     k_base = KS + b * sksb + h * sksh
     v_base = VS + b * svsb + h * svsh
     offs_n = tl.arange(0, BLOCK_N)
-    for start in range(0, n_slots, BLOCK_N):
+    for start in range(slot_lo, slot_hi, BLOCK_N):
         s_idx = start + offs_n
         if MASK_SLOTS:
             _, vis = _slot_tokens(s_idx, filled, lo, SINK, WINDOW)
@@ -234,16 +259,58 @@ def _chunk_attention_fwd_kernel(
     if not WRITTEN:
         kn_base = KN + b * sknb + h * sknh
         vn_base = VN + b * svnb + h * svnh
-        for start in range(0, N_TOK, BLOCK_N):
+        for start in range(own_lo, own_hi, BLOCK_N):
             j = start + offs_n
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kn_base, vn_base, sknm, svnm, j, j < N_TOK, d, d_ok,
                                          qk_scale, DOT_PRECISION)
+    return acc, m_i, l_i, i, row_ok, d, d_ok
 
+
+@triton.jit
+def _chunk_attention_fwd_kernel(
+    Q, KS, VS, KN, VN, POS, OUT, LSE,
+    sqb, sqm, sqh, sksb, sksm, sksh, svsb, svsm, svsh, sknb, sknm, sknh, svnb, svnm, svnh, sob, som, soh,
+    H, N_TOK, FILLED_ADD, CHUNK, WINDOW, SINK, qk_scale,
+    HEAD_DIM: tl.constexpr, WRITTEN: tl.constexpr, MASK_SLOTS: tl.constexpr, STORE_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One query tile of the chunk against all its keys (``_fwd_query_tile``): the output in q's dtype and, with
+    STORE_LSE, the log-sum-exp."""
+    acc, m_i, l_i, i, row_ok, d, d_ok = _fwd_query_tile(
+        Q, KS, VS, KN, VN, POS, sqb, sqm, sqh, sksb, sksm, sksh, svsb, svsm, svsh, sknb, sknm, sknh, svnb, svnm,
+        svnh, H, N_TOK, FILLED_ADD, CHUNK, WINDOW, SINK, 1, qk_scale, HEAD_DIM, WRITTEN, MASK_SLOTS, False,
+        BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only: every real query sees at least its own chunk
     out = acc / l_safe[:, None]
     _store_tile(OUT + b * sob + h * soh, i, som, d, out, row_ok[:, None] & d_ok[None, :])
     if STORE_LSE:  # base-e log-sum-exp of the scaled scores: (m + log2 l) * ln 2
         tl.store(LSE + pid_bh.to(tl.int64) * N_TOK + i, (m_i + tl.log2(l_safe)) * _LN2, mask=row_ok)
+
+
+@triton.jit
+def _chunk_attention_split_fwd_kernel(
+    Q, KS, VS, KN, VN, POS, PO, PL,
+    sqb, sqm, sqh, sksb, sksm, sksh, svsb, svsm, svsh, sknb, sknm, sknh, svnb, svnm, svnh,
+    spos, spob, spom, spls, splb,
+    H, N_TOK, FILLED_ADD, CHUNK, WINDOW, SINK, N_SPLIT, qk_scale,
+    HEAD_DIM: tl.constexpr, WRITTEN: tl.constexpr, MASK_SLOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Split-KV (kernels/chunk_attention_split.py): program (m, bh, s) attends to key segment s of N_SPLIT and
+    stores its normalised partial output to PO (S, B*H, chunk, D) and its base-2 log-sum-exp to PL (S, B*H,
+    chunk), fp32.  An empty segment stores 0 and -inf (l = 0 and m = -inf), so the combine gives it weight 0."""
+    acc, m_i, l_i, i, row_ok, d, d_ok = _fwd_query_tile(
+        Q, KS, VS, KN, VN, POS, sqb, sqm, sqh, sksb, sksm, sksh, svsb, svsm, svsh, sknb, sknm, sknh, svnb, svnm,
+        svnh, H, N_TOK, FILLED_ADD, CHUNK, WINDOW, SINK, N_SPLIT, qk_scale, HEAD_DIM, WRITTEN, MASK_SLOTS, True,
+        BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    bh = tl.program_id(1).to(tl.int64)
+    part = tl.program_id(2).to(tl.int64)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    _store_tile(PO + part * spos + bh * spob, i, spom, d, acc / l_safe[:, None], row_ok[:, None] & d_ok[None, :])
+    tl.store(PL + part * spls + bh * splb + i, m_i + tl.log2(l_safe), mask=row_ok)
 
 
 @triton.jit
@@ -429,35 +496,62 @@ def chunk_attention_triton_unsupported(q, k, v, k_cache, v_cache, pos, chunk_siz
     return None
 
 
-def _attend(q_eff, ks, vs, kn, vn, pos, out, lse, n, chunk_size, window, sink, scale, *, written):
+def forward_splits(q, k_cache, chunk_size, write, *, splits=None, num_sms=None) -> int:
+    """Key segments of the forward (split-KV, kernels/chunk_attention_split.py): ``splits`` when given, else
+    ``choose_splits`` from the launch's program count, its most key tiles (every slot, plus the chunk's keys for
+    write=False) and the SM count -- ``num_sms``, else the GPU's (None on the CPU: no split)."""
+    B, n, H, D = q.shape
+    if splits is not None:
+        if not isinstance(splits, int) or splits < 1:
+            raise ValueError(f"splits must be an int >= 1, got {splits!r}")
+        return splits
+    cfg = launch_config(D, q.dtype)
+    tiles = triton.cdiv(k_cache.shape[1], cfg["BLOCK_N"]) + (0 if write else triton.cdiv(n, cfg["BLOCK_N"]))
+    sms = num_sms if num_sms is not None else device_sm_count(q)
+    return choose_splits(triton.cdiv(n, cfg["BLOCK_M"]) * B * H, tiles, sms)
+
+
+def _attend(q_eff, ks, vs, kn, vn, pos, out, lse, n, chunk_size, window, sink, scale, *, written, splits=1,
+            ws=None):
     B, _, H, D = q_eff.shape
     cfg = launch_config(D, q_eff.dtype)
+    tiles = dict(HEAD_DIM=D, WRITTEN=written, MASK_SLOTS=not (written and n == chunk_size),
+                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d(D),
+                 DOT_PRECISION=torch_to_dot_precision(q_eff.dtype), num_warps=cfg["num_warps"],
+                 num_stages=cfg["num_stages"])
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), B * H)
-    _chunk_attention_fwd_kernel[grid](
-        q_eff, ks, vs, kn, vn, pos, out, lse if lse is not None else pos,
-        *_s3(q_eff), *_s3(ks), *_s3(vs), *_s3(kn), *_s3(vn), *_s3(out),
-        H, n, n if written else 0, chunk_size, window, sink, scale * LOG2E,
-        HEAD_DIM=D, WRITTEN=written, MASK_SLOTS=not (written and n == chunk_size), STORE_LSE=lse is not None,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_D=block_d(D), DOT_PRECISION=torch_to_dot_precision(q_eff.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    inputs = (q_eff, ks, vs, kn, vn, pos)
+    strides = (*_s3(q_eff), *_s3(ks), *_s3(vs), *_s3(kn), *_s3(vn))
+    if splits == 1:
+        _chunk_attention_fwd_kernel[grid](
+            *inputs, out, lse if lse is not None else pos, *strides, *_s3(out),
+            H, n, n if written else 0, chunk_size, window, sink, scale * LOG2E, STORE_LSE=lse is not None, **tiles)
+        return
+    po, pl = split_partials(ws, splits, B * H, chunk_size, D, q_eff.device)
+    _chunk_attention_split_fwd_kernel[grid + (splits,)](
+        *inputs, po, pl, *strides, po.stride(0), po.stride(1), po.stride(2), pl.stride(0), pl.stride(1),
+        H, n, n if written else 0, chunk_size, window, sink, splits, scale * LOG2E, **tiles)
+    combine_splits(po, pl, out, lse, splits, n, H)
 
 
 def chunk_attention_triton(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos,
-                           rope_sin, grid_h, grid_w):
+                           rope_sin, grid_h, grid_w, *, splits=None, num_sms=None):
     """Triton backend of ``lipforcing.ops.chunk_attention`` (inputs validated by the public op).
 
     q, k, v: (B, n, H, D); k_cache, v_cache: (B, sink + window, H, D); pos: int64 (1,) device tensor.  Returns
     (out (B, n, H, D) in q.dtype, lse (B, H, n) float32; lse only for write=False).  With ``write`` the chunk is
     stored first and ``pos`` advances by n (in place, on the device).  Allocates only the outputs; the rotated
-    q/k live in the cache's workspace; no host synchronisation."""
+    q/k and the split-KV partials live in the cache's workspace; no host synchronisation.
+
+    ``splits``: key segments of the split-KV forward (1 = one pass, no combine); default: ``forward_splits``
+    decides from the shapes and ``num_sms`` (default: the GPU's SM count; on the CPU no split)."""
     B, n, H, D = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = None if write else torch.empty((B, H, n), dtype=torch.float32, device=q.device)
     rope = rope_cos is not None
+    splits = forward_splits(q, k_cache, chunk_size, write, splits=splits, num_sms=num_sms)
     with device_guard(q):
-        ws = workspace_for(k_cache, chunk_size) if rope else None
+        ws = workspace_for(k_cache, chunk_size) if rope or splits > 1 else None
         if write:
             chunk_cache_write_triton(k, v, k_cache, v_cache, pos, sink, advance=False)
         q_eff, ks, kn = q, k_cache, k
@@ -470,7 +564,8 @@ def chunk_attention_triton(q, k, v, k_cache, v_cache, pos, chunk_size, window, s
             if not write:
                 kn = rope_rows_triton(k, ws.kc[:, :n], pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h,
                                       grid_w)
-        _attend(q_eff, ks, v_cache, kn, v, pos, out, lse, n, chunk_size, window, sink, scale, written=write)
+        _attend(q_eff, ks, v_cache, kn, v, pos, out, lse, n, chunk_size, window, sink, scale, written=write,
+                splits=splits, ws=ws)
         if write:
             pos.add_(n)  # in place on the device: no allocation, no sync (after every kernel that read pos)
     return (out, lse) if lse is not None else out

@@ -71,6 +71,14 @@ def _op_calls():
         q, k, v = (x(B, CHUNK, H, D, grad=True) for _ in range(3))
         out = ops.chunk_attention(q, k, v, cache, write=False, rope=rope, backend="triton")
         out.backward(torch.empty_like(out))
+        # the split-KV forward + combine, with the split count the launcher picks for 132 SMs (H100/H200)
+        from lipforcing.kernels.chunk_attention import chunk_attention_triton
+
+        with torch.no_grad():
+            for write in (True, False):
+                cache = RollingKVCache(B, H, D, chunk_size=CHUNK, window=WINDOW, sink=SINK, device="cpu", **bf16)
+                chunk_attention_triton(q, k, v, cache.k, cache.v, cache.pos, CHUNK, WINDOW, SINK, write, D ** -0.5,
+                                       rope.cos, rope.sin, *rope.grid, num_sms=132)
 
     def denoise():
         xt, flow = x(B, 16, 3, 64, 64), x(B, 16, 3, 64, 64)

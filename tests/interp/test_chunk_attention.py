@@ -268,3 +268,132 @@ def test_device_guard_entered_by_denoise_update(monkeypatch):
     x0, _ = denoise_update(x, flow, 0.5, 0.0, backend="triton")
     assert seen == [x.device]
     torch.testing.assert_close(x0, x - 0.5 * flow)
+
+
+# ---- split-KV forward (kernels/chunk_attention_split.py): S key segments + the log-sum-exp combine ----
+
+SPLITS = (1, 2, 3, 5)
+# the log-sum-exp of the scores (O(1)-O(10)): fp16 rounds the rotated q/k the kernel reads
+LSE_ATOL = {torch.float32: 1e-4, torch.float16: 3e-3}
+
+
+def _split_stream(B, H, D, chunk, window, sink, lengths, dtype, splits, rope=None):
+    """Stream chunks through a reference cache; at every step run the Triton launcher with each forced split
+    count, write=False on the live cache and write=True on a copy of it.  Returns the max error of the outputs
+    and of the write=False log-sum-exp against the reference (and checks the copies' caches after the write)."""
+    from lipforcing.kernels.chunk_attention import chunk_attention_triton
+    from lipforcing.ops.reference import chunk_attention_ref
+
+    kw = dict(chunk_size=chunk, window=window, sink=sink, dtype=dtype, device=DEVICE)
+    cache = RollingKVCache(B, H, D, **kw)
+    scale = D ** -0.5
+    rope_args = (rope.cos, rope.sin, *rope.grid) if rope is not None else (None, None, 0, 0)
+    worst_out = worst_lse = 0.0
+    for n in lengths:
+        q, k, v = (torch.randn(B, n, H, D, device=DEVICE).to(dtype) for _ in range(3))
+        ref, ref_lse = chunk_attention_ref(q, k, v, cache.k, cache.v, cache.pos, chunk_size=chunk, window=window,
+                                           sink=sink, write=False, scale=scale, rope=rope, return_lse=True)
+        for s in splits:
+            out, lse = chunk_attention_triton(q, k, v, cache.k, cache.v, cache.pos, chunk, window, sink, False,
+                                              scale, *rope_args, splits=s)
+            kc, vc, pc = cache.k.clone(), cache.v.clone(), cache.pos.clone()
+            out_w = chunk_attention_triton(q, k, v, kc, vc, pc, chunk, window, sink, True, scale, *rope_args,
+                                           splits=s)
+            assert out.dtype == out_w.dtype == dtype and lse.shape == (B, H, n)
+            worst_out = max(worst_out, *((o.float() - ref.float()).abs().max().item() for o in (out, out_w)))
+            worst_lse = max(worst_lse, (lse - ref_lse).abs().max().item())
+        chunk_attention(q, k, v, cache, write=True, rope=rope, backend="reference")
+        assert torch.equal(kc, cache.k) and torch.equal(vc, cache.v) and torch.equal(pc, cache.pos)
+    return worst_out, worst_lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_kv_matches_reference(dtype):
+    """S = 1, 2, 3, 5 segments over 2..4 key tiles of 16 (interpreter tiles; slots 8 + 24, chunk 24 = 16 + 8
+    keys): empty segments (2 tiles over 5), uneven ones (4 over 3), the chunk's own keys split between segments,
+    a segment that is only the 8-key tail tile, a wrapped ring and a short last chunk (7 keys, the oldest window
+    slots masked)."""
+    splits = SPLITS if dtype == torch.float32 else SPLITS[2:]  # fp16: the rounding paths, fewer launches
+    err, err_lse = _split_stream(1, 1, 16, 24, 24, 8, [24, 24, 7], dtype, splits)
+    assert err <= ATOL[dtype] and err_lse <= LSE_ATOL[dtype], (err, err_lse)
+
+
+def test_split_kv_dynamic_rope():
+    """Dynamic RoPE with 3 segments, batch 2: the ring wraps at the second chunk, the third is short."""
+    dtype = torch.float32
+    D, grid, chunk, window, sink = 16, (2, 2), 8, 8, 4
+    spec = rope_spec(D, grid, max_frames=(sink + window) // 4 + 1, device=DEVICE)
+    err, err_lse = _split_stream(2, 1, D, chunk, window, sink, [8, 8, 4], dtype, (3,), rope=spec)
+    assert err <= ATOL[dtype] and err_lse <= LSE_ATOL[dtype], (err, err_lse)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_split_kv_nan_in_invisible_slots():
+    """A split forward selects masked slots away as the one-pass forward does: NaN there never reaches any
+    segment's partial, and the combine keeps the output finite and equal to the reference; NaN/inf in q or k
+    give the reference's NaN pattern through the combine."""
+    from lipforcing.kernels.chunk_attention import chunk_attention_triton
+    from lipforcing.ops.reference import cache_slot_positions
+
+    B, H, D, chunk, window, sink = 1, 2, 16, 8, 24, 3
+    cache = RollingKVCache(B, H, D, chunk_size=chunk, window=window, sink=sink, device=DEVICE)
+    for _ in range(4):
+        x = torch.randn(B, chunk, H, D, device=DEVICE)
+        chunk_attention(x, x, x, cache, write=True, backend="reference")
+    p, filled = cache_slot_positions(cache.pos, sink, window)
+    lo = max(int(cache.pos) + chunk - window, sink)
+    cache.k[:, ~(filled & ((p < sink) | (p >= lo)))] = float("nan")
+    q, k, v = (torch.randn(B, chunk, H, D, device=DEVICE) for _ in range(3))
+    out, _ = chunk_attention_triton(q, k, v, cache.k, cache.v, cache.pos, chunk, window, sink, False, D ** -0.5,
+                                    None, None, 0, 0, splits=3)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, chunk_attention(q, k, v, cache, write=False, backend="reference"), atol=2e-5,
+                               rtol=0)
+    q[0, 2, 1, 5] = float("nan")  # head 1: one NaN query row; head 0: an inf key, +inf scores in every row
+    k[0, 4, 0, 1] = float("inf")
+    q[0, :, 0, 1] = q[0, :, 0, 1].abs() + 0.1
+    got, _ = chunk_attention_triton(q, k, v, cache.k, cache.v, cache.pos, chunk, window, sink, False, D ** -0.5,
+                                    None, None, 0, 0, splits=3)
+    ref = chunk_attention(q, k, v, cache, write=False, backend="reference")
+    assert got.isnan().any() and torch.equal(got.isnan(), ref.isnan())
+
+
+def test_choose_splits():
+    from lipforcing.kernels.chunk_attention_split import choose_splits
+
+    # 1.3B: 24 query tiles x 12 heads = 288 programs on 132 SMs (2.18 waves), 112 key tiles of 64 (7168 slots)
+    s13 = choose_splits(288, 112, 132)
+    assert 2 <= s13 <= 8
+    assert choose_splits(960, 112, 132) == 1          # 14B, 40 heads: 7.3 waves
+    assert choose_splits(288, 112, None) == 1         # CPU / interpreter without an explicit SM count
+    assert choose_splits(288, 5, 132) == 1            # too few key tiles to share
+    assert choose_splits(8, 400, 132) == 8            # a handful of programs, many tiles: the most segments
+    assert choose_splits(400, 112, 132) == 1          # >= 3 waves already
+    assert choose_splits(400, 112, 132, programs_per_sm=2) > 1  # 1.5 waves when two programs fit an SM
+    # (kept to bounds on purpose: the cost model's constants are unmeasured, the exact S may change with them)
+
+
+def test_split_count_of_the_launcher(monkeypatch):
+    """The launcher splits by the explicit SM count (none on the CPU without it) and validates a forced count;
+    2 heads: the combine's head strides."""
+    import lipforcing.kernels.chunk_attention as mod
+
+    seen = []
+    real = mod.combine_splits
+    monkeypatch.setattr(mod, "combine_splits", lambda po, pl, out, lse, s, n, h: (seen.append(s),
+                                                                                   real(po, pl, out, lse, s, n, h)))
+    cache = RollingKVCache(1, 2, 16, chunk_size=32, window=96, sink=0, device=DEVICE)
+    x = torch.randn(1, 32, 2, 16, device=DEVICE)
+    args = (x, x, x, cache.k, cache.v, cache.pos, 32, 96, 0, False, 0.25, None, None, 0, 0)
+    ref = chunk_attention(x, x, x, cache, write=False, backend="reference")
+    expected = mod.forward_splits(x, cache.k, 32, False, num_sms=16)
+    assert expected > 1
+    out, _ = mod.chunk_attention_triton(*args, num_sms=16)
+    assert seen == [expected]
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=0)
+    seen.clear()
+    if not x.is_cuda:
+        mod.chunk_attention_triton(*args)
+        assert seen == []
+    with pytest.raises(ValueError, match="splits"):
+        mod.chunk_attention_triton(*args, splits=0)
