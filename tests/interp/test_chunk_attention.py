@@ -114,6 +114,9 @@ def test_gpu_tile_shapes(monkeypatch):
                         lambda *a, **k: dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1))
     err = _stream(1, 1, 32, 40, 72, 3, [40, 40, 40, 21], torch.float32)
     assert err <= ATOL[torch.float32]
+    # split-KV at these tiles: 5 slot tiles + 3 chunk-key tiles of 16 over 3 segments, partials of 32 rows
+    err, err_lse = _split_stream(1, 1, 16, 40, 72, 3, [40, 21], torch.float32, (3,))
+    assert err <= ATOL[torch.float32] and err_lse <= LSE_ATOL[torch.float32], (err, err_lse)
     monkeypatch.setattr(mod, "launch_config",
                         lambda *a, **k: dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1))
     err = _backward_errors(1, 1, 24, 12, 36, 6, 5, 10, torch.float32, rope=None)
