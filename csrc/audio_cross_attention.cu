@@ -15,6 +15,14 @@
 //   B (16x8, col):   {b0,b1}=(k=2t..2t+1, n=g) {b2,b3}=(k=2t+8.., n=g)
 //   C (16x8, f32):   c0,c1=(g, 2t..2t+1) c2,c3=(g+8, 2t..2t+1)
 // So the C fragments of two adjacent 8-key score tiles are exactly the A fragment of P for the P.V product.
+// Q and K fragments are read from shared memory with ldmatrix (x4: a whole A fragment, or the B fragments of two
+// 8-key score tiles), V fragments with ldmatrix.trans.
+//
+// Shared memory is dynamic ((64 + 4 x 32) x (D + 8) x 2 B = 52 KB at D = 128, opted in with cudaFuncSetAttribute),
+// so `ptxas -v` and the compile report (static smem only) show 0 bytes for this kernel.  Key tiles stay 32 wide:
+// the audio window is 32 tokens at the real shape (a 64-key tile would be half masked for every audio tile), and
+// with two branch states in registers the D = 128 kernel uses 237 registers at 32 keys and hits the 255 cap at 64
+// (ptxas -v, sm_80), with 87 KB of shared memory.  The 512 text keys are 16 double-buffered tiles.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -86,7 +94,15 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Four 8x8 b16 matrices, transposed: thread lane gets (M[2t][g], M[2t+1][g]) of matrix i in register i.
+// Four 8x8 b16 matrices (lane 8i + r addresses row r of matrix i): thread lane gets (M[g][2t], M[g][2t+1]) of
+// matrix i in register i -- from a row-major tile, an A fragment or two B fragments of K^T.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row_ptr)));
+}
+
+// The same, transposed: thread lane gets (M[2t][g], M[2t+1][g]) of matrix i in register i.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_ptr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -94,8 +110,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 }
 
 __host__ __device__ __forceinline__ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-__device__ __forceinline__ uint32_t ld_smem_u32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -138,22 +152,27 @@ __device__ __forceinline__ void branch_init(Branch<D>& br) {
 template <typename T, int D>
 __device__ __forceinline__ void attend_tile(Branch<D>& br, const T* qs, const T* ks, const T* vs, int nkeys,
                                             const bool (&row_ok)[2], float scale_log2) {
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int lane = threadIdx.x % 32, t = lane % 4;
   constexpr int kStride = D + kPad;
   constexpr int kNT = kBlockN / 8;  // 8-key score tiles
 
   float s[kNT][4];
 #pragma unroll
   for (int j = 0; j < kNT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+  // ldmatrix lane addresses: Q matrix i = (rows +8 if i odd, cols +8 if i >= 2) is the A fragment; K matrix i =
+  // (keys +8 if i >= 2, dims +8 if i odd) gives b0, b1 of two adjacent 8-key score tiles
+  const T* qa = qs + ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
+  const T* kb = ks + ((lane & 7) + (lane >> 4) * 8) * kStride + ((lane >> 3) & 1) * 8;
 #pragma unroll
   for (int kc = 0; kc < D / 16; ++kc) {
-    const T* q0 = qs + g * kStride + kc * 16 + 2 * t;
-    const uint32_t a[4] = {ld_smem_u32(q0), ld_smem_u32(q0 + 8 * kStride), ld_smem_u32(q0 + 8),
-                           ld_smem_u32(q0 + 8 * kStride + 8)};
+    uint32_t a[4];
+    ldmatrix_x4(a, qa + kc * 16);
 #pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-      const T* k0 = ks + (j * 8 + g) * kStride + kc * 16 + 2 * t;
-      mma16816<T>(s[j], a, ld_smem_u32(k0), ld_smem_u32(k0 + 8));
+    for (int jp = 0; jp < kNT / 2; ++jp) {
+      uint32_t b[4];
+      ldmatrix_x4(b, kb + jp * 16 * kStride + kc * 16);
+      mma16816<T>(s[2 * jp], a, b[0], b[1]);
+      mma16816<T>(s[2 * jp + 1], a, b[2], b[3]);
     }
   }
 

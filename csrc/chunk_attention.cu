@@ -11,15 +11,23 @@
 // with n_sink = min(pos, sink) and n_ring = min(max(pos - sink, 0), ring): the written cache slots are prefixes of
 // the sink and of the ring.  The ring holds a whole window (ring = window, RollingKVCache's layout), so its
 // chunk_size oldest tokens (< lo = max(pos + chunk - window, sink)) are stale: their rows stay unresolved (nullptr)
-// and their scores are masked, like the tail of the last tile.  The kernel attends before the write.  `pos` is read from device memory by the kernel (no host sync; CUDA-graph safe).
-// Per tile the first 64 threads resolve each row's K/V address (and RoPE positions) into shared memory, all
-// threads copy the rows with 16-byte loads (rotating K on the way with dynamic RoPE), then each warp computes
-// S = Q K^T (mma), the online softmax in registers, and O += P V with P reused from the S accumulators and V
-// fragments loaded by ldmatrix.trans.
+// and their scores are masked, like the tail of the last tile.  The kernel attends before the write.  `pos` is read
+// from device memory by the kernel (no host sync; CUDA-graph safe).
+//
+// Key tiles go through a two-stage shared-memory ring (cp.async.cg, 16 B per copy): while tile j is computed, tile
+// j + 1's rows are already in flight into the other stage (commit_group / wait_group 1).  Per tile the first 64
+// threads resolve each row's K/V address (and RoPE positions) into that stage's row table, all threads issue the
+// copies (masked rows are zero-filled), then each warp computes S = Q K^T (mma; Q fragments loaded once and K
+// fragments per tile by ldmatrix), the online softmax in registers, and O += P V with P reused from the S
+// accumulators and V fragments loaded by ldmatrix.trans.  Shared memory: 2 stages x (K, V) x 64 x (D + 8) x 2 B
+// (68 KB at D = 128, dynamic, opted in above 48 KB) plus 3 KB of row tables: 2 CTAs per SM on sm_80/sm_90, 1 on
+// sm_86/89 (100 KB per SM; the single-stage kernel fitted 2 there).
 //
 // Dynamic RoPE (rope tables given): pairs (x[2i], x[2i+1]) rotate by the Wan 3-D angles; the time row is the
 // window-relative frame (min(a, sink) + max(0, a - lo)) / tokens_per_frame with lo = max(pos + chunk - window,
-// sink), height/width rows come from a % tokens_per_frame.  Rotation in fp32, rounded to the input dtype.
+// sink), height/width rows come from a % tokens_per_frame.  Rotation in fp32, rounded to the input dtype.  Q is
+// rotated as it is loaded; cp.async cannot transform, so each K tile is rotated in place in shared memory after it
+// lands (same arithmetic and rounding, one more barrier per tile).
 #include "lipforcing/chunk_attention.h"
 
 #include <cuda_bf16.h>
@@ -87,19 +95,51 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float* c, const uint32_
 #endif
 }
 
-// Four 8x8 b16 matrices, transposed: thread 8i+r gives the address of row r of matrix i; register i receives
-// matrix i's elements (row 2t, col g) and (row 2t+1, col g).
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
-                                                  const void* smem) {
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 b16 matrices: thread 8i+r gives the address of row r of matrix i; register i receives matrix i's
+// elements (row g, cols 2t and 2t+1) -- for a row-major tile, exactly an mma A fragment (matrices: rows +0/+8 x
+// cols +0/+8) or two B fragments of K^T (matrices: keys +0/+8 x dims +0/+8).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
+                                            const void* smem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
+               : "r"(smem_u32(smem)));
 #endif
 }
 
-__device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_cast<const uint32_t*>(p); }
+// The same, transposed: register i receives matrix i's elements (row 2t, col g) and (row 2t+1, col g).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
+                                                  const void* smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smem_u32(smem)));
+#endif
+}
+
+// 16-byte asynchronous copy global -> shared (L2 only, .cg); with !valid nothing is read and the 16 bytes are
+// zero-filled (src-size 0).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {  // until at most N committed groups are still in flight
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
 
 // Rotate the 8 elements (4 adjacent pairs, first pair index c / 2) of one 16-byte vector.
 template <typename T>
@@ -125,18 +165,32 @@ __device__ __forceinline__ int64_t window_frame(int64_t a, int64_t lo, int sink,
   return (min(a, static_cast<int64_t>(sink)) + max(a - lo, static_cast<int64_t>(0))) / tpf;
 }
 
+// Shared memory of one CTA: the K and V tiles of two pipeline stages, rows padded by kPad.
+template <int D>
+constexpr size_t fwd_smem_bytes() {
+  return static_cast<size_t>(2 * 2 * kBlockN * (D + kPad)) * 2;  // 2 stages x (K, V) x 64 rows x 2-byte elements
+}
+
+// Row table of one key tile, filled by the first 64 threads (warps 0 and 1, one row each).
+struct TileRows {
+  const void* k[kBlockN];  // row addresses (nullptr = past the end, or a stale ring slot: zero-filled, masked)
+  const void* v[kBlockN];
+  uint32_t valid[2];       // bit r of word r / 32: row r has a key (the score mask)
+  int32_t frame[kBlockN];  // RoPE: window-relative frame and in-frame index of each key
+  int32_t in_frame[kBlockN];
+};
+
 template <typename T, int D, bool ROPE>
 __global__ void __launch_bounds__(kThreads) chunk_attention_fwd_kernel(const ChunkAttnParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
   constexpr int kStride = D + kPad;
   constexpr int kVecPerRow = D / 8;
-  __shared__ __align__(16) T sK[kBlockN * kStride];
-  __shared__ __align__(16) T sV[kBlockN * kStride];
-  __shared__ const T* sKPtr[kBlockN];  // row addresses of the current key tile (nullptr = past the end)
-  __shared__ const T* sVPtr[kBlockN];
-  __shared__ int64_t sFrame[kBlockN];  // RoPE: window-relative frame and in-frame index of each key
-  __shared__ int64_t sInFrame[kBlockN];
+  constexpr int kTileElems = kBlockN * kStride;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* const sK = reinterpret_cast<T*>(smem_raw);  // stage s: sK + s * kTileElems
+  T* const sV = sK + 2 * kTileElems;
+  __shared__ TileRows rows[2];                   // row table of each stage
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -163,32 +217,90 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_fwd_kernel(const Chu
   const T* kn = static_cast<const T*>(p.k) + b * p.k_stride[0] + h * p.k_stride[2];
   const T* vn = static_cast<const T*>(p.v) + b * p.v_stride[0] + h * p.v_stride[2];
 
-  // ---- Q tile -> shared memory (through sK) -> register fragments
-  for (int vi = tid; vi < kBlockM * kVecPerRow; vi += kThreads) {
-    const int r = vi / kVecPerRow;
-    const int c = (vi % kVecPerRow) * 8;
-    const int i = m0 + r;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (i < p.n) {
-      val = *reinterpret_cast<const uint4*>(q + i * p.q_stride[1] + c);
-      if (ROPE) {
-        const int64_t a = pos + i;
-        rope_rotate8<T>(val, window_frame(a, lo, p.sink, tpf), a % tpf, c, p, half, rope_t, rope_th);
+  // Row table of key tile `tile` into rows[st] (threads 0..63; whole warps, so the ballot is warp-uniform).
+  auto resolve = [&](int64_t tile, int st) {
+    if (tid >= kBlockN) return;
+    const int64_t j = tile * kBlockN + tid;
+    const T* kp = nullptr;
+    const T* vp = nullptr;
+    int64_t a = 0;
+    if (j < n_sink) {
+      kp = kc + j * p.kc_stride[1];
+      vp = vc + j * p.vc_stride[1];
+      a = j;
+    } else if (j < n_sink + n_ring) {
+      const int64_t r = j - n_sink;
+      const int64_t mm = pos - 1 - p.sink;  // >= r here
+      a = p.sink + mm - (mm - r) % p.ring;
+      if (a >= lo) {  // the ring holds a whole window: its chunk_size oldest tokens are stale (left masked)
+        kp = kc + (p.sink + r) * p.kc_stride[1];
+        vp = vc + (p.sink + r) * p.vc_stride[1];
       }
+    } else if (j < total) {
+      const int64_t c = j - n_sink - n_ring;
+      kp = kn + c * p.k_stride[1];
+      vp = vn + c * p.v_stride[1];
+      a = pos + c;
     }
-    *reinterpret_cast<uint4*>(&sK[r * kStride + c]) = val;
+    rows[st].k[tid] = kp;
+    rows[st].v[tid] = vp;
+    const uint32_t bits = __ballot_sync(0xffffffffu, kp != nullptr);
+    if (lane == 0) rows[st].valid[warp] = bits;
+    if (ROPE) {
+      rows[st].frame[tid] = static_cast<int32_t>(window_frame(a, lo, p.sink, tpf));
+      rows[st].in_frame[tid] = static_cast<int32_t>(a % tpf);
+    }
+  };
+  // Asynchronous copies of the K and V rows of rows[st] into stage st (one commit group; rows[st] must be visible
+  // to every thread, i.e. a barrier after resolve).
+  auto issue = [&](int st) {
+    T* dk = sK + st * kTileElems;
+    T* dv = sV + st * kTileElems;
+    for (int vi = tid; vi < kBlockN * kVecPerRow; vi += kThreads) {
+      const int r = vi / kVecPerRow;
+      const int c = (vi % kVecPerRow) * 8;
+      const T* kp = static_cast<const T*>(rows[st].k[r]);
+      const T* vp = static_cast<const T*>(rows[st].v[r]);
+      const bool ok = kp != nullptr;
+      cp_async16(dk + r * kStride + c, ok ? kp + c : kn, ok);  // zero-filled when masked (kn: any valid address)
+      cp_async16(dv + r * kStride + c, ok ? vp + c : vn, ok);
+    }
+    cp_async_commit();
+  };
+
+  const int64_t n_tiles = (total + kBlockN - 1) / kBlockN;  // >= 1 (p.n >= 1)
+  // ---- start the copy of key tile 0, then stage the Q tile (rotated) through sK's stage 1 while it flies
+  resolve(0, 0);
+  __syncthreads();
+  issue(0);
+  {
+    T* sQ = sK + kTileElems;
+    for (int vi = tid; vi < kBlockM * kVecPerRow; vi += kThreads) {
+      const int r = vi / kVecPerRow;
+      const int c = (vi % kVecPerRow) * 8;
+      const int i = m0 + r;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (i < p.n) {
+        val = *reinterpret_cast<const uint4*>(q + i * p.q_stride[1] + c);
+        if (ROPE) {
+          const int64_t a = pos + i;
+          rope_rotate8<T>(val, window_frame(a, lo, p.sink, tpf), a % tpf, c, p, half, rope_t, rope_th);
+        }
+      }
+      *reinterpret_cast<uint4*>(&sQ[r * kStride + c]) = val;
+    }
   }
   __syncthreads();
+  // Q fragments by ldmatrix: lane 8i+r addresses row r of matrix i = (rows +8 if i odd, cols +8 if i >= 2)
   uint32_t qf[D / 16][4];
   const int qr = warp * 16 + g;
+  {
+    const T* sQ = sK + kTileElems;
+    const T* qrow = &sQ[(warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    qf[kk][0] = lds32(&sK[qr * kStride + kk * 16 + 2 * t4]);
-    qf[kk][1] = lds32(&sK[(qr + 8) * kStride + kk * 16 + 2 * t4]);
-    qf[kk][2] = lds32(&sK[qr * kStride + kk * 16 + 8 + 2 * t4]);
-    qf[kk][3] = lds32(&sK[(qr + 8) * kStride + kk * 16 + 8 + 2 * t4]);
+    for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], qrow + kk * 16);
   }
-  __syncthreads();
+  __syncthreads();  // stage 1 is refilled by tile 1's copies below
 
   float o[D / 8][4];
 #pragma unroll
@@ -196,68 +308,56 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_fwd_kernel(const Chu
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_run[2] = {0.f, 0.f};  // this thread's partial row sums (reduced over the 4-thread group at the end)
   const float scale_log2 = p.scale * 1.4426950408889634f;
-  const int64_t n_tiles = (total + kBlockN - 1) / kBlockN;
+  // K fragments by ldmatrix: matrix i = (keys +8 if i >= 2, dims +8 if i odd) gives b0, b1 of key block 2np and
+  // b0, b1 of key block 2np + 1
+  const int k_off = ((lane & 7) + (lane >> 4) * 8) * kStride + ((lane >> 3) & 1) * 8;
+  // V fragments by ldmatrix.trans: matrix i = (keys +8 if i odd, dims +8 if i >= 2)
+  const int v_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * kStride + (lane >> 4) * 8;
 
   for (int64_t tile = 0; tile < n_tiles; ++tile) {
-    const int64_t j0 = tile * kBlockN;
-    // ---- resolve the rows of this key tile
-    if (tid < kBlockN) {
-      const int64_t j = j0 + tid;
-      const T* kp = nullptr;
-      const T* vp = nullptr;
-      int64_t a = 0;
-      if (j < n_sink) {
-        kp = kc + j * p.kc_stride[1];
-        vp = vc + j * p.vc_stride[1];
-        a = j;
-      } else if (j < n_sink + n_ring) {
-        const int64_t r = j - n_sink;
-        const int64_t mm = pos - 1 - p.sink;  // >= r here
-        a = p.sink + mm - (mm - r) % p.ring;
-        if (a >= lo) {  // the ring holds a whole window: its chunk_size oldest tokens are stale (left masked)
-          kp = kc + (p.sink + r) * p.kc_stride[1];
-          vp = vc + (p.sink + r) * p.vc_stride[1];
+    const int st = static_cast<int>(tile & 1);
+    // ---- two-stage pipeline: start tile + 1's copies into the other stage, wait for this tile's
+    if (tile + 1 < n_tiles) {
+      resolve(tile + 1, st ^ 1);  // rows[st ^ 1] was last read by tile - 1, before its closing barrier
+      __syncthreads();
+      issue(st ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // this tile's rows are in stage st for every thread
+    const T* tK = sK + st * kTileElems;
+    const T* tV = sV + st * kTileElems;
+    if (ROPE) {
+      // cp.async cannot transform: rotate the landed K rows in place (fp32, rounded to T, as before)
+      T* wK = sK + st * kTileElems;
+      for (int vi = tid; vi < kBlockN * kVecPerRow; vi += kThreads) {
+        const int r = vi / kVecPerRow;
+        const int c = (vi % kVecPerRow) * 8;
+        if ((rows[st].valid[r >> 5] >> (r & 31)) & 1u) {
+          uint4* ptr = reinterpret_cast<uint4*>(&wK[r * kStride + c]);
+          uint4 kv = *ptr;
+          rope_rotate8<T>(kv, rows[st].frame[r], rows[st].in_frame[r], c, p, half, rope_t, rope_th);
+          *ptr = kv;
         }
-      } else if (j < total) {
-        const int64_t c = j - n_sink - n_ring;
-        kp = kn + c * p.k_stride[1];
-        vp = vn + c * p.v_stride[1];
-        a = pos + c;
       }
-      sKPtr[tid] = kp;
-      sVPtr[tid] = vp;
-      if (ROPE) {
-        sFrame[tid] = window_frame(a, lo, p.sink, tpf);
-        sInFrame[tid] = a % tpf;
-      }
+      __syncthreads();
     }
-    __syncthreads();
-    // ---- copy K (rotated) and V rows into shared memory
-    for (int vi = tid; vi < kBlockN * kVecPerRow; vi += kThreads) {
-      const int r = vi / kVecPerRow;
-      const int c = (vi % kVecPerRow) * 8;
-      const T* kp = sKPtr[r];
-      uint4 kv = make_uint4(0, 0, 0, 0);
-      uint4 vv = make_uint4(0, 0, 0, 0);
-      if (kp != nullptr) {
-        kv = *reinterpret_cast<const uint4*>(kp + c);
-        vv = *reinterpret_cast<const uint4*>(sVPtr[r] + c);
-        if (ROPE) rope_rotate8<T>(kv, sFrame[r], sInFrame[r], c, p, half, rope_t, rope_th);
-      }
-      *reinterpret_cast<uint4*>(&sK[r * kStride + c]) = kv;
-      *reinterpret_cast<uint4*>(&sV[r * kStride + c]) = vv;
-    }
-    __syncthreads();
+    const uint32_t valid0 = rows[st].valid[0];
+    const uint32_t valid1 = rows[st].valid[1];
 
     // ---- S = Q K^T (16 rows x 64 keys per warp)
     float s[kBlockN / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < kBlockN / 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      const T* krow = &sK[(nt * 8 + g) * kStride + 2 * t4];
+    for (int nt = 0; nt < kBlockN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int np = 0; np < kBlockN / 16; ++np) {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        mma_16816<T>(s[nt], qf[kk], lds32(krow + kk * 16), lds32(krow + kk * 16 + 8));
+        uint32_t b0, b1, b2, b3;
+        ldmatrix_x4(b0, b1, b2, b3, tK + np * 16 * kStride + kk * 16 + k_off);
+        mma_16816<T>(s[2 * np], qf[kk], b0, b1);
+        mma_16816<T>(s[2 * np + 1], qf[kk], b2, b3);
       }
     }
     // ---- scale to base 2, mask keys past the end, online softmax
@@ -265,11 +365,12 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_fwd_kernel(const Chu
     float mx1 = m_run[1];
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
+      const uint32_t word = nt < 4 ? valid0 : valid1;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * t4 + (e & 1);
+        const int col = (nt * 8 + 2 * t4 + (e & 1)) & 31;
         // masked keys (past the end, or stale ring slots) are selected away: their K/V rows were zero-filled
-        s[nt][e] = sKPtr[col] != nullptr ? s[nt][e] * scale_log2 : -INFINITY;
+        s[nt][e] = (word >> col) & 1u ? s[nt][e] * scale_log2 : -INFINITY;
       }
       mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
       mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
@@ -312,16 +413,15 @@ __global__ void __launch_bounds__(kThreads) chunk_attention_fwd_kernel(const Chu
       pa[1] = Num<T>::pack(s[2 * kk][2], s[2 * kk][3]);
       pa[2] = Num<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
       pa[3] = Num<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      const int vrow = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
       for (int dn2 = 0; dn2 < D / 16; ++dn2) {
         uint32_t b0, b1, b2, b3;
-        ldmatrix_x4_trans(b0, b1, b2, b3, &sV[vrow * kStride + dn2 * 16 + (lane >> 4) * 8]);
+        ldmatrix_x4_trans(b0, b1, b2, b3, tV + kk * 16 * kStride + dn2 * 16 + v_off);
         mma_16816<T>(o[2 * dn2], pa, b0, b1);
         mma_16816<T>(o[2 * dn2 + 1], pa, b2, b3);
       }
     }
-    __syncthreads();  // before the next tile overwrites sK / sV / the row table
+    __syncthreads();  // stage st and rows[st] are refilled by the next iteration (tile + 2)
   }
 
   // ---- normalise and store
@@ -391,11 +491,13 @@ template <typename T, int D>
 cudaError_t launch_fwd(const ChunkAttnParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(p.n, kBlockM)), static_cast<unsigned>(p.heads),
                   static_cast<unsigned>(p.batch));
-  if (p.rope_cos != nullptr) {
-    chunk_attention_fwd_kernel<T, D, true><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    chunk_attention_fwd_kernel<T, D, false><<<grid, kThreads, 0, stream>>>(p);
-  }
+  auto kernel = p.rope_cos != nullptr ? chunk_attention_fwd_kernel<T, D, true>
+                                       : chunk_attention_fwd_kernel<T, D, false>;
+  constexpr size_t smem = fwd_smem_bytes<D>();  // 69632 B at D = 128: above the 48 KB default, opt in
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -2,6 +2,7 @@
 import glob
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,29 @@ class BuiltExtension:
                 spill = int(line.split("bytes spill stores")[0].split()[-1])
                 out[arch] = max(out.get(arch, 0), spill)
         return out
+
+    def sass_opcodes(self, kernel_substring: str, arch: int) -> dict[str, int]:
+        """Opcode counts (mnemonic before the first dot: LDGSTS = cp.async, LDSM = ldmatrix, HMMA, ...) summed over
+        the sm_<arch> SASS of the functions whose mangled name contains the substring, leaving out the never-true
+        ``@!PT`` padding.  Skips without cuobjdump (Triton bundles one)."""
+        from tests.compile.compile_report import cuobjdump
+
+        tool = cuobjdump()
+        if tool is None:
+            pytest.skip("cuobjdump not found")
+        sass = subprocess.run([tool, "-sass", "-arch", f"sm_{arch}", self.so_path], capture_output=True, text=True,
+                              check=True).stdout
+        counts: dict[str, int] = {}
+        inside = False
+        for line in sass.splitlines():
+            m = re.match(r"\s*Function : (\S+)", line)
+            if m:
+                inside = kernel_substring in m.group(1)
+                continue
+            m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+            if inside and m and (m.group(1) or "").strip() != "@!PT":
+                counts[m.group(2)] = counts.get(m.group(2), 0) + 1
+        return counts
 
 
 @pytest.fixture(scope="session")

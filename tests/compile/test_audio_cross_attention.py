@@ -1,6 +1,7 @@
 """Compile tier for audio_cross_attention: the Triton kernels compile for sm_80 and sm_90 with the launchers' real
 tile configs (in a subprocess without TRITON_INTERPRET), within each GPU's shared memory; the CUDA extension built
-with nvcc exposes ``audio_cross_attention`` and rejects bad parameters with ValueError before touching a device.
+with nvcc has the kernel with cp.async and ldmatrix in its SASS and no spills, exposes ``audio_cross_attention``
+and rejects bad parameters with ValueError before touching a device.
 
 Each Triton compile takes tens of seconds on a small CPU, so only the bf16 configs are compiled (fp16 shares the
 code path; fp32 differs only by the IEEE dot precision).
@@ -60,6 +61,19 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     for b in built:
         assert "cubin" in b["asm"] and "ptx" in b["asm"], b
         assert 0 < b["shared"] <= SMEM_LIMIT[b["cc"]], f"{b['kernel']} sm_{b['cc']} needs {b['shared']} bytes of smem"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_cuda_kernel_uses_cp_async_and_ldmatrix(built_extension, arch):
+    """K/V tiles through cp.async (LDGSTS) and every operand fragment by ldmatrix (LDSM), for both branches:
+    per branch Q and K (D / 16 x (1 + 2)) and V (.trans, D / 16 x 2), no spills."""
+    for name, d in (("audio_cross_attention_fwd_kernelI6__halfLi128", 128),
+                    ("audio_cross_attention_fwd_kernelI13__nv_bfloat16Li96", 96)):
+        ops = built_extension.sass_opcodes(name, arch)
+        assert ops.get("LDGSTS", 0) > 0 and ops.get("LDGDEPBAR", 0) > 0, (name, arch, ops)
+        assert ops.get("LDSM", 0) == 2 * (d // 16) * 5, (name, arch, ops)
+    spills = built_extension.spill_bytes("audio_cross_attention_fwd_kernel")
+    assert set(spills) >= {80, 90} and max(spills.values()) == 0, spills
 
 
 @pytest.fixture

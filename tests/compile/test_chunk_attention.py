@@ -5,7 +5,8 @@
   kernels (forward, dq, dk/dv) with wgmma, within the shared memory of an sm_80 SM (the launch settings do not
   depend on the architecture).
 * csrc/chunk_attention.cu compiles with nvcc for sm_80 and sm_90 in the shared build of tests/compile/conftest.py
-  (no spills reported by ptxas; `pip install` builds every default arch), and the extension
+  (no spills reported by ptxas; `pip install` builds every default arch) with cp.async and ldmatrix in its SASS,
+  and the extension
   built by CMake exposes ``chunk_attention`` whose launcher symbol is in the shared object; bad parameters raise
   ValueError before any device is touched.
 """
@@ -44,6 +45,17 @@ def test_cuda_kernels_compile_without_spills(built_extension):
     spills = built_extension.spill_bytes("chunk_attention_fwd_kernel")
     assert set(spills) >= {80, 90}, "ptxas reported no chunk_attention_fwd_kernel for sm_80/sm_90"
     assert max(spills.values()) == 0, f"register spills in chunk_attention_fwd_kernel: {spills}"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_cuda_kernel_uses_cp_async_and_ldmatrix(built_extension, arch):
+    """The mma.sync kernel copies K/V tiles with cp.async (LDGSTS) and reads every operand fragment with ldmatrix
+    (LDSM: Q once, K and V (.trans) per tile): 1 + 2 x 4 x (head_dim / 16) per instantiation, no scalar loads."""
+    for name, d in (("chunk_attention_fwd_kernelI6__halfLi128ELb1", 128),
+                    ("chunk_attention_fwd_kernelI13__nv_bfloat16Li64ELb0", 64)):
+        ops = built_extension.sass_opcodes(name, arch)
+        assert ops.get("LDGSTS", 0) > 0 and ops.get("LDGDEPBAR", 0) > 0, (name, arch, ops)
+        assert ops.get("LDSM", 0) == (d // 16) * (1 + 2 * 4), (name, arch, ops)
 
 
 def test_extension_has_chunk_attention(built_extension):

@@ -159,3 +159,48 @@ def test_cuda_unsupported_reasons():
     assert "head_dim" in why(*xs, 8, 1.0, 0.125)
     cpu = tuple(x.cpu() for x in _inputs(1, 2, 8, 1, 64, 4, 2, torch.bfloat16))
     assert "CUDA tensors" in why(*cpu, 8, 1.0, 0.125)
+
+
+def _cuda_tiles_per_cta(Lq, tpf, T, A, block_m=64, block_n=32):
+    """Key tiles each CTA of the CUDA kernel walks: text tiles, then the audio tiles of every frame in its rows."""
+    n_text, n_a = -(-T // block_n), -(-A // block_n)
+    return [n_text + ((min(m0 + block_m, Lq) - 1) // tpf - m0 // tpf + 1) * n_a for m0 in range(0, Lq, block_m)]
+
+
+# (frames, tokens_per_frame, text_len, audio_window): per CTA one key tile (no text, one frame), two exact tiles,
+# odd and even tile counts with partial last tiles (text 65, audio 33), CTAs spanning 1, 2 and 4 frames.
+PIPELINE_CASES = [(2, 64, 0, 5), (2, 64, 32, 32), (3, 40, 65, 32), (2, 100, 512, 33), (5, 16, 31, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("F_,tpf,T,A", PIPELINE_CASES)
+def test_cuda_pipeline_edges(F_, tpf, T, A, dtype):
+    """The CUDA kernel's cp.async double buffer: tile counts of 1, odd and even, partial tiles.  text_k/v and
+    audio_k/v are views into buffers whose rows past T / A are NaN: a row past the end that is read instead of
+    zero-filled shows up."""
+    B, H, D = 1, 2, 64
+    tiles = _cuda_tiles_per_cta(F_ * tpf, tpf, T, A)
+    assert min(tiles) >= 1
+    q = torch.randn(B, F_ * tpf, H, D, device="cuda").to(dtype)
+    pad = 40
+    bufs = [torch.full((B, T + pad, H, D), float("nan"), device="cuda", dtype=dtype) for _ in range(2)]
+    bufs += [torch.full((B, F_, A + pad, H, D), float("nan"), device="cuda", dtype=dtype) for _ in range(2)]
+    tk, tv = (b[:, :T] for b in bufs[:2])
+    ak, av = (b[:, :, :A] for b in bufs[2:])
+    for x in (tk, tv, ak, av):
+        x.copy_(torch.randn(x.shape, device="cuda"))
+    args = (q, tk, tv, ak, av, tpf, 0.75, 1 / math.sqrt(D))
+    _skip_unless_runnable("cuda", args)
+    out = _dispatch.implementation(_FWD, "cuda")(*args)[0]
+    ref = audio_cross_attention_ref(*(x.float() for x in args[:5]), *args[5:])[0]
+    plain = _plain_torch(*(x.contiguous() for x in args[:5]), tpf, 0.75)
+    err = (out.float() - ref).abs().max().item()
+    err_pt = (plain.float() - ref).abs().max().item()
+    assert err <= 2 * err_pt + FLOOR[dtype], f"tiles per CTA {tiles}: error {err:.3g}, plain PyTorch {err_pt:.3g}"
+
+
+def test_pipeline_cases_cover_the_tile_counts():
+    """The cases above reach the double buffer's edge cases (computed, so a change of tile size is noticed)."""
+    counts = [t for F_, tpf, T, A in PIPELINE_CASES for t in _cuda_tiles_per_cta(F_ * tpf, tpf, T, A)]
+    assert {1, 2} <= set(counts) and any(t % 2 and t > 1 for t in counts) and max(counts) >= 16, counts
+    assert any(T % 32 for _, _, T, _ in PIPELINE_CASES) and any(A % 32 for *_, A in PIPELINE_CASES)

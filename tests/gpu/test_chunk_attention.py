@@ -194,6 +194,77 @@ def test_tensors_on_another_device_than_the_current_one(backend):
     assert torch.cuda.current_device() == 0
 
 
+
+def _kernel_tiles(pos, n, window, sink, block=64):
+    """(key tiles, keys in the last tile, ring wrapped) of the mma.sync kernel's key walk at this step (see the
+    header of csrc/chunk_attention.cu)."""
+    total = min(pos, sink) + min(max(pos - sink, 0), window) + n
+    return -(-total // block), total - (total - 1) // block * block, pos - sink > window
+
+
+def _mma_sync_chunk_attention(q, k, v, cache, rope, scale):
+    """The sm_80+ mma.sync kernel itself (lipforcing._C.chunk_attention, launch_chunk_attention), write=True,
+    whatever kernel the cuda backend dispatches to on this GPU."""
+    from lipforcing.ops.cuda import DTYPE_CODES, extension, stream_handle
+
+    B, n, H, D = q.shape
+    out = torch.empty_like(q)
+    strides = [s for t in (q, k, v, cache.k, cache.v, out) for s in t.stride()[:3]]
+    gh, gw = rope.grid if rope is not None else (1, 1)
+    with torch.cuda.device(q.device):
+        extension().chunk_attention(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.pos.data_ptr(),
+            out.data_ptr(), rope.cos.data_ptr() if rope is not None else 0,
+            rope.sin.data_ptr() if rope is not None else 0, strides, B, n, H, D, cache.chunk_size, cache.window,
+            cache.sink, gh, gw, float(scale), DTYPE_CODES[q.dtype], True, stream_handle(q))
+    return out
+
+
+# (chunk, window, sink, head_dim): streams of 7 full chunks and a short one whose key walks cover one tile, even
+# and odd tile counts, key counts that are not multiples of the 64-key tile (and, second case, are), row tables
+# not aligned to tiles (sink 8), whole tiles of stale ring slots (sink 64, chunk 64) and a wrapped ring.
+PIPELINE_CASES = [(40, 120, 8, 64), (64, 192, 64, 128)]
+
+
+@pytest.mark.parametrize("use_rope", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk,window,sink,head_dim", PIPELINE_CASES)
+def test_mma_sync_pipeline_edges(chunk, window, sink, head_dim, dtype, use_rope):
+    """The cp.async double buffer of the mma.sync kernel, every step of a stream against the fp32 reference (2x
+    rule).  Cache slots never written hold NaN: a masked row that is read instead of zero-filled shows up."""
+    why = _can_run("cuda", dtype, head_dim)
+    if why:
+        pytest.skip(why)
+    B, H, grid = 1, 2, (2, 4)  # 8 tokens per frame: chunk, window and sink are whole frames
+    rope = rope_spec(head_dim, grid, device="cuda") if use_rope else None
+    cache = RollingKVCache(B, H, head_dim, chunk_size=chunk, window=window, sink=sink, dtype=dtype, device="cuda")
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    written = torch.zeros(cache.k.shape[1], dtype=torch.bool, device="cuda")
+    scale = head_dim ** -0.5
+    seen, pos = set(), 0
+    for n in [chunk] * 7 + [13]:
+        tiles, last, wrapped = _kernel_tiles(pos, n, window, sink)
+        seen |= {"one tile" if tiles == 1 else ("odd" if tiles % 2 else "even"), "partial" if last < 64 else "full"}
+        seen |= {"wrapped"} if wrapped else set()
+        q, k, v = (torch.randn(B, n, H, head_dim, device="cuda").to(dtype) for _ in range(3))
+        # the reference and plain PyTorch see zeros where the kernel sees NaN (slots it must never read)
+        kc, vc = (torch.where(written[None, :, None, None], c, 0) for c in (cache.k, cache.v))
+        ref = chunk_attention_ref(q.float(), k.float(), v.float(), kc.float(), vc.float(), cache.pos.clone(),
+                                  chunk_size=chunk, window=window, sink=sink, write=False, scale=scale, rope=rope)
+        plain = _plain_torch(q, k, v, kc, vc, cache.pos, chunk, window, sink, scale, rope)
+        out = _mma_sync_chunk_attention(q, k, v, cache, rope, scale)
+        err = (out.float() - ref).abs().max().item()
+        err_pt = (plain.float() - ref).abs().max().item()
+        assert err <= 2 * err_pt + FLOOR[dtype], f"pos {pos} ({tiles} tiles): error {err} vs plain PyTorch {err_pt}"
+        assert int(cache.pos) == pos + n
+        slots = torch.arange(pos, pos + n, device="cuda")
+        written[torch.where(slots < sink, slots, sink + (slots - sink) % window)] = True
+        pos += n
+    assert seen >= {"one tile", "odd", "even", "partial", "wrapped"}, seen
+    assert "full" in seen or chunk % 64, seen
+
+
 def _sm90_extension():
     """lipforcing._C when the sm_90 wgmma kernel can run here, else skip."""
     from lipforcing.ops import cuda as ext
