@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // chunk_attention on Hopper (sm_90a): the dense chunk step's attention, out = softmax(scale * q k^T) v over the
-// first count[b] key slots of a dense K/V buffer, no other mask.  FlashAttention-3's design (Shah et al., 2024):
+// first count[b] key slots of a dense K/V buffer, no other mask.  Slots from count[b] up to the end of its 128-key
+// tile are read (and get probability 0), so they must hold finite values (RollingKVCache / ChunkWorkspace buffers
+// start zeroed and only ever receive keys and values).  FlashAttention-3's design (Shah et al., 2024):
 // warp specialisation, TMA loads into 128B-swizzled shared memory, an mbarrier producer/consumer pipeline, wgmma
 // (warpgroup MMA, asynchronous, operands read from shared memory through matrix descriptors), online softmax in
 // fp32 registers with base-2 exponents.
@@ -14,9 +16,13 @@
 //                online softmax on S in registers (mask keys >= count in the last tile), P rounded to 16 bits;
 //                O += P V      wgmma m64nDk16, A = P from registers, B = V from shared memory ("MN-major":
 //                              V is stored keys x head_dim, i.e. transposed for the B operand, imm-trans-b = 1);
-//                then the stage is released to the producer.
+//                then the stage is released to the producer.  Intra-warpgroup pipelining (FA3 algorithm 2): S of
+//                tile i and P V of tile i - 1 are issued back to back, and the softmax of tile i runs while P V of
+//                tile i - 1 is still on the tensor cores (P double-buffered in registers: pa0 / pa1).
 //   Epilogue: O / l rounded to 16 bits, staged through the consumer's own (no longer read) Q rows in shared
 //   memory, written to global memory with 16-byte stores (rows >= n skipped).
+//   Not done (yet): ping-pong scheduling of the two consumer warpgroups with named barriers, a persistent /
+//   split-KV schedule, TMA stores of O, FP8.
 //
 // Shared memory (D = head_dim, 16-bit elements; every region 1024-byte aligned, as the 128B swizzle needs):
 //   Q  D/64 subtiles of 128 rows x 128 B      K[s], V[s]  D/64 subtiles of 128 keys x 128 B each
@@ -129,13 +135,25 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Wait until at most N committed wgmma groups are pending (groups complete in commit order).
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 
 // Keeps the compiler from moving reads/writes of accumulator registers across the asynchronous wgmma window.
 template <int N>
 __device__ __forceinline__ void reg_fence(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Same for the P fragments a register-A wgmma reads until its wait_group: they stay live (and unmodified) until
+// this point, so the compiler cannot reuse their registers while the tensor cores may still read them.
+template <int N>
+__device__ __forceinline__ void reg_fence(uint32_t (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
 __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
@@ -349,25 +367,21 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   const int tid = threadIdx.x - 128 * wg;
   const int warp = tid / 32, lane = tid % 32;
   const float scale_log2 = p.scale * 1.4426950408889634f;  // softmax in base 2: e^(s x) = 2^(s log2(e) x)
-  constexpr float kNegInf = -INFINITY;
 
   float o[D / 2];  // O accumulator (64 x D per warpgroup), fragment layout above
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  float m_run[2] = {kNegInf, kNegInf};  // running max (already times scale_log2) of rows l/4 and l/4 + 8
-  float l_run[2] = {0.f, 0.f};          // this thread's part of the running denominators (summed over the quad
-                                        // at the end)
+  float m_run[2] = {-INFINITY, -INFINITY};  // running max (times scale_log2) of rows l/4 and l/4 + 8
+  float l_run[2] = {0.f, 0.f};  // this thread's part of the running denominators (quad-summed at the end)
+  float sacc[64];               // S = Q K^T, 64 x 128 per warpgroup
+  // P as the A fragments of the P V wgmma, double-buffered: the P V of tile i - 1 reads one buffer while the
+  // softmax of tile i writes the other (no register copies between them: ptxas would serialize the wgmmas).
+  uint32_t pa0[32], pa1[32];
+  float alpha[2];
 
-  mbar_wait(bar_q, 0);
-
-  for (int i = 0; i < n_tiles; ++i) {
+  // S = Q K^T of tile i (issued, not waited for)
+  auto issue_qk = [&](int i) {
     const int s = i % kStages;
-    const uint32_t phase = (i / kStages) & 1;
-    float sacc[64];  // S = Q K^T, 64 x 128 per warpgroup
-
-    mbar_wait(bar_k_full(s), phase);
-    reg_fence(sacc);
-    wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint64_t da = sm90_kmajor_desc(sq, kBM, cw * 64, kk);  // this warpgroup's 64 Q rows
@@ -375,44 +389,49 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       Elem<T>::qk(sacc, da, db, kk > 0);
     }
     wgmma_commit();
-    wgmma_wait_all();
-    reg_fence(sacc);
-
-    // keys >= count (only in the last tile) get -inf
-    if ((i + 1) * kBN > count) {
+  };
+  // O += P V of tile i with P in pa (issued, not waited for)
+  auto issue_pv = [&](int i, uint32_t(&pa)[32]) {
+    const int s = i % kStages;
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t a[4] = {pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3]};
+      Elem<T>::pv(o, a, sm90_v_desc(sv + s * L::kTileBytes, kk));
+    }
+    wgmma_commit();
+  };
+  // Online softmax of tile i's scores (sacc): mask keys >= count, new running max, alpha = rescale factor of the
+  // old O and l, P = 2^(S * scale_log2 - m) rounded to 16 bits into pa, l updated.
+  auto softmax = [&](int i, uint32_t(&pa)[32]) {
+    if ((i + 1) * kBN > count) {  // only the last tile has keys >= count
       const int key0 = i * kBN + 2 * (lane % 4);
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           if (key0 + 8 * j + e >= count) {
-            sacc[4 * j + e] = kNegInf;
-            sacc[4 * j + 2 + e] = kNegInf;
+            sacc[4 * j + e] = -INFINITY;
+            sacc[4 * j + 2 + e] = -INFINITY;
           }
         }
       }
     }
-
-    // online softmax: row max over the quad of 4 lanes that share a row
-    float mx[2] = {kNegInf, kNegInf};
+    float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       mx[0] = fmaxf(mx[0], fmaxf(sacc[4 * j], sacc[4 * j + 1]));
       mx[1] = fmaxf(mx[1], fmaxf(sacc[4 * j + 2], sacc[4 * j + 3]));
     }
-    float mb[2], alpha[2];
+    float mb[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < 2; ++r) {  // the 4 lanes of a quad share a row
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
       const float m_new = fmaxf(m_run[r], mx[r] * scale_log2);
-      mb[r] = m_new == kNegInf ? 0.f : m_new;  // a row with no finite score so far: subtract 0, not -inf
-      alpha[r] = ex2(m_run[r] - mb[r]);        // rescales the old O and l (0 on the first tile)
+      mb[r] = m_new == -INFINITY ? 0.f : m_new;  // no finite score in the row yet: subtract 0, not -inf
+      alpha[r] = ex2(m_run[r] - mb[r]);           // 0 on the first tile (m_run = -inf)
       m_run[r] = m_new;
     }
-
-    // P = 2^(S * scale_log2 - m), rounded to 16 bits and packed as the A fragments of the P V wgmma
-    uint32_t pa[32];
     float rs[2] = {0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
@@ -422,11 +441,32 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       const float p3 = ex2(fmaf(sacc[4 * j + 3], scale_log2, -mb[1]));
       rs[0] += p0 + p1;
       rs[1] += p2 + p3;
-      pa[2 * j] = Elem<T>::pack(p0, p1);
+      pa[2 * j] = Elem<T>::pack(p0, p1);  // key block kk = j / 2 uses pa[4 kk .. 4 kk + 3]
       pa[2 * j + 1] = Elem<T>::pack(p2, p3);
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
+  };
+
+  // One step of the main loop, tile i >= 1: P of tile i - 1 is in `cur`, P of tile i goes to `nxt`.
+  auto step = [&](int i, uint32_t(&cur)[32], uint32_t(&nxt)[32]) {
+    const int prev = (i - 1) % kStages;
+    mbar_wait(bar_k_full(i % kStages), (i / kStages) & 1);
+    reg_fence(sacc);
+    reg_fence(o);
+    reg_fence(cur);
+    wgmma_fence();  // o and cur were last written by ordinary instructions
+    issue_qk(i);
+    mbar_wait(bar_v_full(prev), ((i - 1) / kStages) & 1);
+    wgmma_fence();  // (ptxas would insert it: cur's registers are read by this second group)
+    issue_pv(i - 1, cur);
+    wgmma_wait<1>();  // S of tile i is done (groups complete in order); P V of tile i - 1 may still run
+    reg_fence(sacc);
+    softmax(i, nxt);  // writes sacc, nxt, m, l, alpha: nothing the P V in flight reads or writes
+    wgmma_wait<0>();
+    reg_fence(o);
+    reg_fence(cur);
+    mbar_arrive(bar_empty(prev));  // this thread is done with tile i - 1's stage (K and V)
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       o[4 * j + 0] *= alpha[0];
@@ -434,21 +474,42 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       o[4 * j + 2] *= alpha[1];
       o[4 * j + 3] *= alpha[1];
     }
-
-    // O += P V: 8 k-steps of 16 keys
-    mbar_wait(bar_v_full(s), phase);
+  };
+  // The last P V (tile `last`, P in pa).
+  auto finish = [&](int last, uint32_t(&pa)[32]) {
+    mbar_wait(bar_v_full(last % kStages), (last / kStages) & 1);
     reg_fence(o);
+    reg_fence(pa);
     wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t a[4] = {pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3]};
-      const uint64_t db = sm90_v_desc(sv + s * L::kTileBytes, kk);
-      Elem<T>::pv(o, a, db);
-    }
-    wgmma_commit();
-    wgmma_wait_all();
+    issue_pv(last, pa);
+    wgmma_wait<0>();
     reg_fence(o);
-    mbar_arrive(bar_empty(s));  // this thread is done with stage s
+    reg_fence(pa);
+    mbar_arrive(bar_empty(last % kStages));
+  };
+
+  mbar_wait(bar_q, 0);
+  if (n_tiles > 0) {
+    // Intra-warpgroup pipelining (FlashAttention-3, algorithm 2): S of tile i and P V of tile i - 1 are issued
+    // together; the softmax of tile i runs as soon as S is done, overlapping P V of tile i - 1.
+    mbar_wait(bar_k_full(0), 0);
+    reg_fence(sacc);
+    wgmma_fence();
+    issue_qk(0);
+    wgmma_wait<0>();
+    reg_fence(sacc);
+    softmax(0, pa0);
+    int i = 1;
+    for (; i + 1 < n_tiles; i += 2) {  // unrolled by two: the P buffers swap roles without copies
+      step(i, pa0, pa1);
+      step(i + 1, pa1, pa0);
+    }
+    if (i < n_tiles) {
+      step(i, pa0, pa1);
+      finish(i, pa1);
+    } else {
+      finish(i - 1, pa0);
+    }
   }
 
   // ---------------------------------------------------------------------------------------------- epilogue

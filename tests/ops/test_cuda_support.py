@@ -37,3 +37,6 @@ def test_chunk_attention_sm90_dispatch_rule(monkeypatch, capability, has_sm90, n
         monkeypatch.setenv("LIPFORCING_CUDA_SM90", env)
     why = ca.sm90_problem(torch.empty(1, n, 2, 64), 64)
     assert (why is None) == runs, why
+    if runs:  # q as a view of a fused qkv projection is fine; a head-major q goes to the mma.sync kernel
+        assert ca.sm90_problem(torch.empty(1, n, 3, 2, 64)[:, :, 0], 64) is None
+        assert "strides" in ca.sm90_problem(torch.empty(1, 2, n, 64).transpose(1, 2), 64)

@@ -53,6 +53,9 @@ def sm90_problem(q, chunk_size) -> str | None:
     if q.shape[1] != chunk_size:
         return (f"a short last chunk ({q.shape[1]} < {chunk_size} tokens) must not see the oldest window slots, "
                 "which the dense step's key count cannot express")
+    strides = [st for st, size in zip(q.stride(), q.shape) if size > 1]
+    if strides != sorted(strides, reverse=True):
+        return f"the TMA loads take q with batch >= token >= head strides, got strides {tuple(q.stride())}"
     try:
         import lipforcing.kernels.chunk_attention  # noqa: F401  (the dense step's staging / RoPE passes)
     except Exception as exc:
