@@ -49,6 +49,8 @@ def test_auto_without_a_gpu_builds_nothing(tmp_path):
 def test_auto_with_a_gpu_builds_for_its_architecture(tmp_path, smi, extra, archs):
     out = _configure(tmp_path, smi, *extra)
     assert f"building the CUDA extension for architectures {archs}\n" in out, out[-2000:]
+    # the Hopper kernels (csrc/*_sm90.cu, sm_90a only) come with 90 in the architectures, and only then
+    assert ("building the sm_90a (wgmma + TMA) kernels" in out) == ("90" in archs.split(";")), out[-2000:]
 
 
 @needs_cmake
