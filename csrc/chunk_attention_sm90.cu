@@ -21,8 +21,9 @@
 //                tile i - 1 is still on the tensor cores (P double-buffered in registers: pa0 / pa1).
 //   Epilogue: O / l rounded to 16 bits, staged through the consumer's own (no longer read) Q rows in shared
 //   memory, written to global memory with 16-byte stores (rows >= n skipped).
-//   Not done (yet): ping-pong scheduling of the two consumer warpgroups with named barriers, a persistent /
-//   split-KV schedule, TMA stores of O, FP8.
+//   Ping-pong (FA3 section 3.1, kPingPong): the two consumers take turns issuing their wgmmas (named barriers),
+//   so one warpgroup's softmax overlaps the other's matrix products.
+//   Not done (yet): a persistent / split-KV schedule (the 12-head shape is 2.2 waves), TMA stores of O, FP8.
 //
 // Shared memory (D = head_dim, 16-bit elements; every region 1024-byte aligned, as the 128B swizzle needs):
 //   Q  D/64 subtiles of 128 rows x 128 B      K[s], V[s]  D/64 subtiles of 128 keys x 128 B each
@@ -61,6 +62,11 @@ namespace {
 
 constexpr int kBM = kSm90BlockM, kBN = kSm90BlockN, kStages = kSm90Stages;
 constexpr uint32_t kProducerRegs = 24, kConsumerRegs = 240;  // 128 * 24 + 256 * 240 <= 65536
+// Named barriers: 0 = __syncthreads, 1 + c = consumer c's epilogue, 3 + c = consumer c's turn to issue wgmmas.
+constexpr uint32_t kBarEpilogue = 1, kBarTurn = 3;
+// Ping-pong (FA3 section 3.1): the consumers take turns issuing their wgmmas (S of tile i, P V of tile i - 1),
+// so one warpgroup's softmax runs while the other's matrix products occupy the tensor cores.
+constexpr bool kPingPong = true;
 
 template <int D>
 struct Layout {
@@ -158,6 +164,10 @@ __device__ __forceinline__ void reg_fence(uint32_t (&r)[N]) {
 
 __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 __device__ __forceinline__ float ex2(float x) {
@@ -448,6 +458,17 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     for (int r = 0; r < 2; ++r) l_run[r] = l_run[r] * alpha[r] + rs[r];
   };
 
+  // Ping-pong turns: consumer c waits on barrier kBarTurn + c (256 threads: its own 128 + the other consumer's
+  // arrival), issues, then lets the other one go.  Both consumers take the same number of turns (n_tiles + 1);
+  // consumer 0 goes first (consumer 1 arrives once up front), so consumer 1's last arrival stays unmatched,
+  // which is harmless at exit.
+  auto turn_begin = [&]() {
+    if (kPingPong) named_barrier_sync(kBarTurn + cw, 256);
+  };
+  auto turn_end = [&]() {
+    if (kPingPong) named_barrier_arrive(kBarTurn + (1 - cw), 256);
+  };
+
   // One step of the main loop, tile i >= 1: P of tile i - 1 is in `cur`, P of tile i goes to `nxt`.
   auto step = [&](int i, uint32_t(&cur)[32], uint32_t(&nxt)[32]) {
     const int prev = (i - 1) % kStages;
@@ -455,11 +476,13 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     reg_fence(sacc);
     reg_fence(o);
     reg_fence(cur);
+    turn_begin();
     wgmma_fence();  // o and cur were last written by ordinary instructions
     issue_qk(i);
     mbar_wait(bar_v_full(prev), ((i - 1) / kStages) & 1);
     wgmma_fence();  // (ptxas would insert it: cur's registers are read by this second group)
     issue_pv(i - 1, cur);
+    turn_end();
     wgmma_wait<1>();  // S of tile i is done (groups complete in order); P V of tile i - 1 may still run
     reg_fence(sacc);
     softmax(i, nxt);  // writes sacc, nxt, m, l, alpha: nothing the P V in flight reads or writes
@@ -480,22 +503,27 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     mbar_wait(bar_v_full(last % kStages), (last / kStages) & 1);
     reg_fence(o);
     reg_fence(pa);
+    turn_begin();
     wgmma_fence();
     issue_pv(last, pa);
+    turn_end();
     wgmma_wait<0>();
     reg_fence(o);
     reg_fence(pa);
     mbar_arrive(bar_empty(last % kStages));
   };
 
+  if (kPingPong && cw == 1) named_barrier_arrive(kBarTurn + 0, 256);  // consumer 0 takes the first turn
   mbar_wait(bar_q, 0);
   if (n_tiles > 0) {
     // Intra-warpgroup pipelining (FlashAttention-3, algorithm 2): S of tile i and P V of tile i - 1 are issued
     // together; the softmax of tile i runs as soon as S is done, overlapping P V of tile i - 1.
     mbar_wait(bar_k_full(0), 0);
     reg_fence(sacc);
+    turn_begin();
     wgmma_fence();
     issue_qk(0);
+    turn_end();
     wgmma_wait<0>();
     reg_fence(sacc);
     softmax(0, pa0);
@@ -532,7 +560,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     *reinterpret_cast<uint32_t*>(base_ptr + L::kQ + sub + sw128_offset(row0 + 8, j % 8) + byte) =
         Elem<T>::pack(o[4 * j + 2] * inv[1], o[4 * j + 3] * inv[1]);
   }
-  named_barrier_sync(1 + cw, 128);  // barrier 0 is __syncthreads; 1 and 2: one per consumer warpgroup
+  named_barrier_sync(kBarEpilogue + cw, 128);
   constexpr int kChunks = D / 8;    // 16-byte chunks per output row
   char* const out = static_cast<char*>(p.out);
   for (int idx = tid; idx < 64 * kChunks; idx += 128) {
