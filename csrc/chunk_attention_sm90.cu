@@ -101,17 +101,36 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
+__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(bar), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// A wait that spins this many times (each try_wait may also suspend the thread for a while) means a broken
+// pipeline (a byte count or phase that never completes): trap, so the launch fails with an error instead of
+// hanging the GPU.  About 10 s or more on an H100.
+constexpr uint32_t kHangSpins = 1u << 30;
+
 // Wait until the phase with parity `parity` has completed (a fresh barrier is in phase 0: waiting for parity 1
-// returns at once, which the producer's first pass over the empty barriers relies on).
+// returns at once, which the producer's first pass over the empty barriers relies on); traps after kHangSpins.
+__device__ __forceinline__ void mbar_wait_watchdog(uint32_t bar, uint32_t parity) {
+  for (uint32_t spins = 0; !mbar_try_wait(bar, parity);) {
+    if (++spins == kHangSpins) __trap();
+  }
+}
+
+// The same wait without the watchdog, for the consumer warpgroups (the watchdog's branch costs registers where S,
+// O and both P buffers are live: ptxas would spill and serialize the wgmmas).  A consumer stuck on a tile that never
+// lands still ends in a trap when the producer's watchdog fires while it waits for a stage to be released (with
+// at least kStages + 1 key tiles; with fewer the producer has nothing left to wait for).
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
+  while (!mbar_try_wait(bar, parity)) {
+  }
 }
 
 // TMA: box at element coordinates (c0 = column, c1 = head, c2 = token, c3 = batch) -> shared memory at `dst`,
@@ -357,7 +376,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       for (int i = 0; i < n_tiles; ++i) {
         const int s = i % kStages;
         const uint32_t phase = (i / kStages) & 1;
-        mbar_wait(bar_empty(s), phase ^ 1);  // the consumers released the tile that used this stage before
+        mbar_wait_watchdog(bar_empty(s), phase ^ 1);  // the consumers released the tile that used this stage before
         mbar_arrive_expect_tx(bar_k_full(s), L::kTileBytes);
         for (int c = 0; c < L::kSub; ++c) {
           tma_load_4d(sk + s * L::kTileBytes + c * kBN * 128, &tm_k, bar_k_full(s), c * 64, h, i * kBN, b);
@@ -567,7 +586,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     const int r = cw * 64 + idx / kChunks, c = idx % kChunks;
     const int token = m_block * kBM + r;
     if (token < p.n) {
-      const uint4 val = *reinterpret_cast<const uint4*>(base_ptr + L::kQ + (c / 8) * kBM * 128 + sw128_offset(r, c % 8));
+      const uint8_t* src = base_ptr + L::kQ + (c / 8) * kBM * 128 + sw128_offset(r, c % 8);
+      const uint4 val = *reinterpret_cast<const uint4*>(src);
       const int64_t off = (b * p.out_stride[0] + token * p.out_stride[1] + h * p.out_stride[2]) + c * 8;
       *reinterpret_cast<uint4*>(out + off * static_cast<int64_t>(sizeof(T))) = val;
     }
@@ -660,7 +680,9 @@ cudaError_t launch_chunk_attention_sm90(const ChunkAttnSm90Params& p, cudaStream
   if (check_chunk_attention_sm90(p) != nullptr) return cudaErrorInvalidValue;
   if (tensor_map_encoder() == nullptr) return cudaErrorNotSupported;
   const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.head_dim == 128) return bf16 ? launch_typed<__nv_bfloat16, 128>(p, stream) : launch_typed<__half, 128>(p, stream);
+  if (p.head_dim == 128) {
+    return bf16 ? launch_typed<__nv_bfloat16, 128>(p, stream) : launch_typed<__half, 128>(p, stream);
+  }
   return bf16 ? launch_typed<__nv_bfloat16, 64>(p, stream) : launch_typed<__half, 64>(p, stream);
 }
 

@@ -301,7 +301,8 @@ def test_sm90_kernel_vs_reference(dtype, head_dim):
     scale = head_dim ** -0.5
     strides = [s for t in (q, k, v, out) for s in t.stride()[:3]]
     ext.chunk_attention_sm90(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), counts.data_ptr(), strides,
-                             B, n, slots, H, head_dim, scale, DTYPE_CODES[dtype], torch.cuda.current_stream().cuda_stream)
+                             B, n, slots, H, head_dim, scale, DTYPE_CODES[dtype],
+                             torch.cuda.current_stream().cuda_stream)
 
     def attention(dt):
         s = torch.einsum("bqhd,bkhd->bhqk", q.to(dt), k.to(dt)) * scale
