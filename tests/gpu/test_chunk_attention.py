@@ -279,18 +279,21 @@ def _sm90_extension():
     return ext.extension()
 
 
+@pytest.mark.parametrize("counts", ["random", (517, 1), (128, 256)], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_sm90_kernel_vs_reference(dtype, head_dim):
-    """The wgmma kernel on its own: batch 2 with different random valid-key counts (not multiples of the 128-key
-    tile), n not a multiple of the 128-row tile, q a strided view of a fused qkv tensor; stale slots past the
-    count hold large values that must not leak in.  2x rule vs plain PyTorch in the same dtype."""
+def test_sm90_kernel_vs_reference(dtype, head_dim, counts):
+    """The wgmma kernel on its own: batch 2 with different valid-key counts (random ones, mostly not multiples of
+    the 128-key tile; all slots and a single key; exact multiples of the tile), n not a multiple of the 128-row
+    tile, q a strided view of a fused qkv tensor; stale slots past the count hold large values that must not leak
+    in.  2x rule vs plain PyTorch in the same dtype."""
     from lipforcing.ops.cuda import DTYPE_CODES
 
     ext = _sm90_extension()
     B, n, H, slots = 2, 200, 3, 517
-    counts = torch.randint(1, slots + 1, (B,), dtype=torch.int32, device="cuda")
-    counts[1] = torch.randint(1, 130, ()).item()  # the second row: at most two tiles, often one partial tile
+    if counts == "random":  # up to 5 key tiles in the first row (the 2-stage ring wraps), at most 2 in the second
+        counts = (torch.randint(1, slots + 1, ()).item(), torch.randint(1, 257, ()).item())
+    counts = torch.tensor(counts, dtype=torch.int32, device="cuda")
     qkv = torch.randn(B, n, 3, H, head_dim, device="cuda").to(dtype)
     q = qkv[:, :, 0]
     k, v = (torch.randn(B, slots, H, head_dim, device="cuda").to(dtype) for _ in range(2))
