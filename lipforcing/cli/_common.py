@@ -210,5 +210,5 @@ def load_engine(*, model: str = "tiny", checkpoint: str | None = None, device=No
                               ("--mask", mask)):
             if value is not None:
                 msg += f" (with {option} {value})"
-        raise UserError(f"cannot build the {model} engine: {msg}") from exc
+        raise UserError(f"cannot build the {model or 'default'} engine: {msg}") from exc
     return engine, time.perf_counter() - t

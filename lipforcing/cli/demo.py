@@ -7,9 +7,11 @@ session detects, tracks and aligns the face, and pastes the generated mouth back
 frames it gets back, with their audio, to ``demo.mp4`` (input on the left, output on the right, both at the
 640x360 original resolution) and prints a profile summary.
 
-The embedded default model is the ``tiny`` preset with fixed random weights (seed 0): it is untrained, so the
-right half of the video is not lip sync; the demo shows the pipeline and its speed.  Trained students run through
-the same path with ``lipforcing sync --checkpoint ...``.
+The embedded default model is what ``Engine.load()`` loads: the weight bundle shipped in
+``lipforcing/weights/default/`` (or the one ``LIPFORCING_DEFAULT_WEIGHTS`` names).  While none is shipped it is the
+``tiny`` preset with fixed random weights (seed 0): untrained, so the right half of the video is not lip sync and
+the demo shows the pipeline and its speed.  The demo says which of the two it ran.  Other students run through the
+same path with ``lipforcing sync --checkpoint ...``.
 """
 from __future__ import annotations
 
@@ -34,11 +36,44 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=4.0, help="length of the synthetic speech (default 4)")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="face-crop size the model works at (default: the tiny preset's, 32, as in sync and profile)")
+                   help="face-crop size the model works at (default: the default model's; 32 for random tiny "
+                        "weights, as in sync and profile)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default 1: the tiny model's tensors are too small to split)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the synthetic input and the noise")
     add_decoder_arg(p)
+
+
+def weights_message(command: str, engine, checkpoint=None, model=None) -> str:
+    """One line (two for random weights) saying what weights ``engine`` runs: the shipped default model, another
+    bundle, the ``checkpoint`` given, or random ones (``model``: the preset named without a checkpoint)."""
+    import os
+
+    from lipforcing.weights import DEFAULT_FOLDER, ENV_VAR
+
+    m = engine.manifest
+    if m is not None:
+        if checkpoint is not None:
+            what = f"the weight bundle {m.name!r} from {m.folder}"
+        elif m.folder.resolve() == DEFAULT_FOLDER:
+            what = f"the default model {m.name!r} shipped with lipforcing"
+        else:
+            what = f"the default model {m.name!r} from {m.folder} ({ENV_VAR})"
+        sync = m.eval.get("sync")
+        return (f"{command}: weights: {what} ({m.resolution[1]}x{m.resolution[0]} crops, {m.model.num_layers} "
+                f"blocks, dim {m.model.dim}" + (f", eval sync {sync:.2f}" if isinstance(sync, (int, float)) else "")
+                + ")")
+    if engine.random_weights:
+        if model is not None:
+            why = f"--model {model} without --checkpoint"
+        elif os.environ.get(ENV_VAR, "").strip():
+            why = f"{ENV_VAR}={os.environ[ENV_VAR].strip()}"
+        else:
+            why = "no default model is shipped in this install"
+        return (f"{command}: RANDOM WEIGHTS ({why}): untrained, so the output is NOT real lip sync (it shows the "
+                "streaming pipeline and its speed).\n  For real output run `lipforcing sync --video face.mp4 --audio "
+                "speech.wav --checkpoint student.safetensors --model 1.3b`.")
+    return f"{command}: weights: the student checkpoint {checkpoint}"
 
 
 def _in_frames(faces: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -71,12 +106,10 @@ def run(args) -> int:
     dev = check_device(args.device)
     check_resolution(args.resolution)
     set_threads(args.threads, "tiny", dev)
-    print("lipforcing demo: the embedded default model is the tiny preset with FIXED RANDOM WEIGHTS (untrained).\n"
-          "  The output is NOT real lip sync: the demo shows the streaming pipeline and its speed.  For real output\n"
-          "  run `lipforcing sync --video face.mp4 --audio speech.wav --checkpoint student.safetensors --model 1.3b`.")
     t_start = time.perf_counter()
-    engine, load_s = load_engine(model="tiny", device=args.device, resolution=args.resolution, seed=0,
+    engine, load_s = load_engine(model=None, device=args.device, resolution=args.resolution, seed=0,
                                  debug=args.debug, decoder=args.decoder)
+    print(weights_message("lipforcing demo", engine))
     res = engine.resolution
     n_frames = -(-int(round(args.seconds * 16000)) // 640)
     pcm = synthetic_speech(args.seconds, 16000, seed=args.seed)
@@ -126,7 +159,8 @@ def run(args) -> int:
     print(f"\nwrote {args.output}: {writer.frames} frames, {writer.width}x{writer.height}, 25 fps, "
           f"{writer.samples / 16000:.2f} s of audio (left: the synthetic input video, right: the output, the model's "
           f"{res[1]}x{res[0]} mouth pasted back)")
-    print(f"\nprofile (tiny preset, {res[0]}x{res[1]}, {engine.device}, {torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() != 1 else ''}; "
+    model_name = "default model" if engine.manifest is not None else "tiny preset"
+    print(f"\nprofile ({model_name}, {res[0]}x{res[1]}, {engine.device}, {torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() != 1 else ''}; "
           f"engine load {load_s:.2f} s and a {warm_s:.2f} s warm-up chunk excluded):")
     print(f"  {'frames':<24}{stream.frames:>12}   in {chunks} chunks (first {plan.first} frames, then {plan.per})")
     print(f"  {'FPS':<24}{fps:>12.1f}   frames out / wall time ({stream.wall_s:.2f} s, video writing included); "

@@ -33,15 +33,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audio", help="speech to lip-sync to (wav/flac/mp3/m4a, or raw int16 mono with --sample-rate); "
                                    "default: the video's own audio track")
     p.add_argument("-o", "--output", required=True, help="output video (.mp4)")
-    p.add_argument("--model", default="tiny", choices=PRESETS,
-                   help="model preset (default tiny; with --checkpoint the config is read from it when possible)")
-    p.add_argument("--checkpoint", help="student weights (default: random weights, i.e. NOT real lip sync)")
+    p.add_argument("--model", default=None, choices=PRESETS,
+                   help="model preset: without --checkpoint, random weights of it (NOT real lip sync); default: "
+                        "the embedded default model (random tiny weights while none is shipped); with --checkpoint "
+                        "the config is read from it when possible")
+    p.add_argument("--checkpoint", help="student weights, or a weight bundle folder (manifest.json); default: the "
+                                        "embedded default model")
     p.add_argument("--device", default=None, help="cuda, cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--resolution", type=int, default=None,
-                   help="face-crop size the model runs at (default: 512; 32 for the tiny preset)")
+                   help="face-crop size the model runs at (default: the default model's; 512; 32 for the tiny "
+                        "preset)")
     p.add_argument("--vae", default=None, help="Wan2.1 VAE checkpoint (Wan2.1_VAE.pth, or a diffusers folder); "
-                                               "default: random for the tiny preset")
+                                               "default: the default model's (random for the tiny preset)")
     p.add_argument("--audio-encoder", default=None,
                    help="local wav2vec2-base-960h folder (default: the built-in mel front end; a real checkpoint "
                         "needs wav2vec2)")
@@ -124,12 +128,12 @@ def run(args) -> int:
     dev = check_device(args.device)
     check_checkpoint(args.checkpoint)
     check_resolution(args.resolution)
-    if args.model != "tiny" and dev.type == "cpu":
+    if args.model not in (None, "tiny") and dev.type == "cpu":
         if not args.force:
             raise UserError(f"--model {args.model} on the CPU would take hours; use a GPU "
                             "(--device cuda), --model tiny, or --force")
         print(f"note: the {args.model} model on the CPU takes many minutes per chunk", file=sys.stderr)
-    set_threads(args.threads, args.model, dev)
+    set_threads(args.threads, args.model or "tiny", dev)
 
     pcm, rate, audio_src = _load_audio(args)
     n_out = -(-int(round(len(pcm) * 16000 / rate)) // 640)     # about one frame per 40 ms of audio
@@ -167,9 +171,9 @@ def run(args) -> int:
         if H == W and H % 16 == 0 and args.resolution is None:
             hint = f"; if the video is aligned face crops, pass --resolution {H}"
         raise UserError(f"{args.video}: {exc}{hint}") from exc
-    if args.checkpoint is None:
-        print(f"note: no --checkpoint: the {args.model} preset has random weights, so the output is NOT real lip "
-              "sync (it shows the pipeline)", file=sys.stderr)
+    from lipforcing.cli.demo import weights_message
+
+    print(weights_message("lipforcing sync", engine, args.checkpoint, args.model), file=sys.stderr)
     if session.face is not None:
         print(f"face: tracked in {int(session.face.track.found.sum())} of {len(frames)} frames of {W}x{H} "
               f"({1e3 * (time.perf_counter() - t) / len(frames):.1f} ms per frame)", file=sys.stderr)

@@ -140,6 +140,8 @@ class Engine:
     fps = FPS
     sample_rate = SAMPLE_RATE
     samples_per_frame = SAMPLES_PER_FRAME
+    manifest = None          # set by load: the weight bundle used (lipforcing.weights.Manifest), else None
+    random_weights = False   # set by load: True when the student's weights are random
 
     def __init__(self, model, vae, audio, context: torch.Tensor, *, resolution, mask=None,
                  cuda_graphs: bool = False, vae_frames_per_step: int | None = None,
@@ -221,17 +223,33 @@ class Engine:
 
     # -------------------------------------------------------------------------------------------- construction
     @classmethod
-    def load(cls, checkpoint=None, *, model="tiny", device="cpu", dtype=None, seed: int = 0, vae=None,
+    def load(cls, checkpoint=None, *, model=None, device="cpu", dtype=None, seed: int = 0, vae=None,
              audio_encoder=None, text=None, resolution=None, mask=None, cuda_graphs: bool = False,
              vae_frames_per_step: int | None = None, vae_latents_per_step: int | None = None,
              backend: str = "auto", decoder=None, max_batch: int = 8, max_sessions=None,
              threads: int | None = None) -> "Engine":
         """Load (or randomly initialise) everything a stream needs.
 
-        checkpoint : student weights (file, folder or list; see ``lipforcing.load_model``), or None for random
-            weights of the preset ``model`` drawn with ``seed`` (said so in one log line).
-        model : preset name (``"tiny"``, ``"1.3b"``, ``"14b"``) or a ModelConfig.  With a checkpoint the default
-            ``"tiny"`` means "infer the config from the checkpoint".
+        Which weights:
+
+        * ``Engine.load()`` (no checkpoint, no ``model``): the embedded default model, the weight bundle in
+          ``lipforcing/weights/default/`` (student, VAE, prompt embedding, resolution and audio front end, checked
+          against its ``manifest.json``; one log line names it), or the bundle ``$LIPFORCING_DEFAULT_WEIGHTS``
+          names.  While none is shipped (or with ``LIPFORCING_DEFAULT_WEIGHTS=none``): random weights of the tiny
+          preset, as ``Engine.load(model="tiny")``.
+        * ``Engine.load(model="tiny")`` (a preset name or a ModelConfig, no checkpoint): random weights of that
+          model drawn with ``seed`` (said so in one log line), whether or not a default is shipped.
+        * ``Engine.load(checkpoint)``: the student's weights from a file, folder or list (see
+          ``lipforcing.load_model``), or a bundle folder (one holding ``manifest.json``, written by
+          :func:`lipforcing.weights.write_default`), loaded like the default.
+
+        ``engine.manifest`` is the bundle used (a :class:`lipforcing.weights.Manifest`) or None;
+        ``engine.random_weights`` says whether the student's weights are random.  ``vae``, ``text``,
+        ``audio_encoder`` and ``resolution`` given explicitly replace the bundle's.
+
+        checkpoint : student weights or a bundle folder (above), or None.
+        model : preset name (``"tiny"``, ``"1.3b"``, ``"14b"``) or a ModelConfig: without a checkpoint, random
+            weights of it; with one, the config to load it into (None or ``"tiny"``: read from the checkpoint).
         device, dtype : e.g. ``"cuda"``, ``"bf16"`` (default: bf16 on CUDA, fp32 on CPU).
         vae : a ``WanVAE``, a ``VAEConfig``, a preset name (``"tiny"``, ``"wan2.1"``) or a checkpoint path.
             Default: the tiny VAE for the tiny model, else a randomly initialised Wan2.1 VAE (logged).
@@ -274,14 +292,29 @@ class Engine:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
         notes = []
-        if checkpoint is None:
+        bundle = _bundle(checkpoint, model)
+        if bundle is not None:
+            net = bundle.load_student(device=device, dtype=dtype)
+            cfg = net.config
+            vae = bundle.load_vae(device=device, dtype=dtype) if vae is None else vae
+            text = bundle.load_text() if text is None else text
+            audio_encoder = bundle.audio_features(device=device) if audio_encoder is None else audio_encoder
+            resolution = bundle.resolution if resolution is None else resolution
+            logger.info("lipforcing.Engine: using the %s model %s", "default" if checkpoint is None else "bundled",
+                        bundle.describe())
+        elif checkpoint is None:
+            why = ""
+            if model is None:       # no default model: none shipped, or LIPFORCING_DEFAULT_WEIGHTS=none
+                model, w = "tiny", _weights_module()
+                why = (f"; {w.ENV_VAR}={os.environ[w.ENV_VAR].strip()}" if os.environ.get(w.ENV_VAR, "").strip()
+                       else f"; no default model shipped: {w.DEFAULT_FOLDER / w.MANIFEST} absent")
             cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_name(model)
             with _seeded(seed, device):
                 net = build_model(cfg, causal=True, device=device, dtype=dtype)
             name = model if isinstance(model, str) else "custom"
-            notes.append(f"random weights of the {name!r} model (seed {seed})")
+            notes.append(f"random weights of the {name!r} model (seed {seed}{why})")
         else:
-            cfg = None if (isinstance(model, str) and model == "tiny") else model
+            cfg = None if model is None or (isinstance(model, str) and model == "tiny") else model
             net = load_model(checkpoint, config=cfg, causal=True, device=device, dtype=dtype)
             cfg = net.config
         tiny = cfg.audio_dim <= 256
@@ -297,7 +330,7 @@ class Engine:
         if note:
             notes.append(note)
         if text is None:
-            if checkpoint is None:
+            if checkpoint is None and bundle is None:
                 g = torch.Generator().manual_seed(seed + 1)
                 length = 16 if tiny else _DEFAULT_TEXT_LEN
                 ctx = torch.randn(1, length, cfg.text_dim, generator=g)
@@ -315,6 +348,8 @@ class Engine:
                      vae_frames_per_step=vae_frames_per_step, vae_latents_per_step=vae_latents_per_step,
                      backend=backend, decoder=dec_obj, max_batch=max_batch, max_sessions=max_sessions)
         engine.threads = torch.get_num_threads() if device.type == "cpu" else None
+        engine.manifest = bundle
+        engine.random_weights = bundle is None and checkpoint is None
         return engine
 
     def _check_mask(self, mask) -> torch.Tensor:
@@ -461,6 +496,28 @@ class Engine:
         if self.device.type == "cuda":
             reference = reference.pin_memory()
         return reference
+
+
+def _weights_module():
+    import lipforcing.weights
+
+    return lipforcing.weights
+
+
+def _bundle(checkpoint, model):
+    """``Engine.load``'s weight bundle: the default one (no checkpoint, no model), a checkpoint folder holding a
+    manifest.json, or None (random weights / a plain checkpoint)."""
+    w = _weights_module()
+    if checkpoint is None:
+        return w.default_manifest() if model is None else None
+    if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint) \
+            and os.path.isfile(os.path.join(checkpoint, w.MANIFEST)):
+        bundle = w.read_manifest(checkpoint)
+        if not (model is None or (isinstance(model, str) and model == "tiny") or model == bundle.model):
+            raise ValueError(f"model={model!r} does not match the model of the bundle {checkpoint} "
+                             f"({bundle.model}); leave model out to load a bundle")
+        return bundle
+    return None
 
 
 def _make_vae(vae, *, tiny: bool, device, dtype, seed: int):
