@@ -12,11 +12,17 @@ of a video-to-video lip sync), and the output is measured (:mod:`lipforcing.eval
   ``rest_psnr``: outside the region against the reference video (the input must pass through);
 * ``ref_copy``: correlation of the opening with the *reference's* mouth (copying the input's mouth scores high);
 * ``silence_open``: mean opening when the audio is silence (the mouth must close: ground truth 0);
-* ``fps``: frames per second of the stream (engines only).
+* ``fps``: frames per wall second of the stream (engines) or of the whole-clip generation (the teacher: VAE
+  encode, sampling and decode), after one warm-up run of each system.
 
-Controls in every report: ``ground_truth`` (the world's rendering for the audio), ``reference_copy`` (the input
-video unchanged), ``untrained`` (random weights, when given) next to the model(s); ``sync_shuffled`` and
-``silence_open`` are the shuffled-audio and silence controls of each row.
+Systems: streaming engines (:class:`lipforcing.Engine`, the students) and whole-clip generators (anything with
+``generate(reference, audio) -> (frames, fps)``, e.g. the teacher, :class:`lipforcing.eval.teacher.TeacherSystem`).
+
+Controls in every report: ``ground_truth`` (the world's rendering for the audio), ``vae_roundtrip`` (the ground
+truth encoded and decoded by the world VAE, when ``vae`` is given: the ceiling of any latent model),
+``reference_copy`` (the input video unchanged), ``untrained`` (random weights, when given) next to the teacher
+and the students; ``sync_shuffled`` and ``silence_open`` are the shuffled-audio and silence controls of each row.
+Rows are ordered by :func:`row_order`.
 """
 from __future__ import annotations
 
@@ -27,16 +33,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lipforcing.eval.metrics import frame_loudness, mouth_opening_estimate, psnr, ssim, windowed_correlation
 
-__all__ = ["EvalConfig", "held_out_clips", "run_engine", "truth_frames", "evaluate", "write_report",
-           "COLUMNS"]
+__all__ = ["EvalConfig", "held_out_clips", "run_engine", "run_system", "vae_roundtrip", "truth_frames", "evaluate",
+           "write_report", "row_order", "COLUMNS", "CONTROLS"]
 
 COLUMNS = (("sync", "sync (opening~loudness)"), ("sync_gt", "sync (vs true opening)"),
            ("sync_shuffled", "shuffled audio"), ("lse_c", "LSE-C"), ("lse_d", "LSE-D"),
            ("mouth_psnr", "mouth PSNR"), ("mouth_ssim", "mouth SSIM"), ("rest_psnr", "rest PSNR vs ref"),
            ("ref_copy", "ref-mouth copying"), ("silence_open", "silence opening"), ("fps", "FPS"))
+
+CONTROLS = ("Controls: ground_truth = the world's rendering for the audio; vae_roundtrip = the ground truth encoded "
+            "and decoded by the world VAE (the ceiling of any latent model); reference_copy = the input video "
+            "unchanged; untrained = random weights; 'shuffled audio' = sync with another clip's audio; "
+            "'silence opening' = mean mouth opening on silent audio.")
 
 
 @dataclass
@@ -48,6 +60,7 @@ class EvalConfig:
     speech: str = "auto"
     window: int = 50
     long_seconds: float = 0.0
+    warmup: bool = True         # run each system once on a short piece first, so no row's FPS pays one-time costs
 
 
 def held_out_clips(cfg: EvalConfig):
@@ -81,6 +94,40 @@ def run_engine(engine, reference: np.ndarray, audio: np.ndarray) -> tuple[np.nda
     return np.stack(out)[:len(reference)], len(out) / max(dt, 1e-9)
 
 
+def run_system(system, reference: np.ndarray, audio: np.ndarray) -> tuple[np.ndarray, float]:
+    """An engine streamed with :func:`run_engine`, or a whole-clip system's ``generate(reference, audio)``."""
+    if callable(getattr(system, "generate", None)):
+        frames, fps = system.generate(reference, audio)
+        return frames[:len(reference)], fps
+    return run_engine(system, reference, audio)
+
+
+@torch.no_grad()
+def vae_roundtrip(vae, frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames encoded and decoded by ``vae`` as one clip (bit-equal to its streaming encoder
+    and decoder; the engine's decode path), converted back to uint8 like the engine's frames.  A T that is not
+    1 + 4k is padded with copies of the last frame, and the padding is dropped after decoding."""
+    from lipforcing.eval.teacher import to_uint8
+
+    T = len(frames)
+    tf = vae.temporal_factor
+    pad = (-(T - 1)) % tf
+    x = np.concatenate([frames, np.repeat(frames[-1:], pad, 0)]) if pad else frames
+    video = torch.from_numpy(np.ascontiguousarray(x)).permute(3, 0, 1, 2)[None].to(vae.device, vae.dtype)
+    rec = vae.decode(vae.encode(video / 127.5 - 1.0, normalize=True), normalize=True)
+    return to_uint8(rec[0])[:T]
+
+
+def row_order(names) -> list[str]:
+    """ground_truth, vae_roundtrip, reference_copy, the teacher rows (``teacher*``), the other systems (students,
+    in the given order), untrained."""
+    names = list(names)
+    head = [n for n in ("ground_truth", "vae_roundtrip", "reference_copy") if n in names]
+    teachers = [n for n in names if n.startswith("teacher") and n not in head]
+    rest = [n for n in names if n not in head and n not in teachers and n != "untrained"]
+    return head + teachers + rest + (["untrained"] if "untrained" in names else [])
+
+
 def _measure(frames, clip, audio, other_audio, truth, region, syncnet, window) -> dict:
     T = len(frames)
     from lipforcing.world.mouth import mouth_track
@@ -109,27 +156,38 @@ def _mean(rows: list[dict]) -> dict:
     return out
 
 
-def evaluate(engines: dict, cfg: EvalConfig | None = None, *, syncnet=None, strip_path=None) -> dict:
-    """Evaluate ``engines`` ({name: Engine}, e.g. {"model": ..., "untrained": ...}) with the controls.
+def evaluate(engines: dict, cfg: EvalConfig | None = None, *, syncnet=None, strip_path=None, vae=None) -> dict:
+    """Evaluate ``engines`` ({name: system}: an Engine, streamed, or an object with ``generate(reference, audio)``
+    such as the teacher; e.g. {"teacher_cfg4.5": ..., "model": ..., "untrained": ...}) with the controls; ``vae``
+    (the world VAE) adds the ``vae_roundtrip`` row.
 
-    Returns {"config", "rows": {system: mean metrics}, "per_clip": {system: [metrics]}, "stability": {...}}."""
+    Returns {"config", "rows": {system: mean metrics}, "per_clip": {system: [metrics]}, "stability": {...}}, rows
+    in :func:`row_order`."""
     from lipforcing import face
 
     cfg = cfg or EvalConfig()
+    taken = {"ground_truth", "reference_copy"} | ({"vae_roundtrip"} if vae is not None else set())
+    if taken & set(engines):
+        raise ValueError(f"system names {sorted(taken & set(engines))} are the controls' rows; rename them")
     clips = held_out_clips(cfg)
     H, W = clips[0].frames.shape[1:3]
     region = face.mouth_mask(H, W).numpy()
     per: dict[str, list] = {}
     strip: dict[str, np.ndarray] = {}
     silence = np.zeros_like(clips[0].audio)
+    if cfg.warmup:
+        n = min(len(clips[0].frames), 21)
+        for eng in engines.values():
+            run_system(eng, clips[0].ref_frames[:n], clips[0].audio[:n * 640])
     for i, clip in enumerate(clips):
         other = clips[(i + 1) % len(clips)].audio if len(clips) > 1 else np.roll(clip.audio, len(clip.audio) // 2)
         truth = clip.frames
         systems = {"ground_truth": (truth, None), "reference_copy": (clip.ref_frames, None)}
         silent_truth = truth_frames(clip, silence)
+        if vae is not None:
+            systems["vae_roundtrip"] = (vae_roundtrip(vae, truth), None)
         for name, eng in engines.items():
-            out, fps = run_engine(eng, clip.ref_frames, clip.audio)
-            systems[name] = (out, fps)
+            systems[name] = run_system(eng, clip.ref_frames, clip.audio)
         for name, (frames, fps) in systems.items():
             m = _measure(frames, clip, clip.audio, other, truth, region, syncnet, cfg.window)
             if fps is not None:
@@ -138,17 +196,20 @@ def evaluate(engines: dict, cfg: EvalConfig | None = None, *, syncnet=None, stri
                 m["silence_open"] = float(mouth_opening_estimate(silent_truth, clip).mean())
             elif name == "reference_copy":
                 m["silence_open"] = m["opening_mean"]
+            elif name == "vae_roundtrip":
+                m["silence_open"] = float(mouth_opening_estimate(vae_roundtrip(vae, silent_truth), clip).mean())
             else:
-                quiet, _ = run_engine(engines[name], clip.ref_frames, silence)
+                quiet, _ = run_system(engines[name], clip.ref_frames, silence)
                 m["silence_open"] = float(mouth_opening_estimate(quiet, clip).mean())
             per.setdefault(name, []).append(m)
             if i == 0:
                 strip[name] = frames
-    result = {"config": asdict(cfg), "rows": {k: _mean(v) for k, v in per.items()}, "per_clip": per}
+    order = row_order(per)
+    result = {"config": asdict(cfg), "rows": {k: _mean(per[k]) for k in order}, "per_clip": {k: per[k] for k in order}}
     if cfg.long_seconds > 0:
         result["stability"] = _stability(engines, cfg, region)
     if strip_path is not None:
-        draw_strip(strip, clips[0], strip_path)
+        draw_strip({k: strip[k] for k in row_order(strip)}, clips[0], strip_path)
     return result
 
 
@@ -160,7 +221,7 @@ def _stability(engines: dict, cfg: EvalConfig, region) -> dict:
     clip = make_clip(20_000_003 + cfg.seed, n, size=cfg.size, split="eval", speech=cfg.speech)
     out = {}
     for name, eng in engines.items():
-        frames, fps = run_engine(eng, clip.ref_frames, clip.audio)
+        frames, fps = run_system(eng, clip.ref_frames, clip.audio)
         est = mouth_opening_estimate(frames, clip)
         loud = frame_loudness(clip.audio, n)
         third = n // 3
@@ -235,12 +296,15 @@ def write_report(result: dict, out_dir) -> tuple[Path, Path]:
              f"window {c['window']} frames).", "",
              "| system | " + " | ".join(label for _, label in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
-    for name, row in result["rows"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(k)) for k, _ in COLUMNS) + " |")
+    rows = result["rows"]
+    for name in row_order(rows):
+        lines.append(f"| {name} | " + " | ".join(_fmt(rows[name].get(k)) for k, _ in COLUMNS) + " |")
+    lines += ["", CONTROLS]
     if "stability" in result:
         lines += ["", "| engine | seconds | sync first third | sync last third | mouth PSNR first | last | FPS |",
                   "|---|---|---|---|---|---|---|"]
-        for name, s in result["stability"].items():
+        for name in row_order(result["stability"]):
+            s = result["stability"][name]
             lines.append(f"| {name} | {s['seconds']:g} | {_fmt(s['first']['sync'])} | {_fmt(s['last']['sync'])} | "
                          f"{_fmt(s['first']['mouth_psnr'])} | {_fmt(s['last']['mouth_psnr'])} | {_fmt(s['fps'])} |")
     mp.write_text("\n".join(lines) + "\n")

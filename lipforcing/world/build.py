@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["build_latent_dataset", "prompt_embedding", "encode_clip"]
+__all__ = ["build_latent_dataset", "prompt_embedding", "encode_clip", "encode_sample"]
 
 log = logging.getLogger("lipforcing.world")
 
@@ -47,25 +47,38 @@ def _audio_features(audio: np.ndarray, audio_dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_clip(vae, clip, model_config, text: torch.Tensor) -> dict:
-    """One world clip -> the sample dict of the module docstring (CPU tensors)."""
+def encode_sample(vae, frames: np.ndarray, ref_frames: np.ndarray, audio: np.ndarray, model_config,
+                  text: torch.Tensor) -> dict:
+    """The conditioning the models train on, for one clip (CPU tensors): ``latents`` (of ``frames``),
+    ``masked_latents`` (``frames`` with the mouth region blanked), ``ref_sequence`` / ``ref_latent`` (of
+    ``ref_frames``), ``mask``, ``audio`` (per-frame features of ``audio``, 16 kHz aligned with frame 0), ``text``.
+
+    frames, ref_frames : (T, H, W, 3) uint8, T = 1 + 4k.  The data builder passes the target clip as ``frames``;
+    at inference (the eval's teacher rows) the target is unknown and the input video is passed as both, which is
+    what the engine's streaming conditioning does."""
     from lipforcing import face
 
-    T, H, W = clip.frames.shape[:3]
+    T, H, W = frames.shape[:3]
 
-    def video(frames):
-        return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float().to(vae.device) / 127.5 - 1.0
+    def video(x):
+        return torch.from_numpy(x).permute(3, 0, 1, 2)[None].float().to(vae.device) / 127.5 - 1.0
 
     gen = face.mouth_mask(H, W)
     keep = face.keep_mask(gen).to(vae.device)
-    tgt = video(clip.frames)
-    lat = vae.encode(torch.cat([tgt, tgt * keep, video(clip.ref_frames)]), normalize=True).float().cpu()
+    tgt = video(frames)
+    lat = vae.encode(torch.cat([tgt, tgt * keep, video(ref_frames)]), normalize=True).float().cpu()
     F_, h, w = lat.shape[2:]
     mask = face.latent_mask(gen, (h, w))[None, None].expand(1, F_, h, w).contiguous()
     return {"latents": lat[0], "masked_latents": lat[1], "ref_sequence": lat[2], "ref_latent": lat[2][:, :1].clone(),
-            "mask": mask, "audio": _audio_features(clip.audio, model_config.audio_dim)[:T].contiguous(),
-            "text": text.clone(), "waveform": torch.from_numpy(clip.audio.copy()),
-            "mouth": torch.from_numpy(clip.mouth.as_array())}
+            "mask": mask, "audio": _audio_features(audio, model_config.audio_dim)[:T].contiguous(),
+            "text": text.clone()}
+
+
+def encode_clip(vae, clip, model_config, text: torch.Tensor) -> dict:
+    """One world clip -> the sample dict of the module docstring (CPU tensors): :func:`encode_sample` of the clip
+    (target ``clip.frames``) plus its waveform and true mouth track."""
+    return {**encode_sample(vae, clip.frames, clip.ref_frames, clip.audio, model_config, text),
+            "waveform": torch.from_numpy(clip.audio.copy()), "mouth": torch.from_numpy(clip.mouth.as_array())}
 
 
 def build_latent_dataset(out_dir, vae, *, num_clips: int, frames: int = 21, size: int = 64, split: str = "train",

@@ -68,10 +68,14 @@ def test_all_stages_chained(tmp_path, capsys):
     assert "sync_confidence" in rows[0] and "dmd_loss" in rows[0]
     out = tmp_path / "eval"
     assert main(["eval", "--checkpoint", str(tmp_path / "sf"), "--vae", str(vae), "--syncnet", str(syncnet),
+                 "--teacher", str(teacher), "--teacher-steps", "2", "--teacher-cfg", "1", "4.5",
                  "--text", str(data / "meta" / "text.safetensors"), "--clips", "1", "--seconds", "2",
                  "--size", "32", "--speech", "synthetic", "-o", str(out)]) == 0
+    assert "windows of 9 frames" in capsys.readouterr().out       # the teacher's training clips (data build)
     res = json.loads((out / "eval.json").read_text())
-    assert set(res["rows"]) == {"ground_truth", "reference_copy", "model", "untrained"}
+    assert list(res["rows"]) == ["ground_truth", "vae_roundtrip", "reference_copy", "teacher_cfg1.0", "teacher_cfg4.5",
+                                 "model", "untrained"]
+    assert res["rows"]["teacher_cfg4.5"]["fps"] > 0
     assert res["rows"]["ground_truth"]["sync_gt"] > 0.8
     assert "lse_c" in res["rows"]["model"] and res["rows"]["model"]["fps"] > 0
     assert (out / "strip.png").stat().st_size > 0 and "| ground_truth |" in (out / "eval.md").read_text()
