@@ -179,9 +179,10 @@ def run(args) -> int:
             ctx = _load_text(prompt(teacher.config.text_dim), teacher.config.text_dim)
         except (ValueError, TypeError, OSError) as exc:
             raise UserError(f"--text {text}: {exc}") from None
+        shared: dict = {}           # the CFG rows encode each clip's conditioning once
         for g in cfgs:
             engines[f"teacher_cfg{g!r}"] = TeacherSystem(teacher, vae, ctx, guidance=g, steps=steps, window=window,
-                                                        seed=args.seed)
+                                                        seed=args.seed, cache=shared)
         print(f"lipforcing eval: teacher {teacher_file}: {steps} steps, CFG {', '.join(map(repr, cfgs))}, windows "
               f"of {window} frames")
     first = None

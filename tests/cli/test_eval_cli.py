@@ -107,6 +107,7 @@ def test_eval_builds_teacher_rows_and_named_students(tmp_path, capsys, monkeypat
         assert t.model.causal is False
         assert t.vae is seen["vae"] is not None
     assert eng["teacher_cfg1.0"].model is eng["teacher_cfg4.5"].model
+    assert eng["teacher_cfg1.0"].cache is eng["teacher_cfg4.5"].cache is not None
     for name in ("df", "sf", "untrained"):
         assert isinstance(eng[name], lipforcing.Engine) and eng[name].vae is seen["vae"]
     from safetensors.torch import load_file

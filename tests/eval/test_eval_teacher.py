@@ -97,6 +97,14 @@ def test_teacher_reuses_the_data_builders_conditioning(monkeypatch):
     _, (ours,) = sys_.samples(short.ref_frames, short.audio)
     for key in ("y", "audio", "text"):
         assert torch.equal(ours[key], built[key]), key
+    # the CFG rows of one teacher share a cache: each (reference, audio) pair is encoded once
+    shared: dict = {}
+    rows = [TeacherSystem(model, vae, text, guidance=g, steps=2, window=21, cache=shared) for g in (1.0, 4.5)]
+    calls.clear()
+    got = [r.samples(clip.ref_frames, clip.audio)[1] for r in rows]
+    assert len(calls) == 3 and all(torch.equal(x["y"], y["y"]) for x, y in zip(got[1], samples))
+    rows[1].samples(clip.ref_frames, np.zeros_like(clip.audio))          # other audio: encoded again
+    assert len(calls) == 6
 
 
 def test_teacher_rows_and_vae_roundtrip():
