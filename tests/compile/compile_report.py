@@ -242,6 +242,19 @@ def cuda_path(kernel: str, wgmma: bool | None) -> str:
     return "sm_80+"
 
 
+def _mma_sync_dynamic_smem(name: str) -> int:
+    """Dynamic shared memory the mma.sync kernels are launched with (``ptxas -v`` shows only the static part).
+    Mirrors csrc/chunk_attention.cu ``fwd_smem_bytes`` (2 stages x (K, V) x 64 rows x (D + 8) x 2 bytes) and the
+    audio_cross_attention.cu launcher ((64 + 4 x 32) rows x (D + 8) x 2 bytes); change them together."""
+    m = re.search(r"(?<!_sm90)chunk_attention_fwd_kernel<[^,]+, (\d+)", name)
+    if m:
+        return 2 * 2 * 64 * (int(m.group(1)) + 8) * 2
+    m = re.search(r"audio_cross_attention_fwd_kernel<[^,]+, (\d+)>", name)
+    if m:
+        return (64 + 4 * 32) * (int(m.group(1)) + 8) * 2
+    return 0
+
+
 def cuda_rows(ptxas_log: str, so_path: str, module=None) -> list[dict]:
     """Rows for the CUDA extension's sm_90 kernels from its build's ``ptxas -v`` log.  ``smem_bytes`` is the static
     shared memory, plus, for the sm_90 chunk_attention kernel, the dynamic shared memory it is launched with
@@ -275,6 +288,7 @@ def cuda_rows(ptxas_log: str, so_path: str, module=None) -> list[dict]:
         m = re.search(r"chunk_attention_sm90_kernel<[^,]+, (\d+)>", name)
         if m and module is not None and hasattr(module, "chunk_attention_sm90_smem_bytes"):
             row["smem_bytes"] += module.chunk_attention_sm90_smem_bytes(int(m.group(1)))
+        row["smem_bytes"] += _mma_sync_dynamic_smem(name)
         rows.append(row)
     return rows
 

@@ -25,7 +25,8 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     print(json.dumps(cr.triton_rows(("chunk_attention",))))
 """)
 
-ATTENTION_KERNELS = ("_chunk_attention_fwd_kernel", "_chunk_bwd_dq_kernel", "_chunk_bwd_dkdv_kernel")
+ATTENTION_KERNELS = ("_chunk_attention_fwd_kernel", "_chunk_attention_split_fwd_kernel", "_chunk_bwd_dq_kernel",
+                     "_chunk_bwd_dkdv_kernel")
 
 
 def test_triton_kernels_compile_for_sm90_without_spills():
@@ -33,7 +34,8 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     for r in rows:
         assert "error" not in r, r
     names = {r["kernel"].split(".")[-1] for r in rows}
-    assert names >= set(ATTENTION_KERNELS) | {"_rope_rows_kernel", "_rope_slots_kernel", "_chunk_cache_write_kernel"}
+    assert names >= set(ATTENTION_KERNELS) | {"_rope_rows_kernel", "_rope_slots_kernel", "_chunk_cache_write_kernel",
+                                             "_chunk_split_combine_kernel"}
     for r in rows:
         assert r["smem_bytes"] <= SMEM_LIMIT[80], f"{r['kernel']} needs {r['smem_bytes']} bytes of smem"
         assert r["spill_bytes"] == 0, f"{r['kernel']} ({r['config']}) spills {r['spill_bytes']} bytes"
