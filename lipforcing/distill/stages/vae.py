@@ -7,6 +7,13 @@ temporal), 16 latent channels, so a 21-frame clip becomes 6 latent frames of 16 
 mouth box (from the world's ground truth) weighted ``mouth_weight`` times, plus ``latent_l2`` times the mean square of
 the latent mean (keeps the latent scale bounded; the VAE is deterministic, as Wan's is at inference).
 
+Stream position: the engine streams minutes through the causal VAE, but a VAE trained only on whole 21-frame clips
+never sees its causal caches past the clip start, and falls apart after it (measured: 25 dB in frames 0-20, then
+13, 10, 9 dB in the next 20-frame blocks).  With ``warmup_frames`` > 0 each iteration first streams a prefix of
+``4 m`` frames (m uniform in [0, warmup_frames / 4], no gradients) through the encoder and decoder, then trains on
+the next ``frames`` frames with the caches the prefix left (truncated back-propagation through time), so every
+stream position up to the prefix length is trained.
+
 Each checkpoint holds the training weights (``vae_raw.safetensors``, for resuming) and the exported
 ``vae.safetensors``: per-channel latent statistics measured on ``stats_clips`` world clips are folded into its
 ``conv1``/``conv2`` (exact affine rewrite), so ``lipforcing.load_vae(path)`` and ``Engine.load(vae=path)`` give
@@ -39,6 +46,7 @@ class VAEStageConfig(StageConfig):
     frames: int = 21
     mouth_weight: float = 3.0
     latent_l2: float = 1e-4
+    warmup_frames: int = 0     # longest no-gradient prefix streamed before the trained frames (multiple of 4)
     speech: str = "auto"
     stats_clips: int = 4
     output_dir: str = "runs/vae"
@@ -50,11 +58,15 @@ class VAEStageConfig(StageConfig):
         check_int("stats_clips", self.stats_clips)
         check_positive_number("mouth_weight", self.mouth_weight)
         check_positive_number("latent_l2", self.latent_l2, allow_zero=True)
+        check_int("warmup_frames", self.warmup_frames, minimum=0)
         if self.speech not in ("auto", "espeak", "synthetic"):
             raise TrainConfigError(f"speech must be 'auto', 'espeak' or 'synthetic', got {self.speech!r}")
         cfg = self.vae_config()
         if (self.frames - 1) % cfg.temporal_factor:
             raise TrainConfigError(f"frames must be 1 + {cfg.temporal_factor} k for this VAE, got {self.frames}")
+        if self.warmup_frames % cfg.temporal_factor:
+            raise TrainConfigError(f"warmup_frames must be a multiple of {cfg.temporal_factor}, got "
+                                   f"{self.warmup_frames}")
         if self.size % cfg.spatial_factor:
             raise TrainConfigError(f"size must be a multiple of {cfg.spatial_factor}, got {self.size}")
 
@@ -114,10 +126,19 @@ class VAEStage(Stage):
     def step(self, k: int) -> dict:
         c = self.cfg
         seeds = [self.seed_of(k, "clip", b) for b in range(c.batch_size)]
-        video, box = world_video_batch(seeds, c.frames, c.size, c.speech)
+        f = self.vae.temporal_factor
+        prefix = f * (self.seed_of(k, "prefix") % (c.warmup_frames // f + 1))
+        video, box = world_video_batch(seeds, prefix + c.frames, c.size, c.speech)
         video, box = video.to(self.device), box.to(self.device)
-        mu = self.vae.conv1(self.vae.encoder(video))[:, :self.vae.z_dim]        # whole-clip causal pass
-        rec = self.vae.decoder(self.vae.conv2(mu))
+        enc_state, dec_state = {}, {}
+        if prefix:
+            # frames 0 .. prefix (a valid first piece, 1 + 4 m) only set the caches; the trained piece is the
+            # remaining frames - 1 frames (a multiple of 4, as every later piece of a stream)
+            with torch.no_grad():
+                self.vae._decode_step(self.vae._encode_step(video[:, :, :prefix + 1], enc_state), dec_state)
+            video, box = video[:, :, prefix + 1:], box[:, :, prefix + 1:]
+        mu = self.vae._encode_step(video, enc_state)        # causal pass (whole clip when there is no prefix)
+        rec = self.vae._decode_step(mu, dec_state)
         w = 1.0 + (c.mouth_weight - 1.0) * box
         err = rec - video
         pix = (w * (err.abs() + err ** 2)).mean() / w.mean()
@@ -209,5 +230,41 @@ def evaluate_vae(vae, *, clips: int = 4, frames: int = 21, size: int = 64, split
     video, box = world_video_batch(seeds, frames, size, speech, split)
     video, box = video.to(vae.device, vae.dtype), box.to(vae.device, vae.dtype)
     rec = torch.cat([vae.decode(vae.encode(v[None], normalize=True), normalize=True) for v in video])
-    return {"psnr": psnr(rec, video), "mouth_psnr": mouth_psnr(rec, video, box),
+    return {"psnr": psnr(rec, video), "mouth_psnr": mouth_psnr(rec, video, box), **mouth_fidelity(vae, seeds, frames, size, split, speech),
             "clips": clips, "frames": frames, "split": split}
+
+
+@torch.no_grad()
+def mouth_fidelity(vae, seeds, frames: int, size: int, split: str = "eval", speech: str = "auto") -> dict:
+    """Whether ``vae`` carries the mouth, for the world people ``seeds`` (their head motion and blinks):
+
+    * ``mouth_contrast``: (open - closed) mouth-box darkness after the VAE round trip of the person holding the mouth
+      fully open vs closed for the whole clip, as a fraction of the same difference in the input (1: the opening
+      survives; 0: the VAE draws the same mouth for both; averaged over people);
+    * ``mouth_track``: correlation over all frames of the round trip's box darkness with the input's, for the
+      person saying the clip's speech (the per-frame opening must survive the 4x temporal compression).
+    PSNR can rise while both stay near 0 (a blurred face with an average mouth), so VAE runs report them."""
+    from lipforcing.eval.metrics import box_darkness
+    from lipforcing.world import make_clip
+    from lipforcing.world.mouth import MouthTrack
+    from lipforcing.world.render import render_frames
+
+    def roundtrip(frames_u8):
+        x = torch.from_numpy(frames_u8).permute(3, 0, 1, 2)[None].to(vae.device, vae.dtype) / 127.5 - 1
+        r = vae.decode(vae.encode(x, normalize=True), normalize=True)[0].float().clamp(-1, 1)
+        return ((r + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+    contrast, track = [], []
+    for s in seeds:
+        c = make_clip(int(s), frames, size=size, split=split, speech=speech, reference=False)
+        dark = {}
+        for name, opening in (("closed", 0.0), ("open", 1.0)):
+            mouth = MouthTrack(np.full(frames, opening, np.float32), np.full(frames, 0.5, np.float32))
+            f = render_frames(c.identity, mouth, c.motion, c.blink, size)
+            dark[name] = (box_darkness(f, c.boxes).mean(), box_darkness(roundtrip(f), c.boxes).mean())
+        contrast.append((dark["open"][1] - dark["closed"][1]) / max(dark["open"][0] - dark["closed"][0], 1e-6))
+        truth = box_darkness(c.frames, c.boxes)
+        got = box_darkness(roundtrip(c.frames), c.boxes)
+        if truth.std() > 1e-6 and got.std() > 1e-6:
+            track.append(float(np.corrcoef(truth, got)[0, 1]))
+    return {"mouth_contrast": float(np.mean(contrast)), "mouth_track": float(np.mean(track)) if track else float("nan")}
