@@ -52,8 +52,9 @@ def test_all_stages_chained(tmp_path, capsys):
     assert (vae / "ckpt-000002" / "vae.safetensors").is_file()
     from lipforcing.distill.stages.vae import evaluate_vae, resolve_vae
 
-    q = evaluate_vae(resolve_vae(vae), clips=1, frames=5, size=32, speech="synthetic")
-    assert 0 < q["mouth_psnr"] < 60 and 0 < q["psnr"] < 60
+    q = evaluate_vae(resolve_vae(vae), clips=1, frames=5, size=32, speech="synthetic", late_frames=8)
+    assert 0 < q["mouth_psnr"] < 60 and 0 < q["psnr"] < 60 and 0 < q["late_psnr"] < 60
+    assert -1.5 < q["mouth_contrast"] < 1.5
     assert main(["data", "build", "--vae", str(vae), "--out", str(data), "--clips", "2", "--frames", "9",
                  "--size", "32", "--speech", "synthetic"]) == 0
     capsys.readouterr()

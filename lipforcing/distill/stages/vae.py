@@ -223,15 +223,25 @@ def resolve_vae(path, *, device=None):
 
 @torch.no_grad()
 def evaluate_vae(vae, *, clips: int = 4, frames: int = 21, size: int = 64, split: str = "eval", seed: int = 0,
-                 speech: str = "auto") -> dict:
-    """Reconstruction quality of ``vae`` on world clips (held-out people and speech by default): PSNR (dB) of the
-    whole frame and of the mouth box (ground truth from the world), averaged over clips."""
+                 speech: str = "auto", late_frames: int = 60) -> dict:
+    """Reconstruction quality of ``vae`` on world clips (held-out people and speech by default), averaged over
+    clips: PSNR (dB) of the whole frame (``psnr``) and of the mouth box (``mouth_psnr``) over the first ``frames``
+    frames, the same two over the ``late_frames`` frames that follow them in the same stream (``late_psnr``,
+    ``late_mouth_psnr``: a streaming VAE must not degrade past its training clip length; 0 skips them), and the
+    mouth diagnostics of :func:`mouth_fidelity`."""
     seeds = [30_000_001 + 7919 * seed + i for i in range(clips)]
-    video, box = world_video_batch(seeds, frames, size, speech, split)
+    if late_frames % vae.temporal_factor:
+        raise ValueError(f"late_frames must be a multiple of {vae.temporal_factor}, got {late_frames}")
+    video, box = world_video_batch(seeds, frames + late_frames, size, speech, split)
     video, box = video.to(vae.device, vae.dtype), box.to(vae.device, vae.dtype)
     rec = torch.cat([vae.decode(vae.encode(v[None], normalize=True), normalize=True) for v in video])
-    return {"psnr": psnr(rec, video), "mouth_psnr": mouth_psnr(rec, video, box), **mouth_fidelity(vae, seeds, frames, size, split, speech),
-            "clips": clips, "frames": frames, "split": split}
+    out = {"psnr": psnr(rec[:, :, :frames], video[:, :, :frames]),
+           "mouth_psnr": mouth_psnr(rec[:, :, :frames], video[:, :, :frames], box[:, :, :frames])}
+    if late_frames:
+        out.update(late_psnr=psnr(rec[:, :, frames:], video[:, :, frames:]),
+                   late_mouth_psnr=mouth_psnr(rec[:, :, frames:], video[:, :, frames:], box[:, :, frames:]))
+    return {**out, **mouth_fidelity(vae, seeds, frames, size, split, speech), "clips": clips, "frames": frames,
+            "late_frames": late_frames, "split": split}
 
 
 @torch.no_grad()
