@@ -239,6 +239,7 @@ def forward_chunks(model, x: torch.Tensor, timestep, states: list, audio: torch.
     """
     from lipforcing import ops
     from lipforcing.model.layers import frame_timesteps, patchify
+    from lipforcing.ops.qk_norm import fused_backend as qk_norm_backend, qk_norm_modules
     from lipforcing.ops.rope import apply_rope
 
     if len(states) == 1:
@@ -261,21 +262,36 @@ def forward_chunks(model, x: torch.Tensor, timestep, states: list, audio: torch.
     text_kv = _batched_text_kv(states, B)
     mode = _SplitLinear() if split_linear else contextlib.nullcontext()
 
+    # Triton path: the q/k RMSNorm in one ops.qk_norm launch (WanBlock.forward calls attend.prepare_qk), at batch B
+    # in dynamic RoPE mode, per stream with its absolute RoPE frames in absolute mode (see forward_chunk)
+    fused = qk_norm_backend(backend, x.device, model.dtype)
+
+    def prepare_qk(q, k, norm_q, norm_k):
+        if c.rope_mode != "absolute":
+            return qk_norm_modules(q, k, norm_q, norm_k, backend=fused)
+        qs, ks = zip(*(qk_norm_modules(q[b:b + 1], k[b:b + 1], norm_q, norm_k, frame_offset=s.frame, backend=fused,
+                                       rope=model.rope_table(s.grid, s.frame + Fr, x.device))
+                       for b, s in enumerate(states)))
+        return torch.cat(qs), torch.cat(ks)
+
     def attend_for(i):
         def attend(q, k, v):
             out = []
             for b, s in enumerate(states):
                 qb, kb, vb = q[b:b + 1], k[b:b + 1], v[b:b + 1]
                 if c.rope_mode == "absolute":
-                    spec = model.rope_table(s.grid, s.frame + Fr, x.device)
-                    t_pos = (torch.arange(Fr, device=x.device) + s.frame).repeat_interleave(tpf)
-                    qb = apply_rope(qb, t_pos, spec).to(vb.dtype)
-                    kb = apply_rope(kb, t_pos, spec).to(vb.dtype)
+                    if fused is None:
+                        spec = model.rope_table(s.grid, s.frame + Fr, x.device)
+                        t_pos = (torch.arange(Fr, device=x.device) + s.frame).repeat_interleave(tpf)
+                        qb = apply_rope(qb, t_pos, spec).to(vb.dtype)
+                        kb = apply_rope(kb, t_pos, spec).to(vb.dtype)
                     out.append(ops.chunk_attention(qb, kb, vb, s.caches[i], write=write, backend=backend))
                 else:
                     out.append(ops.chunk_attention(qb, kb, vb, s.caches[i], write=write, rope=s.rope,
                                                    backend=backend))
             return torch.cat(out)
+        if fused is not None:
+            attend.prepare_qk = prepare_qk
         return attend
 
     with mode:

@@ -46,12 +46,13 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, config.eps)
         self.norm_k = RMSNorm(dim, config.eps)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, L, dim) in the parameter dtype -> q, k, v (B, L, heads, head_dim), un-rotated."""
+    def qkv(self, x: torch.Tensor, norm: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, L, dim) in the parameter dtype -> q, k, v (B, L, heads, head_dim), un-rotated (``norm=False``:
+        q and k before ``norm_q``/``norm_k``, for a fused ``ops.qk_norm``)."""
         B, L, _ = x.shape
         shape = (B, L, self.num_heads, self.head_dim)
-        q = self.norm_q(self.q(x)).view(shape)
-        k = self.norm_k(self.k(x)).view(shape)
+        q = (self.norm_q(self.q(x)) if norm else self.q(x)).view(shape)
+        k = (self.norm_k(self.k(x)) if norm else self.k(x)).view(shape)
         v = self.v(x).view(shape)
         return q, k, v
 
@@ -162,11 +163,18 @@ class WanBlock(nn.Module):
         x : (B, F*tpf, dim) float32 residual stream.
         e : (B, F, 6, dim) float32 time projection per latent frame.
         attend : (q, k, v) (B, L, heads, head_dim) un-rotated -> (B, L, heads, head_dim); applies RoPE and the
-            mask (and may write a KV cache).
+            mask (and may write a KV cache).  An attend with a ``prepare_qk`` attribute (the streaming chunk step
+            on the Triton path) gets q, k from ``attend.prepare_qk(q_raw, k_raw, norm_q, norm_k)`` instead: the
+            projections before the RMSNorms, normalised (and, as that attend expects, rotated) in one launch.
         text_kv : text (k, v) of this block; audio_kv : audio (k, v) (B, F, A, heads, head_dim) or None.
         Returns the new float32 residual stream.
         """
-        mod, q, k, v = self.pre_attention(x, e)
+        prepare = getattr(attend, "prepare_qk", None)
+        if prepare is None:
+            mod, q, k, v = self.pre_attention(x, e)
+        else:
+            mod, q, k, v = self.pre_attention(x, e, norm_qk=False)
+            q, k = prepare(q, k, self.self_attn.norm_q, self.self_attn.norm_k)
         x, cq = self.mid(x, attend(q, k, v), mod)
         c = self.cross_attn.attend(cq, text_kv, audio_kv, tokens_per_frame=tokens_per_frame,
                                    audio_scale=audio_scale, backend=backend)
@@ -175,11 +183,12 @@ class WanBlock(nn.Module):
     # The dense parts between the two attention calls.  They are plain tensor functions (no caches, no Python
     # state), so ``torch.compile`` can compile them once and reuse the graph for every block
     # (see LipSyncDiT.compile_blocks).
-    def pre_attention(self, x: torch.Tensor, e: torch.Tensor):
-        """-> (mod (B, F, 6, dim) float32, q, k, v (B, L, heads, head_dim) un-rotated)."""
+    def pre_attention(self, x: torch.Tensor, e: torch.Tensor, norm_qk: bool = True):
+        """-> (mod (B, F, 6, dim) float32, q, k, v (B, L, heads, head_dim) un-rotated; q, k un-normalised with
+        ``norm_qk=False``)."""
         mod = self.modulation.float()[:, None] + e
         h = modulate(self.norm1(x), mod[:, :, 0], mod[:, :, 1]).to(self.ffn[0].weight.dtype)
-        q, k, v = self.self_attn.qkv(h)
+        q, k, v = self.self_attn.qkv(h, norm=norm_qk)
         return mod, q, k, v
 
     def mid(self, x: torch.Tensor, y: torch.Tensor, mod: torch.Tensor):

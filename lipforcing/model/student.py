@@ -17,6 +17,7 @@ window-relative time positions (sink at 0, then the window in order; at most ``s
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,7 @@ from lipforcing.cache import ChunkWorkspace, RollingKVCache
 from lipforcing.config import ModelConfig
 from lipforcing.model.layers import frame_timesteps, patchify
 from lipforcing.model.network import LipSyncDiT
+from lipforcing.ops.qk_norm import fused_backend as qk_norm_backend, qk_norm_modules
 from lipforcing.ops.rope import RopeSpec, apply_rope
 
 
@@ -186,6 +188,9 @@ class CausalLipSyncDiT(LipSyncDiT):
         audio_tok = self.audio_tokens(audio, B, Fr)
         tokens = patchify(x, self.patch_embedding.weight, self.patch_embedding.bias, c.patch_size).float()
         backend = self.attn_backend
+        # Triton path (attn_backend triton, or auto on CUDA; no autograd): q/k RMSNorm (+ absolute RoPE) in one
+        # ops.qk_norm launch per layer (WanBlock.forward calls attend.prepare_qk); else the PyTorch code below.
+        fused = qk_norm_backend(backend, x.device, self.dtype)
 
         if c.rope_mode == "absolute":
             spec = self.rope_table(state.grid, state.frame + Fr, x.device)
@@ -193,15 +198,21 @@ class CausalLipSyncDiT(LipSyncDiT):
 
             def attend_for(i):
                 def attend(q, k, v):
-                    q = apply_rope(q, t_pos, spec).to(v.dtype)
-                    k = apply_rope(k, t_pos, spec).to(v.dtype)
+                    if fused is None:
+                        q = apply_rope(q, t_pos, spec).to(v.dtype)
+                        k = apply_rope(k, t_pos, spec).to(v.dtype)
                     return ops.chunk_attention(q, k, v, state.caches[i], write=write, backend=backend)
+                if fused is not None:
+                    attend.prepare_qk = functools.partial(qk_norm_modules, rope=spec, frame_offset=state.frame,
+                                                          backend=fused)
                 return attend
         else:
             def attend_for(i):
                 def attend(q, k, v):
                     return ops.chunk_attention(q, k, v, state.caches[i], write=write, rope=state.rope,
                                                backend=backend)
+                if fused is not None:
+                    attend.prepare_qk = functools.partial(qk_norm_modules, backend=fused)
                 return attend
 
         h = self.run_blocks(tokens, e0, attend_for, state.text_kv, audio_tok, tokens_per_frame=tpf,

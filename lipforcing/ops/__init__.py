@@ -9,6 +9,7 @@ from lipforcing.ops.audio_cross_attention import audio_cross_attention
 from lipforcing.ops.block_causal_attention import block_causal_attention
 from lipforcing.ops.chunk_attention import chunk_attention
 from lipforcing.ops.denoise_update import denoise_update
+from lipforcing.ops.qk_norm import qk_norm
 from lipforcing.ops.rope import RopeSpec, rope_spec
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "block_causal_attention",
     "chunk_attention",
     "denoise_update",
+    "qk_norm",
     "rope_spec",
 ]

@@ -350,3 +350,39 @@ def denoise_update_ref(x_t, flow, t, t_value: float, t_next, t_next_value: float
     else:
         eps = philox_normal(x_t.numel(), seed, offset, x_t.device).reshape(x_t.shape)
     return x0, (1.0 - tn) * x0 + tn * eps
+
+
+# ------------------------------------------------------------------------------------------------------- qk_norm
+
+
+@_fp32
+def qk_norm_ref(q, k, v, weight_q, weight_k, eps: float, rope: RopeSpec | None, rope_positions: str,
+                frame_offset: int, k_cache, v_cache, pos, chunk_size: int, window: int, sink: int):
+    """Reference of ``lipforcing.ops.qk_norm``: returns (q, k) normalised (and rotated) in the inputs' dtype and,
+    with ``k_cache``, stores k and v in the cache slots of stream positions pos .. pos+L-1 (``pos`` unchanged).
+
+    The norm is ``lipforcing.model.layers.RMSNorm`` over the full dim H*D, op for op; the rotation is the model's
+    ``apply_rope(x).to(dtype)`` (absolute: frame ``frame_offset + l // tpf``) or the q rotation of
+    ``chunk_attention_ref`` (window: q's window-relative frame in the chunk step at ``pos``)."""
+    def norm(x, w):
+        B, L, H, D = x.shape
+        xf = x.reshape(B, L, H * D).float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+        return (y * w.float()).to(x.dtype).view(B, L, H, D)
+
+    qn, kn = norm(q, weight_q), norm(k, weight_k)
+    L = q.shape[1]
+    if rope is not None:
+        tpf = rope.tokens_per_frame
+        tok = torch.arange(L, device=q.device)
+        if rope_positions == "absolute":
+            t_pos = tok // tpf + frame_offset
+            qn = rotate(qn, t_pos, tok % tpf, rope).to(q.dtype)
+            kn = rotate(kn, t_pos, tok % tpf, rope).to(k.dtype)
+        else:
+            cur = pos + tok
+            q_t = window_relative_positions(cur, pos + chunk_size, window, sink) // tpf
+            qn = rotate(qn, q_t, cur % tpf, rope).to(q.dtype)
+    if k_cache is not None:
+        cache_write_ref(kn, v, k_cache, v_cache, pos.clone(), sink=sink)
+    return qn, kn

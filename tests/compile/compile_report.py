@@ -37,7 +37,7 @@ TEXT, AUDIO = 512, 32
 
 
 def _op_calls():
-    """(op name, callable) pairs that run every Triton kernel of the four ops through the public API."""
+    """(op name, callable) pairs that run every Triton kernel of the ops through the public API."""
     import torch
 
     from lipforcing import RollingKVCache, ops
@@ -85,8 +85,19 @@ def _op_calls():
         ops.denoise_update(xt, flow, 0.999, 0.769, seed=1, backend="triton")
         ops.denoise_update(xt, flow, 0.999, 0.769, noise=x(B, 16, 3, 64, 64), backend="triton")
 
+    def qk_norm():
+        # norm only (the dynamic-RoPE chunk step), + absolute RoPE of q and k (the absolute one), + window-relative
+        # RoPE of q and the cache write of k and v (not used by the model yet)
+        q, k, v = (x(B, CHUNK, H, D) for _ in range(3))
+        w = x(H * D)
+        rope = ops.rope_spec(D, (32, 32))
+        ops.qk_norm(q, k, w, w, eps=1e-6, backend="triton")
+        ops.qk_norm(q, k, w, w, eps=1e-6, rope=rope, frame_offset=3, backend="triton")
+        cache = RollingKVCache(B, H, D, chunk_size=CHUNK, window=WINDOW, sink=SINK, device="cpu", **bf16)
+        ops.qk_norm(q, k, w, w, eps=1e-6, rope=rope, rope_positions="window", cache=cache, v=v, backend="triton")
+
     return [("block_causal_attention", block_causal), ("audio_cross_attention", audio),
-            ("chunk_attention", chunk), ("denoise_update", denoise)]
+            ("chunk_attention", chunk), ("denoise_update", denoise), ("qk_norm", qk_norm)]
 
 
 def _capture_launches(ops=None):
