@@ -12,6 +12,7 @@
 #include "lipforcing/chunk_attention.h"
 #include "lipforcing/chunk_attention_sm90.h"
 #include "lipforcing/audio_cross_attention.h"
+#include "lipforcing/audio_cross_attention_sm90.h"
 #include "lipforcing/denoise_update.h"
 
 namespace py = pybind11;
@@ -52,6 +53,69 @@ int device_count_or_zero() {
     return 0;
   }
   return n;
+}
+
+// audio_cross_attention and audio_cross_attention_sm90 take the same arguments (AudioCrossAttentionParams): one
+// binding body, the op's check and launcher.  Pointers as integers, strides in elements: q/text/out (batch, token,
+// head), audio (batch, frame, token, head).
+using AudioCheck = const char* (*)(const lipforcing::AudioCrossAttentionParams&);
+using AudioLaunch = cudaError_t (*)(const lipforcing::AudioCrossAttentionParams&, cudaStream_t, const char**);
+
+void def_audio_cross_attention(py::module_& m, const std::string& name, AudioCheck check, AudioLaunch launch,
+                               const char* doc) {
+  m.def(
+      name.c_str(),
+      [name, check, launch](uintptr_t q, uintptr_t text_k, uintptr_t text_v, uintptr_t audio_k, uintptr_t audio_v,
+         uintptr_t out, uintptr_t lse_text, uintptr_t lse_audio, int64_t batch, int64_t q_len, int64_t heads,
+         int64_t head_dim, int64_t text_len, int64_t frames, int64_t audio_window, int64_t tokens_per_frame,
+         const py::sequence& q_strides, const py::sequence& text_k_strides, const py::sequence& text_v_strides,
+         const py::sequence& audio_k_strides, const py::sequence& audio_v_strides, const py::sequence& out_strides,
+         double scale, double audio_scale, int dtype, uintptr_t stream) {
+        auto copy_strides = [&name](const py::sequence& src, int64_t* dst, size_t n, const char* what) {
+          if (src.size() != n) {
+            throw std::invalid_argument(name + ": " + what + " must have " + std::to_string(n) + " entries, got " +
+                                        std::to_string(src.size()));
+          }
+          for (size_t i = 0; i < n; ++i) dst[i] = src[i].cast<int64_t>();
+        };
+        const lipforcing::DType dt = dtype_arg(dtype, name.c_str());
+        lipforcing::AudioCrossAttentionParams p;
+        p.q = reinterpret_cast<const void*>(q);
+        p.text_k = reinterpret_cast<const void*>(text_k);
+        p.text_v = reinterpret_cast<const void*>(text_v);
+        p.audio_k = reinterpret_cast<const void*>(audio_k);
+        p.audio_v = reinterpret_cast<const void*>(audio_v);
+        p.out = reinterpret_cast<void*>(out);
+        p.lse_text = reinterpret_cast<float*>(lse_text);
+        p.lse_audio = reinterpret_cast<float*>(lse_audio);
+        p.batch = batch;
+        p.q_len = q_len;
+        p.heads = heads;
+        p.head_dim = head_dim;
+        p.text_len = text_len;
+        p.frames = frames;
+        p.audio_window = audio_window;
+        p.tokens_per_frame = tokens_per_frame;
+        copy_strides(q_strides, p.q_stride, 3, "q_strides");
+        copy_strides(text_k_strides, p.text_k_stride, 3, "text_k_strides");
+        copy_strides(text_v_strides, p.text_v_stride, 3, "text_v_strides");
+        copy_strides(audio_k_strides, p.audio_k_stride, 4, "audio_k_strides");
+        copy_strides(audio_v_strides, p.audio_v_stride, 4, "audio_v_strides");
+        copy_strides(out_strides, p.out_stride, 3, "out_strides");
+        p.scale = static_cast<float>(scale);
+        p.audio_scale = static_cast<float>(audio_scale);
+        p.dtype = dt;
+        if (const char* why = check(p)) throw std::invalid_argument(name + ": " + why);
+        require_device(name.c_str());
+        check_cuda(launch(p, reinterpret_cast<cudaStream_t>(stream), nullptr), name.c_str());
+      },
+      py::arg("q"), py::arg("text_k"), py::arg("text_v"), py::arg("audio_k"), py::arg("audio_v"), py::arg("out"),
+      py::arg("lse_text"), py::arg("lse_audio"), py::arg("batch"), py::arg("q_len"), py::arg("heads"),
+      py::arg("head_dim"), py::arg("text_len"), py::arg("frames"), py::arg("audio_window"),
+      py::arg("tokens_per_frame"), py::arg("q_strides"), py::arg("text_k_strides"), py::arg("text_v_strides"),
+      py::arg("audio_k_strides"), py::arg("audio_v_strides"), py::arg("out_strides"), py::arg("scale"),
+      py::arg("audio_scale"), py::arg("dtype"), py::arg("stream"),
+      doc);
 }
 
 }  // namespace
@@ -201,6 +265,48 @@ PYBIND11_MODULE(_C, m) {
         "Dynamic shared memory of the sm_90 kernel for head_dim (0 when unsupported).");
   m.attr("chunk_attention_sm90_tile") = py::make_tuple(lipforcing::kSm90BlockM, lipforcing::kSm90BlockN);
   // --- end chunk_attention_sm90 ---
+  // --- audio_cross_attention_sm90 (csrc/audio_cross_attention_sm90.cu, built for sm_90a only) ---
+  // The same arguments and results as audio_cross_attention (below), on wgmma + TMA; fp16/bf16, head_dim 64/128.
+  def_audio_cross_attention(m, "audio_cross_attention_sm90", &lipforcing::check_audio_cross_attention_sm90,
+                            &lipforcing::launch_audio_cross_attention_sm90,
+                            "Fused audio cross-attention forward on sm_90 (wgmma + TMA, fp16/bf16, head_dim 64/128): "
+                            "fills out, lse_text, lse_audio like audio_cross_attention.  Enqueued on `stream`; no "
+                            "host sync.");
+  m.def("audio_cross_attention_sm90_smem_bytes", &lipforcing::audio_cross_attention_sm90_smem_bytes,
+        py::arg("head_dim"), "Dynamic shared memory of the sm_90 audio kernel for head_dim (0 when unsupported).");
+  m.def("audio_cross_attention_sm90_tiles", &lipforcing::audio_cross_attention_sm90_tiles, py::arg("m_block"),
+        py::arg("q_len"), py::arg("tokens_per_frame"), py::arg("text_len"), py::arg("audio_window"),
+        "Key tiles (text, then audio per frame) CTA m_block of the sm_90 audio kernel walks.");
+  m.def(
+      "audio_cross_attention_sm90_audio_tma_spec",
+      [](int64_t batch, int64_t frames, int64_t window, int64_t heads, int64_t head_dim, const py::sequence& strides,
+         int rows) {
+        if (py::len(strides) != 4) {
+          throw std::invalid_argument("audio_cross_attention_sm90_audio_tma_spec: 4 strides expected");
+        }
+        int64_t st[4];
+        for (int i = 0; i < 4; ++i) st[i] = strides[i].cast<int64_t>();
+        const lipforcing::TmaTileSpec s =
+            lipforcing::audio_cross_attention_sm90_audio_tma_spec(batch, frames, window, heads, head_dim, st, rows);
+        py::dict d;
+        d["dims"] = py::make_tuple(s.dims[0], s.dims[1], s.dims[2], s.dims[3], s.dims[4]);
+        d["strides_bytes"] = py::make_tuple(s.strides_bytes[0], s.strides_bytes[1], s.strides_bytes[2],
+                                            s.strides_bytes[3]);
+        d["box"] = py::make_tuple(s.box[0], s.box[1], s.box[2], s.box[3], s.box[4]);
+        return d;
+      },
+      py::arg("batch"), py::arg("frames"), py::arg("window"), py::arg("heads"), py::arg("head_dim"),
+      py::arg("strides"), py::arg("rows"),
+      "The 5-d TMA view (dims, byte strides, box) the sm_90 audio kernel encodes for audio_k / audio_v.");
+  m.def("audio_cross_attention_sm90_q_desc", &lipforcing::audio_cross_attention_sm90_q_desc, py::arg("tile_base"),
+        py::arg("consumer"), py::arg("kk"), "Descriptor of k-step kk of consumer's 64 Q rows (sm_90 audio kernel).");
+  m.def("audio_cross_attention_sm90_k_desc", &lipforcing::audio_cross_attention_sm90_k_desc, py::arg("tile_base"),
+        py::arg("kk"), "Descriptor of k-step kk of a K tile (sm_90 audio kernel).");
+  m.def("audio_cross_attention_sm90_v_desc", &lipforcing::audio_cross_attention_sm90_v_desc, py::arg("tile_base"),
+        py::arg("kk"), "Descriptor of k-step kk (16 keys) of a V tile (sm_90 audio kernel).");
+  m.attr("audio_cross_attention_sm90_tile") =
+      py::make_tuple(lipforcing::kAudioSm90BlockM, lipforcing::kAudioSm90BlockN);
+  // --- end audio_cross_attention_sm90 ---
 #endif
   // denoise_update: x0 = x_t - t * flow; x_next = (1 - t_next) * x0 + t_next * eps (csrc/denoise_update.cu).
   // t_mode / t_next_mode: 0 = the *_value number, 1 = 0-d device tensor, 2 = (batch,) device tensor.
@@ -265,63 +371,9 @@ PYBIND11_MODULE(_C, m) {
       "Fused denoise step: fills x0_out and x_next_out (see csrc/include/lipforcing/denoise_update.h).");
   // --- end denoise_update ---
   // audio_cross_attention: fused text + per-frame audio cross-attention forward (csrc/audio_cross_attention.cu).
-  // Pointers as integers, strides in elements: q/text/out (batch, token, head), audio (batch, frame, token, head).
-  m.def(
-      "audio_cross_attention",
-      [](uintptr_t q, uintptr_t text_k, uintptr_t text_v, uintptr_t audio_k, uintptr_t audio_v, uintptr_t out,
-         uintptr_t lse_text, uintptr_t lse_audio, int64_t batch, int64_t q_len, int64_t heads, int64_t head_dim,
-         int64_t text_len, int64_t frames, int64_t audio_window, int64_t tokens_per_frame,
-         const py::sequence& q_strides, const py::sequence& text_k_strides, const py::sequence& text_v_strides,
-         const py::sequence& audio_k_strides, const py::sequence& audio_v_strides, const py::sequence& out_strides,
-         double scale, double audio_scale, int dtype, uintptr_t stream) {
-        auto copy_strides = [](const py::sequence& src, int64_t* dst, size_t n, const char* name) {
-          if (src.size() != n) {
-            throw std::invalid_argument(std::string("audio_cross_attention: ") + name + " must have " +
-                                        std::to_string(n) + " entries, got " + std::to_string(src.size()));
-          }
-          for (size_t i = 0; i < n; ++i) dst[i] = src[i].cast<int64_t>();
-        };
-        const lipforcing::DType dt = dtype_arg(dtype, "audio_cross_attention");
-        lipforcing::AudioCrossAttentionParams p;
-        p.q = reinterpret_cast<const void*>(q);
-        p.text_k = reinterpret_cast<const void*>(text_k);
-        p.text_v = reinterpret_cast<const void*>(text_v);
-        p.audio_k = reinterpret_cast<const void*>(audio_k);
-        p.audio_v = reinterpret_cast<const void*>(audio_v);
-        p.out = reinterpret_cast<void*>(out);
-        p.lse_text = reinterpret_cast<float*>(lse_text);
-        p.lse_audio = reinterpret_cast<float*>(lse_audio);
-        p.batch = batch;
-        p.q_len = q_len;
-        p.heads = heads;
-        p.head_dim = head_dim;
-        p.text_len = text_len;
-        p.frames = frames;
-        p.audio_window = audio_window;
-        p.tokens_per_frame = tokens_per_frame;
-        copy_strides(q_strides, p.q_stride, 3, "q_strides");
-        copy_strides(text_k_strides, p.text_k_stride, 3, "text_k_strides");
-        copy_strides(text_v_strides, p.text_v_stride, 3, "text_v_strides");
-        copy_strides(audio_k_strides, p.audio_k_stride, 4, "audio_k_strides");
-        copy_strides(audio_v_strides, p.audio_v_stride, 4, "audio_v_strides");
-        copy_strides(out_strides, p.out_stride, 3, "out_strides");
-        p.scale = static_cast<float>(scale);
-        p.audio_scale = static_cast<float>(audio_scale);
-        p.dtype = dt;
-        if (const char* why = lipforcing::check_audio_cross_attention(p)) {
-          throw std::invalid_argument(std::string("audio_cross_attention: ") + why);
-        }
-        require_device("audio_cross_attention");
-        check_cuda(lipforcing::launch_audio_cross_attention(p, reinterpret_cast<cudaStream_t>(stream)),
-                   "audio_cross_attention");
-      },
-      py::arg("q"), py::arg("text_k"), py::arg("text_v"), py::arg("audio_k"), py::arg("audio_v"), py::arg("out"),
-      py::arg("lse_text"), py::arg("lse_audio"), py::arg("batch"), py::arg("q_len"), py::arg("heads"),
-      py::arg("head_dim"), py::arg("text_len"), py::arg("frames"), py::arg("audio_window"),
-      py::arg("tokens_per_frame"), py::arg("q_strides"), py::arg("text_k_strides"), py::arg("text_v_strides"),
-      py::arg("audio_k_strides"), py::arg("audio_v_strides"), py::arg("out_strides"), py::arg("scale"),
-      py::arg("audio_scale"), py::arg("dtype"), py::arg("stream"),
-      "Fused audio cross-attention forward: fills out, lse_text, lse_audio "
-      "(see csrc/include/lipforcing/audio_cross_attention.h).");
+  def_audio_cross_attention(m, "audio_cross_attention", &lipforcing::check_audio_cross_attention,
+                            &lipforcing::launch_audio_cross_attention,
+                            "Fused audio cross-attention forward: fills out, lse_text, lse_audio "
+                            "(see csrc/include/lipforcing/audio_cross_attention.h).");
   // --- end audio_cross_attention ---
 }

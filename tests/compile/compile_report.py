@@ -248,6 +248,9 @@ def cuda_path(kernel: str, wgmma: bool | None) -> str:
     if "chunk_attention_fwd_kernel" in kernel:
         return ("sm_80-89 (mma.sync); on sm_90 only for a short last chunk or LIPFORCING_CUDA_SM90=0 (full chunks "
                 "run chunk_attention_sm90_kernel)")
+    if "audio_cross_attention_fwd_kernel" in kernel:
+        return ("sm_80-89 (mma.sync); on sm_90 only for head_dim 32/96, strides TMA cannot load or "
+                "LIPFORCING_CUDA_SM90=0 (the rest run audio_cross_attention_sm90_kernel)")
     if "attention" in kernel and "_fwd_kernel" in kernel and not wgmma:
         return "sm_80+ (mma.sync; auto prefers triton on sm_90)"
     return "sm_80+"
@@ -268,8 +271,8 @@ def _mma_sync_dynamic_smem(name: str) -> int:
 
 def cuda_rows(ptxas_log: str, so_path: str, module=None) -> list[dict]:
     """Rows for the CUDA extension's sm_90 kernels from its build's ``ptxas -v`` log.  ``smem_bytes`` is the static
-    shared memory, plus, for the sm_90 chunk_attention kernel, the dynamic shared memory it is launched with
-    (``module.chunk_attention_sm90_smem_bytes``, when the built module is given)."""
+    shared memory, plus, for the sm_90 kernels (chunk_attention, audio_cross_attention), the dynamic shared memory
+    they are launched with (``module.<op>_sm90_smem_bytes``, when the built module is given)."""
     entries: dict[str, dict] = {}
     current = None
     for line in ptxas_log.splitlines():
@@ -296,9 +299,9 @@ def cuda_rows(ptxas_log: str, so_path: str, module=None) -> list[dict]:
         name = names[mangled]
         wgmma = (mangled in hgmma) if hgmma is not None else None
         row = {"kernel": "cuda." + name, **r, "wgmma": wgmma, "path": cuda_path(name, wgmma)}
-        m = re.search(r"chunk_attention_sm90_kernel<[^,]+, (\d+)>", name)
-        if m and module is not None and hasattr(module, "chunk_attention_sm90_smem_bytes"):
-            row["smem_bytes"] += module.chunk_attention_sm90_smem_bytes(int(m.group(1)))
+        m = re.search(r"(chunk_attention|audio_cross_attention)_sm90_kernel<[^,]+, (\d+)>", name)
+        if m and module is not None and hasattr(module, f"{m.group(1)}_sm90_smem_bytes"):
+            row["smem_bytes"] += getattr(module, f"{m.group(1)}_sm90_smem_bytes")(int(m.group(2)))
         row["smem_bytes"] += _mma_sync_dynamic_smem(name)
         rows.append(row)
     return rows

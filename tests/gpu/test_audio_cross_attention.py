@@ -204,3 +204,131 @@ def test_pipeline_cases_cover_the_tile_counts():
     counts = [t for F_, tpf, T, A in PIPELINE_CASES for t in _cuda_tiles_per_cta(F_ * tpf, tpf, T, A)]
     assert {1, 2} <= set(counts) and any(t % 2 and t > 1 for t in counts) and max(counts) >= 16, counts
     assert any(T % 32 for _, _, T, _ in PIPELINE_CASES) and any(A % 32 for *_, A in PIPELINE_CASES)
+
+
+# --- the sm_90 wgmma + TMA kernel (csrc/audio_cross_attention_sm90.cu): compute capability 9.0 only ---------------
+
+# (batch, frames, tokens_per_frame, heads, head_dim, text_len, audio_window)
+SM90_CASES = [
+    (2, 3, 97, 3, 64, 77, 7),       # batch 2, odd query count, 128-row CTAs straddle frames, text % 64 != 0
+    (1, 3, 1024, 4, 128, 512, 32),  # the 512x512 chunk shape (fewer heads): 8 text tiles + 1 audio tile per CTA
+    (2, 5, 33, 2, 128, 19, 1),      # a single audio token, 4-5 frames per CTA
+    (1, 2, 130, 2, 64, 0, 64),      # no text, one exact audio tile; the second consumer of the last CTA has no rows
+    (1, 7, 1, 2, 128, 300, 129),    # one query per frame: 7 frames x 3 audio tiles + 5 text tiles in one CTA
+    (2, 4, 200, 1, 128, 1000, 70),  # 16 text tiles + 2 audio tiles per frame: the 4-stage ring wraps many times
+]
+
+
+def _sm90_ready(args):
+    _skip_unless_runnable("cuda", args)
+    from lipforcing.ops.cuda.audio_cross_attention import sm90_problem
+
+    why = sm90_problem(*args[:5])
+    if why is not None:
+        pytest.skip(f"the sm_90 audio kernel does not run here: {why}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,F_,tpf,H,D,T,A", SM90_CASES)
+def test_sm90_forward_vs_reference(B, F_, tpf, H, D, T, A, dtype):
+    xs = _inputs(B, F_, tpf, H, D, T, A, dtype)
+    args = (*xs, tpf, 0.75, 1 / math.sqrt(D))
+    _sm90_ready(args)
+    out, lse_t, lse_a = _dispatch.implementation(_FWD, "cuda")(*args)
+    ref, ref_lse_t, ref_lse_a = audio_cross_attention_ref(*(x.float() for x in xs), *args[5:])
+    err = (out.float() - ref).abs().max().item()
+    err_pt = (_plain_torch(*xs, tpf, 0.75).float() - ref).abs().max().item()
+    assert err <= 2 * err_pt + FLOOR[dtype], f"sm90 {dtype}: error {err:.3g}, plain PyTorch {err_pt:.3g}"
+    if T == 0:
+        assert torch.isneginf(lse_t).all()
+    else:
+        torch.testing.assert_close(lse_t, ref_lse_t, atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(lse_a, ref_lse_a, atol=1e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sm90_agrees_with_mma_sync_and_env_switch(dtype, monkeypatch):
+    """LIPFORCING_CUDA_SM90=0 runs the mma.sync kernel instead; both agree to rounding, and the lse too."""
+    from lipforcing.ops.cuda.audio_cross_attention import sm90_problem
+
+    xs = _inputs(2, 3, 97, 2, 128, 77, 7, dtype)
+    args = (*xs, 97, 1.25, 1 / math.sqrt(128))
+    _sm90_ready(args)
+    fn = _dispatch.implementation(_FWD, "cuda")
+    o90, lt90, la90 = fn(*args)
+    monkeypatch.setenv("LIPFORCING_CUDA_SM90", "0")
+    assert sm90_problem(*xs) == "LIPFORCING_CUDA_SM90=0"
+    o80, lt80, la80 = fn(*args)
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    torch.testing.assert_close(o90.float(), o80.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(lt90, lt80, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(la90, la80, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("F_,tpf,T,A", [(2, 64, 0, 5), (3, 40, 65, 33), (2, 300, 512, 64), (9, 16, 31, 1)])
+def test_sm90_reads_nothing_past_the_views(F_, tpf, T, A, dtype):
+    """text_k/v and audio_k/v (and q) are views into NaN-padded buffers: TMA must zero-fill rows past T / A / Lq
+    (the tensor map's dims are the views'), never read the padding."""
+    B, H, D = 1, 2, 64
+    pad = 70
+    qbuf = torch.full((B, F_ * tpf + pad, H, D), float("nan"), device="cuda", dtype=dtype)
+    bufs = [torch.full((B, T + pad, H, D), float("nan"), device="cuda", dtype=dtype) for _ in range(2)]
+    bufs += [torch.full((B, F_, A + pad, H, D), float("nan"), device="cuda", dtype=dtype) for _ in range(2)]
+    q = qbuf[:, :F_ * tpf]
+    tk, tv = (b[:, :T] for b in bufs[:2])
+    ak, av = (b[:, :, :A] for b in bufs[2:])
+    for x in (q, tk, tv, ak, av):
+        x.copy_(torch.randn(x.shape, device="cuda"))
+    args = (q, tk, tv, ak, av, tpf, 0.75, 1 / math.sqrt(D))
+    _sm90_ready(args)
+    out = _dispatch.implementation(_FWD, "cuda")(*args)[0]
+    ref = audio_cross_attention_ref(*(x.float() for x in args[:5]), *args[5:])[0]
+    plain = _plain_torch(*(x.contiguous() for x in args[:5]), tpf, 0.75)
+    err = (out.float() - ref).abs().max().item()
+    err_pt = (plain.float() - ref).abs().max().item()
+    assert err <= 2 * err_pt + FLOOR[dtype], f"error {err:.3g}, plain PyTorch {err_pt:.3g}"
+
+
+def test_sm90_problem_reasons():
+    """Inputs the sm_90 kernel cannot take go to the mma.sync kernel, with the reason."""
+    xs = _inputs(1, 2, 8, 2, 96, 4, 2, torch.bfloat16)
+    args = (*xs, 8, 1.0, 0.1)
+    _skip_unless_runnable("cuda", args)
+    from lipforcing.ops.cuda.audio_cross_attention import sm90_problem
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        assert "9.0" in sm90_problem(*xs) or "built without" in sm90_problem(*xs)
+        return
+    assert "head_dim" in sm90_problem(*xs)
+    q, tk, tv, ak, av = _inputs(1, 2, 8, 2, 64, 4, 2, torch.bfloat16)
+    assert sm90_problem(q, tk, tv, ak, av) is None
+    tk_t = torch.randn(1, 2, 4, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)  # head stride > token's
+    assert "text_k" in sm90_problem(q, tk_t, tv, ak, av)
+    # ... and the cuda backend still computes it (mma.sync kernel)
+    out = _dispatch.implementation(_FWD, "cuda")(q, tk_t, tv, ak, av, 8, 1.0, 0.125)[0]
+    ref = audio_cross_attention_ref(q.float(), tk_t.float(), tv.float(), ak.float(), av.float(), 8, 1.0, 0.125)[0]
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tpf", [7, 40, 100])
+def test_sm90_nonfinite_audio_stays_in_its_frame(tpf, dtype):
+    """inf / NaN in frame 1's audio_k / audio_v poison only frame 1's rows, also where a warpgroup's 64 rows (and a
+    CTA's 128) straddle frames: the other rows never see that tile's values (P = 0 times inf would be NaN)."""
+    B, F_, H, D, T, A = 1, 4, 2, 128, 45, 3
+    xs = list(_inputs(B, F_, tpf, H, D, T, A, dtype))
+    xs[3][0, 1, 1, 0, 2] = float("nan")
+    xs[4][0, 1, 0, 0, 5] = float("inf")
+    xs[4][0, 1, 2, 1, 7] = float("nan")
+    args = (*xs, tpf, 0.9, 1 / math.sqrt(D))
+    _sm90_ready(args)
+    out = _dispatch.implementation(_FWD, "cuda")(*args)[0]
+    in_f1 = (torch.arange(F_ * tpf, device="cuda") // tpf) == 1
+    assert (~torch.isfinite(out[0, in_f1])).any(-1).all()
+    assert torch.isfinite(out[0, ~in_f1]).all()
+    ref = audio_cross_attention_ref(*(x.float() for x in xs), *args[5:])[0]
+    plain = _plain_torch(*xs, tpf, 0.9).float()
+    err = (out[0, ~in_f1].float() - ref[0, ~in_f1]).abs().max().item()
+    err_pt = (plain[0, ~in_f1] - ref[0, ~in_f1]).abs().max().item()
+    assert err <= 2 * err_pt + FLOOR[dtype], f"error {err:.3g}, plain PyTorch {err_pt:.3g}"
