@@ -487,7 +487,8 @@ def backward_config(head_dim: int, dtype: torch.dtype, kernel: str) -> dict:
 
 
 def chunk_attention_triton_unsupported(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale,
-                                       rope_cos, rope_sin, grid_h, grid_w) -> str | None:
+                                       rope_cos, rope_sin, grid_h, grid_w, q_rotated=False,
+                                       chunk_in_cache=False) -> str | None:
     """Why the Triton backend cannot run these (already validated) inputs, or None."""
     if interpreting() and q.dtype == torch.bfloat16:
         return "the Triton interpreter (TRITON_INTERPRET=1) does not support bfloat16"
@@ -535,13 +536,18 @@ def _attend(q_eff, ks, vs, kn, vn, pos, out, lse, n, chunk_size, window, sink, s
 
 
 def chunk_attention_triton(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos,
-                           rope_sin, grid_h, grid_w, *, splits=None, num_sms=None):
+                           rope_sin, grid_h, grid_w, q_rotated=False, chunk_in_cache=False, *, splits=None,
+                           num_sms=None):
     """Triton backend of ``lipforcing.ops.chunk_attention`` (inputs validated by the public op).
 
     q, k, v: (B, n, H, D); k_cache, v_cache: (B, sink + window, H, D); pos: int64 (1,) device tensor.  Returns
     (out (B, n, H, D) in q.dtype, lse (B, H, n) float32; lse only for write=False).  With ``write`` the chunk is
     stored first and ``pos`` advances by n (in place, on the device).  Allocates only the outputs; the rotated
     q/k and the split-KV partials live in the cache's workspace; no host synchronisation.
+
+    ``q_rotated`` (with rope): q is already rotated (ops.qk_norm, window positions): no ``_rope_rows_kernel`` on q.
+    ``chunk_in_cache`` (with write): k, v are already in their slots (ops.qk_norm(v=...)): no
+    ``_chunk_cache_write_kernel``; k, v are not read (the write=True attention reads the chunk from the slots).
 
     ``splits``: key segments of the split-KV forward (1 = one pass, no combine); default: ``forward_splits``
     decides from the shapes and ``num_sms`` (default: the GPU's SM count; on the CPU no split)."""
@@ -552,12 +558,13 @@ def chunk_attention_triton(q, k, v, k_cache, v_cache, pos, chunk_size, window, s
     splits = forward_splits(q, k_cache, chunk_size, write, splits=splits, num_sms=num_sms)
     with device_guard(q):
         ws = workspace_for(k_cache, chunk_size) if rope or splits > 1 else None
-        if write:
+        if write and not chunk_in_cache:
             chunk_cache_write_triton(k, v, k_cache, v_cache, pos, sink, advance=False)
         q_eff, ks, kn = q, k_cache, k
         if rope:
-            q_eff = rope_rows_triton(q, ws.q[:, :n], pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h,
-                                     grid_w)
+            if not q_rotated:
+                q_eff = rope_rows_triton(q, ws.q[:, :n], pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h,
+                                         grid_w)
             stage_slots_triton(k, v, k_cache, v_cache, pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h,
                                grid_w, ws.k, ws.v, filled_add=n if write else 0, overlay=False, stage_v=False)
             ks = ws.k

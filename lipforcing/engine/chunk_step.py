@@ -237,8 +237,11 @@ def forward_chunks(model, x: torch.Tensor, timestep, states: list, audio: torch.
     each stream alone; the engine uses it on the CPU and the folded form (the fast one) on a GPU, where results
     agree within rounding.
     """
+    import functools
+
     from lipforcing import ops
     from lipforcing.model.layers import frame_timesteps, patchify
+    from lipforcing.model.student import defer_qk, prepared_attention
     from lipforcing.ops.qk_norm import fused_backend as qk_norm_backend, qk_norm_modules
     from lipforcing.ops.rope import apply_rope
 
@@ -262,24 +265,30 @@ def forward_chunks(model, x: torch.Tensor, timestep, states: list, audio: torch.
     text_kv = _batched_text_kv(states, B)
     mode = _SplitLinear() if split_linear else contextlib.nullcontext()
 
-    # Triton path: the q/k RMSNorm in one ops.qk_norm launch (WanBlock.forward calls attend.prepare_qk), at batch B
-    # in dynamic RoPE mode, per stream with its absolute RoPE frames in absolute mode (see forward_chunk)
+    # Triton path: the q/k RMSNorm in ops.qk_norm launches (see forward_chunk).  Absolute mode: WanBlock.forward
+    # calls attend.prepare_qk = norm + RoPE per stream at its absolute frames.  Dynamic mode: prepare_qk only defers
+    # the norms to the attend, which runs model.student.prepared_attention per stream (qk_norm with q's window
+    # rotation and the store of the chunk into that stream's caches, then chunk_attention with both flags)
     fused = qk_norm_backend(backend, x.device, model.dtype)
+    decided = {}
 
     def prepare_qk(q, k, norm_q, norm_k):
-        if c.rope_mode != "absolute":
-            return qk_norm_modules(q, k, norm_q, norm_k, backend=fused)
         qs, ks = zip(*(qk_norm_modules(q[b:b + 1], k[b:b + 1], norm_q, norm_k, frame_offset=s.frame, backend=fused,
                                        rope=model.rope_table(s.grid, s.frame + Fr, x.device))
                        for b, s in enumerate(states)))
         return torch.cat(qs), torch.cat(ks)
 
     def attend_for(i):
+        norms = []
+
         def attend(q, k, v):
             out = []
             for b, s in enumerate(states):
                 qb, kb, vb = q[b:b + 1], k[b:b + 1], v[b:b + 1]
-                if c.rope_mode == "absolute":
+                if norms:  # dynamic mode on the fused path: raw projections (defer_qk)
+                    out.append(prepared_attention(qb, kb, vb, norms, s.caches[i], s.rope, write=write,
+                                                  backend=backend, fused=fused, decided=decided))
+                elif c.rope_mode == "absolute":
                     if fused is None:
                         spec = model.rope_table(s.grid, s.frame + Fr, x.device)
                         t_pos = (torch.arange(Fr, device=x.device) + s.frame).repeat_interleave(tpf)
@@ -291,7 +300,7 @@ def forward_chunks(model, x: torch.Tensor, timestep, states: list, audio: torch.
                                                    backend=backend))
             return torch.cat(out)
         if fused is not None:
-            attend.prepare_qk = prepare_qk
+            attend.prepare_qk = prepare_qk if c.rope_mode == "absolute" else functools.partial(defer_qk, norms)
         return attend
 
     with mode:

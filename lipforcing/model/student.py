@@ -189,7 +189,8 @@ class CausalLipSyncDiT(LipSyncDiT):
         tokens = patchify(x, self.patch_embedding.weight, self.patch_embedding.bias, c.patch_size).float()
         backend = self.attn_backend
         # Triton path (attn_backend triton, or auto on CUDA; no autograd): q/k RMSNorm (+ absolute RoPE) in one
-        # ops.qk_norm launch per layer (WanBlock.forward calls attend.prepare_qk); else the PyTorch code below.
+        # ops.qk_norm launch per layer (WanBlock.forward calls attend.prepare_qk); in dynamic RoPE mode that launch
+        # also rotates q and stores the chunk (prepared_attention); else the PyTorch code below.
         fused = qk_norm_backend(backend, x.device, self.dtype)
 
         if c.rope_mode == "absolute":
@@ -207,12 +208,19 @@ class CausalLipSyncDiT(LipSyncDiT):
                                                           backend=fused)
                 return attend
         else:
+            decided = {}  # prepared_attention's backend check, made once per pass (every layer has the same shapes)
+
             def attend_for(i):
+                norms = []
+
                 def attend(q, k, v):
+                    if norms:  # fused path: q, k are the raw projections (see defer_qk)
+                        return prepared_attention(q, k, v, norms, state.caches[i], state.rope, write=write,
+                                                  backend=backend, fused=fused, decided=decided)
                     return ops.chunk_attention(q, k, v, state.caches[i], write=write, rope=state.rope,
                                                backend=backend)
                 if fused is not None:
-                    attend.prepare_qk = functools.partial(qk_norm_modules, backend=fused)
+                    attend.prepare_qk = functools.partial(defer_qk, norms)
                 return attend
 
         h = self.run_blocks(tokens, e0, attend_for, state.text_kv, audio_tok, tokens_per_frame=tpf,
@@ -220,6 +228,34 @@ class CausalLipSyncDiT(LipSyncDiT):
         if write:
             state.frame += Fr
         return self.output(h, e, (Fr, gh, gw))
+
+
+def defer_qk(norms: list, q: torch.Tensor, k: torch.Tensor, norm_q, norm_k):
+    """An ``attend.prepare_qk`` that defers the q/k norms to the attend itself (it needs v and the cache to fuse
+    the store): records the norm modules in ``norms`` and returns the raw projections."""
+    norms[:] = [norm_q, norm_k]
+    return q, k
+
+
+def prepared_attention(q, k, v, norms, cache: RollingKVCache, rope, *, write: bool, backend: str, fused: str,
+                       decided: dict) -> torch.Tensor:
+    """The dynamic-RoPE chunk step on the fused Triton path, from the raw q/k projections: one ``ops.qk_norm``
+    launch normalises q and k, rotates q at its window-relative frame and, on the cache-write pass, stores k and
+    v in the chunk's slots; ``chunk_attention`` then runs with ``q_rotated`` / ``chunk_in_cache`` (no q rotation,
+    no store pass of its own).  When the attention backend would decline the flags (``takes_prepared``; decided
+    once per pass, cached in ``decided``) only the norms are fused and chunk_attention rotates and stores."""
+    from lipforcing.ops.chunk_attention import takes_prepared
+
+    if write not in decided:
+        decided[write] = takes_prepared(q, cache, write=write, rope=rope, backend=backend)
+    norm_q, norm_k = norms
+    if not decided[write]:
+        q, k = qk_norm_modules(q, k, norm_q, norm_k, backend=fused)
+        return ops.chunk_attention(q, k, v, cache, write=write, rope=rope, backend=backend)
+    q, k = qk_norm_modules(q, k, norm_q, norm_k, rope=rope, rope_positions="window", cache=cache,
+                           v=v if write else None, backend=fused)
+    return ops.chunk_attention(q, k, v, cache, write=write, rope=rope, backend=backend, q_rotated=True,
+                               chunk_in_cache=write)
 
 
 def _window_sink(attention, config: ModelConfig) -> tuple[int | None, int]:

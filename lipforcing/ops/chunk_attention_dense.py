@@ -10,7 +10,9 @@ keys the chunk sees (RollingKVCache: the sink fills first, the ring holds a whol
 * ``write=False``: the cache slots *as they would be after the write* (the chunk overlaid on the slots it would
   overwrite) are materialised into the cache's workspace -- one copy pass, no change to the cache;
 * dynamic RoPE: q and the keys are rotated once per step into the workspace (Triton passes of
-  lipforcing.kernels.chunk_attention), so the libraries see plain attention.
+  lipforcing.kernels.chunk_attention), so the libraries see plain attention;
+* ``q_rotated`` / ``chunk_in_cache`` (ops.qk_norm already rotated q / stored the chunk): the q pass / the store
+  pass is skipped.
 
 The key count stays on the device (``workspace.count``, int32 per batch row; for cuDNN a boolean key mask built
 from it), so a step neither syncs nor allocates besides the output.  Only full chunks: a short last chunk must not
@@ -54,18 +56,20 @@ def _common_problem(q, chunk_size) -> str | None:
     return None
 
 
-def _prepare(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, rope_cos, rope_sin, grid_h, grid_w):
+def _prepare(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, rope_cos, rope_sin, grid_h, grid_w,
+             q_rotated=False, chunk_in_cache=False):
     """Store (write) or stage (write=False) the chunk and rotate; returns (q, keys, values, workspace) with the
-    key count of every batch row in ``workspace.count``."""
+    key count of every batch row in ``workspace.count``.  ``q_rotated``: q is already rotated (no q pass);
+    ``chunk_in_cache`` (write): the chunk is already in its slots (no store pass)."""
     from lipforcing.kernels import chunk_attention as tk
 
     n = q.shape[1]
     ws = tk.workspace_for(k_cache, chunk_size)
     rope = rope_cos is not None
-    if write:
+    if write and not chunk_in_cache:
         tk.chunk_cache_write_triton(k, v, k_cache, v_cache, pos, sink, advance=False)
     q_eff = q
-    if rope:
+    if rope and not q_rotated:
         q_eff = tk.rope_rows_triton(q, ws.q[:, :n], pos, chunk_size, window, sink, rope_cos, rope_sin, grid_h,
                                     grid_w)
     ks, vs = k_cache, v_cache
@@ -81,7 +85,8 @@ def _prepare(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, ro
 
 
 def chunk_attention_flash_attn_unsupported(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale,
-                                           rope_cos, rope_sin, grid_h, grid_w) -> str | None:
+                                           rope_cos, rope_sin, grid_h, grid_w, q_rotated=False,
+                                           chunk_in_cache=False) -> str | None:
     fa3, fa2 = _flash_modules()
     if fa3 is None and fa2 is None:
         return "the flash-attn package is not installed (pip install flash-attn; FA3: flash_attn_interface)"
@@ -90,7 +95,7 @@ def chunk_attention_flash_attn_unsupported(q, k, v, k_cache, v_cache, pos, chunk
 
 
 def chunk_attention_flash_attn(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos,
-                               rope_sin, grid_h, grid_w):
+                               rope_sin, grid_h, grid_w, q_rotated=False, chunk_in_cache=False):
     """flash_attn_with_kvcache over the dense slots, ``cache_seqlens`` = the device-side key count."""
     from lipforcing.kernels.chunk_attention import device_guard
 
@@ -98,7 +103,7 @@ def chunk_attention_flash_attn(q, k, v, k_cache, v_cache, pos, chunk_size, windo
     fn = fa3 if fa3 is not None and torch.cuda.get_device_capability(q.device) >= (9, 0) else (fa2 or fa3)
     with device_guard(q):
         q_eff, ks, vs, ws = _prepare(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, rope_cos,
-                                     rope_sin, grid_h, grid_w)
+                                     rope_sin, grid_h, grid_w, q_rotated, chunk_in_cache)
         out = fn(q_eff, ks, vs, cache_seqlens=ws.count, softmax_scale=scale, causal=False)
         out = out[0] if isinstance(out, tuple) else out
         if write:
@@ -107,7 +112,8 @@ def chunk_attention_flash_attn(q, k, v, k_cache, v_cache, pos, chunk_size, windo
 
 
 def chunk_attention_cudnn_unsupported(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale,
-                                      rope_cos, rope_sin, grid_h, grid_w) -> str | None:
+                                      rope_cos, rope_sin, grid_h, grid_w, q_rotated=False,
+                                      chunk_in_cache=False) -> str | None:
     if not torch.backends.cudnn.is_available():
         return "cudnn is not available in this PyTorch build"
     try:
@@ -120,7 +126,7 @@ def chunk_attention_cudnn_unsupported(q, k, v, k_cache, v_cache, pos, chunk_size
 
 
 def chunk_attention_cudnn(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, scale, rope_cos,
-                          rope_sin, grid_h, grid_w):
+                          rope_sin, grid_h, grid_w, q_rotated=False, chunk_in_cache=False):
     """SDPA with only the cuDNN kernel allowed, over all slots with a boolean key mask (slot < count)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -129,7 +135,7 @@ def chunk_attention_cudnn(q, k, v, k_cache, v_cache, pos, chunk_size, window, si
     B = q.shape[0]
     with device_guard(q):
         q_eff, ks, vs, ws = _prepare(q, k, v, k_cache, v_cache, pos, chunk_size, window, sink, write, rope_cos,
-                                     rope_sin, grid_h, grid_w)
+                                     rope_sin, grid_h, grid_w, q_rotated, chunk_in_cache)
         torch.lt(ws.slot_index.view(1, 1, 1, -1), ws.count.view(B, 1, 1, 1), out=ws.mask)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             out = torch.nn.functional.scaled_dot_product_attention(

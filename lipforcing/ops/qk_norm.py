@@ -15,12 +15,23 @@ The fused op reads q and k once from HBM (its second walk over a row tile re-rea
 layers per chunk: 90 launches instead of 1620 / 4320).  Under ``compile_blocks`` inductor fuses each eager norm
 into one or two kernels already; the op then still saves one tensor's launches and, in absolute mode, the rotation.
 
-Dynamic RoPE (the default mode) rotates q and the keys inside ``chunk_attention`` at window-relative positions
-read from the cache's device ``pos``; that op has no way today to take an already-rotated q or an already
-written chunk, so the student's chunk step uses ``qk_norm`` for the norms only there.  The op can already do both
-(``rope_positions="window"``: q rotated exactly as chunk_attention rotates it; ``v=``: k and v stored in the
-chunk's slots): they remove ``_rope_rows_kernel`` on q (2 x 9.4 MB) and ``_chunk_cache_write_kernel`` (4 x 9.4 MB
-on the write pass) once chunk_attention accepts ``q_rotated`` / ``written`` flags (not done: other files).
+Dynamic RoPE (the default mode) rotates q and the keys at window-relative positions read from the cache's device
+``pos``.  On the fused path the student's chunk step (``model.student.prepared_attention``) calls this op with
+``rope_positions="window"`` (q rotated exactly as chunk_attention would rotate it) and, on the cache-write pass,
+``v=`` (k and v stored in the chunk's slots), then ``chunk_attention(..., q_rotated=True, chunk_in_cache=write)``.
+The fused launch writes q rotated instead of plain (no extra bytes), so per layer and pass the dense step loses
+(1.3B shape, 9.4 MB per bf16 tensor; counted, not measured):
+
+* ``_rope_rows_kernel`` on q -- one launch, 9.4 MB read + 9.4 MB written (~19 MB) -- on every pass;
+* ``_chunk_cache_write_kernel`` -- one launch, k and v read and stored (4 x 9.4 MB, ~38 MB) -- on the write pass.
+  The fused store puts ~28 MB of it back into the qk_norm launch (k's slot store, v read + stored; k itself is
+  already in registers): net ~9.4 MB and one launch.
+
+In total ~19 MB and one launch per layer on a ``write=False`` pass, ~28 MB and two launches on the write pass.
+
+The current keys of a ``write=False`` pass and the cache keys are still rotated by chunk_attention (once per step,
+into its workspace).  Where the chosen attention backend declines the flags (the CUDA kernels), the step keeps the
+norms-only launch and chunk_attention rotates and stores (``chunk_attention.takes_prepared``).
 
 Backends: ``reference`` (lipforcing.ops.reference.qk_norm_ref) and ``triton`` (kernels/qk_norm.py).
 """

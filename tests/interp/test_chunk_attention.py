@@ -400,3 +400,116 @@ def test_split_count_of_the_launcher(monkeypatch):
         assert seen == []
     with pytest.raises(ValueError, match="splits"):
         mod.chunk_attention_triton(*args, splits=0)
+
+
+# ---- q_rotated / chunk_in_cache: q rotated and the chunk stored ahead (ops.qk_norm), issue 16 item 3 ----
+
+# (B, H, D, chunk, window, sink, chunk lengths, grid): ring wraps with a sink of one frame and a short last chunk;
+# sink of two frames filled over two chunks (the chunk writes into sink slots)
+PREPARED_CASES = {
+    "wrap_short_last": (2, 1, 16, 4, 8, 2, [4] * 4 + [2], (1, 2)),
+    "sink_over_chunks": (1, 1, 12, 2, 6, 4, [2] * 6, (1, 2)),
+}
+
+
+def _qk_norm_window(q, k, v, cache, rope, write):
+    """(q, k normalised by ops.qk_norm; the same q also rotated at its window-relative frame of ``cache``'s next
+    step), and with ``write`` k, v stored in the chunk's slots (pos not advanced)."""
+    from lipforcing.ops import qk_norm
+
+    H, D = q.shape[2], q.shape[3]
+    ones = torch.ones(H * D, device=q.device)
+    qn, kn = qk_norm(q, k, ones, ones, eps=1e-6, backend="reference")
+    qr, kr = qk_norm(q, k, ones, ones, eps=1e-6, rope=rope, rope_positions="window", cache=cache,
+                     v=v if write else None, backend="reference")
+    assert torch.equal(kr, kn)  # window mode rotates q only
+    return qn, kn, qr
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(PREPARED_CASES))
+def test_prepared_q_and_chunk_equal_the_plain_op(case, dtype, backend):
+    """Each chunk: write=False with q_rotated, then write=True with q_rotated + chunk_in_cache after qk_norm
+    stored the chunk, against the plain op (which rotates q and stores the chunk itself) on a second cache.  With
+    chunk_in_cache the op gets k, v filled with garbage: it must read the chunk from its slots and not store."""
+    B, H, D, chunk, window, sink, lengths, grid = PREPARED_CASES[case]
+    rope = rope_spec(D, grid, max_frames=8, device=DEVICE)
+    kw = dict(chunk_size=chunk, window=window, sink=sink, dtype=dtype, device=DEVICE)
+    plain, prep = RollingKVCache(B, H, D, **kw), RollingKVCache(B, H, D, **kw)
+    # fp16: the plain op rounds its rotated q to fp16 on Triton like qk_norm does; the reference rotates in fp32
+    atol = 0.0 if dtype == torch.float32 and backend == "triton" else ATOL[dtype]
+    wrong_err = 0.0
+    for n in lengths:
+        q, k, v = (torch.randn(B, n, H, D, device=DEVICE).to(dtype) for _ in range(3))
+        qn, kn, qr = _qk_norm_window(q, k, v, prep, rope, write=False)
+        want = chunk_attention(qn, kn, v, plain, write=False, rope=rope, backend=backend)
+        got = chunk_attention(qr, kn, v, prep, write=False, rope=rope, backend=backend, q_rotated=True)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=atol)
+        # the test can fail: an un-rotated q given as rotated changes the output (little at frame 0)
+        wrong = chunk_attention(qn, kn, v, prep, write=False, rope=rope, backend=backend, q_rotated=True)
+        wrong_err = max(wrong_err, (wrong.float() - want.float()).abs().max().item())
+        assert torch.equal(prep.k, plain.k) and torch.equal(prep.pos, plain.pos)  # write=False wrote nothing
+        _, _, qr = _qk_norm_window(q, k, v, prep, rope, write=True)  # stores kn, v; pos unchanged
+        want = chunk_attention(qn, kn, v, plain, write=True, rope=rope, backend=backend)
+        junk = torch.full_like(v, 7.0)
+        got = chunk_attention(qr, junk, junk, prep, write=True, rope=rope, backend=backend, q_rotated=True,
+                              chunk_in_cache=True)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=atol)
+        assert torch.equal(prep.pos, plain.pos)
+        assert torch.equal(prep.k, plain.k) and torch.equal(prep.v, plain.v)
+    assert wrong_err > 10 * max(atol, 1e-6)
+    assert int(plain.pos) > sink + window  # the ring wrapped
+
+
+@pytest.mark.parametrize("use_rope", [False, True])
+def test_chunk_in_cache_without_q_rotation(use_rope):
+    """chunk_in_cache alone (q rotated by the op, or no RoPE at all: absolute mode) on the Triton backend equals
+    the plain write; with split-KV (3 segments) as well."""
+    import lipforcing.kernels.chunk_attention as mod
+    from lipforcing.ops.reference import cache_write_ref
+
+    B, H, D, chunk, window, sink = 1, 2, 16, 4, 12, 2
+    rope = rope_spec(D, (1, 2), max_frames=8, device=DEVICE) if use_rope else None
+    cos, sin, gh, gw = (rope.cos, rope.sin, 1, 2) if use_rope else (None, None, 0, 0)
+    kw = dict(chunk_size=chunk, window=window, sink=sink, device=DEVICE)
+    plain, prep = RollingKVCache(B, H, D, **kw), RollingKVCache(B, H, D, **kw)
+    for step in range(5):
+        q, k, v = (torch.randn(B, chunk, H, D, device=DEVICE) for _ in range(3))
+        want = chunk_attention(q, k, v, plain, write=True, rope=rope, backend="triton")
+        cache_write_ref(k, v, prep.k, prep.v, prep.pos.clone(), sink=sink)
+        got = mod.chunk_attention_triton(q, k * 0, v * 0, prep.k, prep.v, prep.pos, chunk, window, sink, True,
+                                         D ** -0.5, cos, sin, gh, gw, False, True, splits=1 + 2 * (step % 2))
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+        assert torch.equal(prep.pos, plain.pos) and torch.equal(prep.k, plain.k)
+
+
+def test_dense_staging_with_prepared_q_and_chunk():
+    """The flash_attn / cudnn staging (_prepare) honours the flags: q_rotated hands q through untouched, and
+    chunk_in_cache stores nothing (the chunk's slots already hold it), with the same keys/values as the plain
+    staging."""
+    from lipforcing.ops import qk_norm
+    from lipforcing.ops.chunk_attention_dense import _prepare
+
+    B, H, D, grid, chunk, window, sink = 2, 1, 16, (1, 2), 4, 10, 2
+    rope = rope_spec(D, grid, max_frames=8, device=DEVICE)
+    kw = dict(chunk_size=chunk, window=window, sink=sink, device=DEVICE)
+    plain, prep = RollingKVCache(B, H, D, **kw), RollingKVCache(B, H, D, **kw)
+    ones = torch.ones(H * D, device=DEVICE)
+    for _ in range(5):
+        q, k, v = (torch.randn(B, chunk, H, D, device=DEVICE) for _ in range(3))
+        qn, kn = qk_norm(q, k, ones, ones, eps=1e-6, backend="reference")
+        qr, _ = qk_norm(q, k, ones, ones, eps=1e-6, rope=rope, rope_positions="window", cache=prep, v=v,
+                        backend="reference")
+        q0, ks0, vs0, _ = _prepare(qn, kn, v, plain.k, plain.v, plain.pos, chunk, window, sink, True, rope.cos,
+                                   rope.sin, *grid)
+        q0, ks0, vs0 = q0.clone(), ks0.clone(), vs0.clone()  # the workspace is shared by both caches
+        junk = torch.full_like(v, 3.0)
+        q1, ks1, vs1, _ = _prepare(qr, junk, junk, prep.k, prep.v, prep.pos, chunk, window, sink, True, rope.cos,
+                                   rope.sin, *grid, q_rotated=True, chunk_in_cache=True)
+        assert q1 is qr
+        torch.testing.assert_close(q1, q0, rtol=0, atol=1e-6)
+        assert torch.equal(ks1, ks0) and torch.equal(vs1, vs0)
+        assert torch.equal(prep.k, plain.k) and torch.equal(prep.v, plain.v)
+        for c in (plain, prep):
+            c.pos.add_(chunk)  # _prepare leaves pos to the backend

@@ -108,14 +108,58 @@ def test_chunk_step_fused_equals_unfused(rope_mode, monkeypatch):
     mod = sys.modules["lipforcing.ops.qk_norm"]  # (lipforcing.ops.qk_norm is the function)
     real = mod.qk_norm
     monkeypatch.setattr(mod, "qk_norm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    flags, passes = _spy_chunk_step(monkeypatch)
     with torch.no_grad():
-        fused = _stream(model, x, t, audio, model.init_stream(ctx), cfg.chunk_frames)
+        s_fused, s_plain = model.init_stream(ctx), model.init_stream(ctx)
+        fused = _stream(model, x, t, audio, s_fused, cfg.chunk_frames)
         assert calls, "the fused path did not run"
+        _check_prepared(rope_mode, flags, passes)
         monkeypatch.setenv("LIPFORCING_FUSED_QK_NORM", "0")
         n = len(calls)
-        plain = _stream(model, x, t, audio, model.init_stream(ctx), cfg.chunk_frames)
+        flags.clear()
+        plain = _stream(model, x, t, audio, s_plain, cfg.chunk_frames)
         assert len(calls) == n
+        assert flags == [(False, False)] * len(flags) and passes["cache_write"] > 0
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+    for a, b in zip(s_fused.caches, s_plain.caches):
+        torch.testing.assert_close(a.k, b.k, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.v, b.v) and torch.equal(a.pos, b.pos)
+
+
+def _spy_chunk_step(monkeypatch):
+    """Record chunk_attention's (q_rotated, chunk_in_cache) per call and count the Triton q-rotation and
+    cache-store passes."""
+    import lipforcing.kernels.chunk_attention as kmod
+    from lipforcing import ops
+
+    flags, passes = [], {"rope_rows": 0, "cache_write": 0, "reads": 0}
+    real_ca = ops.chunk_attention
+
+    def spy(*a, **kw):
+        flags.append((kw.get("q_rotated", False), kw.get("chunk_in_cache", False)))
+        passes["reads"] += not kw["write"]
+        return real_ca(*a, **kw)
+
+    monkeypatch.setattr(ops, "chunk_attention", spy)
+    for name in ("rope_rows", "cache_write"):
+        fn = {"rope_rows": "rope_rows_triton", "cache_write": "chunk_cache_write_triton"}[name]
+        real = getattr(kmod, fn)
+        monkeypatch.setattr(kmod, fn, lambda *a, _n=name, _r=real, **kw: passes.__setitem__(_n, passes[_n] + 1)
+                            or _r(*a, **kw))
+    return flags, passes
+
+
+def _check_prepared(rope_mode, flags, passes):
+    """Dynamic mode on the fused path: every call takes q rotated and (write passes) the chunk stored by
+    qk_norm, so the only rotation pass left is the current keys' on write=False, and no store pass runs."""
+    if rope_mode != "dynamic":
+        assert set(flags) == {(False, False)}
+        return
+    assert flags and all(q_rot for q_rot, _ in flags)
+    assert sum(in_cache for _, in_cache in flags) == len(flags) - passes["reads"] > 0
+    assert passes["cache_write"] == 0 and passes["rope_rows"] == passes["reads"]
+    flags.clear()
+    passes.update(rope_rows=0, cache_write=0, reads=0)
 
 
 @pytest.mark.parametrize("rope_mode", ["dynamic", "absolute"])
@@ -141,6 +185,9 @@ def test_batched_chunk_step_fused_equals_unfused(rope_mode, monkeypatch):
                 forward_chunks(model, x[:, :, sl], 0, states, audio[:, sl], write=True)
             return torch.cat(outs, dim=2)
 
+    flags, passes = _spy_chunk_step(monkeypatch)
     fused = run()
+    _check_prepared(rope_mode, flags, passes)
     monkeypatch.setenv("LIPFORCING_FUSED_QK_NORM", "0")
     torch.testing.assert_close(fused, run(), rtol=1e-4, atol=1e-4)
+    assert set(flags) == {(False, False)}

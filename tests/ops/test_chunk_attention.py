@@ -532,3 +532,73 @@ def test_dispatch_table_from_a_benchmark_run():
     merged = tool.merge(old, [entry])
     assert merged["note"] == "n" and len(merged["entries"]) == 2
     assert {e["arch"]: e["order"][0] for e in merged["entries"]} == {"sm_80": "cuda", "sm_90": "triton"}
+
+
+# ---- q_rotated / chunk_in_cache (q rotated and the chunk stored ahead by ops.qk_norm) ----
+
+def _prepared_setup():
+    cache = lipforcing.RollingKVCache(1, 2, 8, chunk_size=4, window=8, sink=2)
+    return cache, ops.rope_spec(8, (1, 2), max_frames=8), torch.randn(1, 4, 2, 8)
+
+
+def test_prepared_flag_errors():
+    cache, rope, x = _prepared_setup()
+    with pytest.raises(ValueError, match=r"chunk_in_cache=True needs write=True"):
+        ops.chunk_attention(x, x, x, cache, write=False, rope=rope, chunk_in_cache=True)
+    with pytest.raises(ValueError, match=r"q_rotated=True needs rope="):
+        ops.chunk_attention(x, x, x, cache, write=True, q_rotated=True)
+    with pytest.raises(TypeError, match="q_rotated must be a bool"):
+        ops.chunk_attention(x, x, x, cache, write=True, rope=rope, q_rotated=1)
+    with pytest.raises(TypeError, match="chunk_in_cache must be a bool"):
+        ops.chunk_attention(x, x, x, cache, write=True, chunk_in_cache=None)
+    with pytest.raises(ValueError, match=r"q_rotated=True\) has no backward"):
+        ops.chunk_attention(x.clone().requires_grad_(), x, x, cache, write=False, rope=rope, q_rotated=True)
+    assert int(cache.pos) == 0 and not cache.k.any()
+    # chunk_in_cache without rope (absolute mode) is fine: the store is skipped, pos advances
+    ops.chunk_attention(x, x, x, cache, write=True, chunk_in_cache=True, backend="reference")
+    assert int(cache.pos) == 4 and not cache.k.any()
+
+
+def test_cuda_backend_declines_the_flags(monkeypatch):
+    """lipforcing/ops/cuda is not flag-aware: the op's wrapper declines the flags before the CUDA module's own
+    checks, so an explicit backend='cuda' names them and auto falls back; without flags the CUDA checks run."""
+    import importlib
+
+    from lipforcing.ops import _dispatch
+
+    mod = importlib.import_module("lipforcing.ops.chunk_attention")
+    cuda_mod = importlib.import_module("lipforcing.ops.cuda.chunk_attention")
+    cache, rope, x = _prepared_setup()
+    args = (x, x, x, cache.k, cache.v, cache.pos, 4, 8, 2, True, 0.3, rope.cos, rope.sin, 1, 2)
+    assert "needs CUDA tensors" in mod._cuda_unsupported(*args, False, False)
+    for flags in ((True, False), (False, True), (True, True)):
+        assert "q_rotated / chunk_in_cache" in mod._cuda_unsupported(*args, *flags)
+    # pretend the CUDA backend could run CPU tensors: the flags alone turn it down
+    real_applicable = _dispatch._applicable
+    monkeypatch.setattr(_dispatch, "_applicable",
+                        lambda name, device, explicit: None if name == "cuda" else real_applicable(name, device,
+                                                                                                   explicit))
+    monkeypatch.setattr(cuda_mod, "chunk_attention_cuda_unsupported", lambda *a: None)
+    with pytest.raises(ops.BackendUnavailable, match="pre-rotated q or pre-written chunk"):
+        ops.chunk_attention(x, x, x, cache, write=True, rope=rope, q_rotated=True, backend="cuda")
+    assert _dispatch.resolve("chunk_attention", mod._IMPLS, "auto", x.device, args + (False, False), {}) == "cuda"
+    assert _dispatch.resolve("chunk_attention", mod._IMPLS, "auto", x.device, args + (True, True), {}) != "cuda"
+    # so the chunk step does not prepare q / the chunk for a backend that would then be skipped
+    assert not mod.takes_prepared(x, cache, write=True, rope=rope)
+    assert mod.takes_prepared(x, cache, write=True, rope=rope, backend="reference")
+    assert not mod.takes_prepared(x, cache, write=True, rope=None, backend="reference")
+
+
+def test_opcheck_with_the_flags():
+    cache, rope, _ = _prepared_setup()
+    for _ in range(3):
+        x = torch.randn(1, 4, 2, 8)
+        ops.chunk_attention(x, x, x, cache, write=True, backend="reference")
+    q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    for write in (False, True):
+        torch.library.opcheck(torch.ops.lipforcing.chunk_attention.default,
+                              (q, k, v, cache.k, cache.v, cache.pos, 4, 8, 2, write, 0.3, rope.cos, rope.sin, 1, 2,
+                               "reference", True, write))
+    torch.library.opcheck(torch.ops.lipforcing.chunk_attention_read.default,
+                          (q, k, v, cache.k, cache.v, cache.pos, 4, 8, 2, 0.3, rope.cos, rope.sin, 1, 2, "reference",
+                           True))
