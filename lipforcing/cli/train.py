@@ -3,9 +3,15 @@
 Stages come from :data:`lipforcing.distill.stages.STAGES` (vae, syncnet, teacher, df, sf, and any registered
 later); ``configs/<stage>.yaml`` in the repository are working examples.  Mistakes in the config or in the files it
 names are one line and exit status 2 (the trainer raises ``TrainConfigError``).
+
+Stopping early loses nothing: with ``--max-minutes M`` the loop stops after the iteration in progress once M minutes
+have passed since the command started (model building and resuming count), and SIGTERM / SIGINT do the same at any
+time (a second Ctrl-C aborts at once); the run saves a checkpoint, prints one line saying where and exits 0.  A
+runner whose ``train`` takes no ``stop`` (a registered stage not built on ``Stage``) keeps the old behaviour.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -25,9 +31,24 @@ def add_args(p) -> None:
     p.add_argument("--device", default=None, help="override device (auto, cpu, cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-resume", action="store_true", help="start fresh even if output_dir has a checkpoint")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                   help="stop after the iteration in progress once M minutes of wall time have passed since the "
+                        "command started, and save a checkpoint (SIGTERM / SIGINT stop the same way)")
 
 
 def run(args) -> int:
+    from lipforcing.distill.errors import TrainConfigError
+    from lipforcing.distill.stages.base import StopRequest, stop_on_signals
+
+    try:
+        stop = StopRequest(args.max_minutes)               # the budget counts from here
+    except TrainConfigError as exc:
+        raise UserError(f"--max-minutes: {exc}") from None
+    with stop_on_signals(stop):
+        return _run(args, stop)
+
+
+def _run(args, stop) -> int:
     import torch
     import yaml
 
@@ -63,13 +84,23 @@ def run(args) -> int:
     logging.getLogger("lipforcing").setLevel(logging.INFO)
     trainer = runner_cls(cfg)
     start = trainer.iteration
-    ran = trainer.train()
+    takes_stop = "stop" in inspect.signature(trainer.train).parameters
+    ran = trainer.train(stop=stop) if takes_stop else trainer.train()
     if trainer.rank == 0:
         last = ran[-1] if ran else {}
         keys = [k for k in last if k.endswith("loss") or k.endswith("psnr")]
-        summary = ", ".join(f"{k} {last[k]:.4g}" for k in keys)
-        print(f"lipforcing train {args.stage}: iterations {start} -> {trainer.iteration}"
-              + (f"; last {summary}" if summary else "") + f"; checkpoints in {cfg.output_dir}")
+        summary = f"iterations {start} -> {trainer.iteration}" + (
+            "; last " + ", ".join(f"{k} {last[k]:.4g}" for k in keys) if keys else "")
+        why = getattr(trainer, "stopped", None)
+        if why:     # one line: why it stopped and where the checkpoint is
+            latest = Path(cfg.output_dir) / "latest"
+            where = "no checkpoint"
+            if latest.is_file():
+                where = f"checkpoint {Path(cfg.output_dir) / latest.read_text().strip()}"
+                where += "" if ran else " (unchanged)"
+            print(f"lipforcing train {args.stage}: stopped ({why}); {summary}; {where}")
+        else:
+            print(f"lipforcing train {args.stage}: {summary}; checkpoints in {cfg.output_dir}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0

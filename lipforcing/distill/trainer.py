@@ -448,12 +448,19 @@ class Trainer(DFSteps, SFSteps):
         torch.distributed.all_reduce(vals)
         return {**m, **{k: v / self.world for k, v in zip(keys, vals.tolist())}}
 
-    def train(self, iterations: int | None = None) -> list[dict]:
-        """Run until ``iterations`` (default ``config.iterations``) total iterations are done; save at
-        ``save_every`` and at the end.  Returns the metrics of the iterations run."""
+    def train(self, iterations: int | None = None, *, stop=None) -> list[dict]:
+        """Run until ``iterations`` (default ``config.iterations``) total iterations are done, or until ``stop`` (a
+        :class:`~lipforcing.distill.stages.base.StopRequest`) says so before an iteration (``self.stopped``: why);
+        save at ``save_every`` and at the end.  Returns the metrics of the iterations run."""
+        from lipforcing.distill.stages.base import stop_reason
+
         total = self.cfg.iterations if iterations is None else int(iterations)
         ran = []
+        self.stopped = None
         while self.iteration < total:
+            self.stopped = stop_reason(stop, self.device)
+            if self.stopped:
+                break
             m = self.step()
             ran.append(m)
             if self.rank == 0 and self.cfg.log_every and (m["iteration"] % self.cfg.log_every == 0):

@@ -5,18 +5,26 @@ A stage subclasses :class:`Stage` with a config dataclass (subclass of :class:`S
 ``self.models = {name: (module, optimizer)}``) and ``step(k) -> metrics``.  Every random draw of iteration k is a
 function of (seed, k, tag), so a resumed run repeats the uninterrupted one exactly.
 
+Stopping early: ``train(stop=StopRequest(max_minutes))`` returns after the iteration in progress once the wall-time
+budget is spent or :meth:`StopRequest.request` was called (the handler :func:`stop_on_signals` installs for SIGTERM /
+SIGINT), and saves as at the end of a run; the student stages' loop (:class:`lipforcing.distill.trainer.Trainer`)
+takes the same ``stop``.
+
 Checkpoints: ``output_dir/ckpt-<iteration>/<name>.safetensors`` (weights, with the metadata ``weight_metadata``
 returns), ``optim_<name>.safetensors``, ``trainer.json``; ``output_dir/latest`` names the newest.  Stages may add
 exported files (``export(ck)``, e.g. the VAE's latent statistics).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +36,8 @@ from lipforcing.distill import checkpoint as ckpt
 from lipforcing.distill.errors import TrainConfigError
 from lipforcing.distill.runlog import Progress, append_metrics, plot_curves
 
-__all__ = ["StageConfig", "Stage", "check_positive_number", "check_int", "config_from_dict", "config_from_yaml",
-           "read_config_yaml"]
+__all__ = ["StageConfig", "Stage", "StopRequest", "stop_on_signals", "stop_reason", "check_positive_number",
+           "check_int", "config_from_dict", "config_from_yaml", "read_config_yaml"]
 
 log = logging.getLogger("lipforcing.train")
 
@@ -79,6 +87,73 @@ def read_config_yaml(path, overrides: dict) -> dict:
 def config_from_yaml(cls, path, **overrides):
     """Read a YAML mapping of ``cls``'s fields; ``overrides`` that are not None win."""
     return config_from_dict(cls, read_config_yaml(path, overrides))
+
+
+_clock = time.monotonic          # the wall clock of StopRequest (a module attribute so tests can replace it)
+
+
+class StopRequest:
+    """When a training loop stops early: once ``max_minutes`` of wall time have passed since ``start`` (default: when
+    this object is made), or once :meth:`request` was called (e.g. by a signal).  The loop asks :func:`stop_reason`
+    before each iteration; an iteration in progress always finishes, and the loop then saves as at its end."""
+
+    def __init__(self, max_minutes: float | None = None, *, start: float | None = None):
+        check_positive_number("max_minutes", max_minutes, allow_none=True)
+        self.max_minutes = max_minutes
+        self.start = _clock() if start is None else float(start)
+        self.requested: str | None = None
+
+    def request(self, reason: str) -> None:
+        """Stop after the iteration in progress (the first reason given is kept)."""
+        if self.requested is None:
+            self.requested = reason
+
+    def reason(self) -> str | None:
+        """Why the loop should stop now, or None."""
+        if self.requested is not None:
+            return self.requested
+        if self.max_minutes is not None and _clock() - self.start >= 60.0 * self.max_minutes:
+            return f"max_minutes {self.max_minutes:g} reached"
+        return None
+
+
+def stop_reason(stop: StopRequest | None, device=None) -> str | None:
+    """``stop.reason()``; under torch.distributed every rank agrees (any rank's reason stops all of them, so that
+    the collective checkpoint save is reached by all)."""
+    if stop is None:
+        return None
+    why = stop.reason()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        dev = device if device is not None and torch.device(device).type == "cuda" else torch.device("cpu")
+        flag = torch.tensor([0.0 if why is None else 1.0], device=dev)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if why is None and float(flag) > 0:
+            why = "another rank stopped"
+    return why
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopRequest, signals=(signal.SIGTERM, signal.SIGINT)):
+    """While the block runs, SIGTERM / SIGINT ask ``stop`` to stop after the iteration in progress instead of
+    interrupting it; a second SIGINT raises KeyboardInterrupt at once (the last checkpoint is kept).  Installed only
+    in the main thread (Python delivers signals there; elsewhere this does nothing); the previous handlers are
+    restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and stop.requested is not None:
+            raise KeyboardInterrupt
+        stop.request(signal.Signals(signum).name)
+        log.warning("%s: stopping after the iteration in progress (checkpoint follows)", signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @dataclass
@@ -137,6 +212,7 @@ class Stage:
         self.rank = 0
         self.out = Path(config.output_dir)
         self.iteration = 0
+        self.stopped: str | None = None      # why the last train() returned early (None: it ran to the end)
         self.history: list[dict] = []
         self.models: dict = {}
         torch.manual_seed(config.seed)
@@ -156,6 +232,10 @@ class Stage:
 
     def export(self, ck: Path) -> None:
         """Extra files written into each checkpoint folder (before trainer.json)."""
+
+    def close(self) -> None:
+        """Release what the stage holds between iterations (e.g. worker processes); called when ``train`` returns,
+        and the next ``train`` may start them again."""
 
     # randomness ----------------------------------------------------------------------------------------------
     def generator(self, *tags) -> torch.Generator:
@@ -183,36 +263,44 @@ class Stage:
         return float(norm)
 
     # loop ----------------------------------------------------------------------------------------------------
-    def train(self, iterations: int | None = None) -> list[dict]:
-        """Run until ``iterations`` (default ``config.iterations``) iterations are done in total; save at
-        ``save_every`` and at the end; returns the metrics of the iterations run here."""
+    def train(self, iterations: int | None = None, *, stop: StopRequest | None = None) -> list[dict]:
+        """Run until ``iterations`` (default ``config.iterations``) iterations are done in total, or until ``stop``
+        says so (checked before each iteration; ``self.stopped`` holds its reason); save at ``save_every`` and when
+        the loop ends; returns the metrics of the iterations run here."""
         total = self.cfg.iterations if iterations is None else int(iterations)
         ran = []
+        self.stopped = None
         prog = Progress(self.name, self.iteration, total)
-        while self.iteration < total:
-            k = self.iteration
-            t0 = time.perf_counter()
-            for m in self.models.values():
-                m[0].train()
-            m = {"iteration": k, **self.step(k), "seconds": time.perf_counter() - t0}
-            bad = [n for n, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
-            if bad:
-                raise FloatingPointError(f"stage {self.name}: non-finite {', '.join(bad)} at iteration {k}; "
-                                         "lower lr (the last checkpoint is kept)")
-            self.iteration = k + 1
-            self.history.append(m)
-            ran.append(m)
-            if self.cfg.log_every and k % self.cfg.log_every == 0:
-                append_metrics(self.out, self.name, m)
-            prog.update(k, m)
-            if self.cfg.save_every and self.iteration % self.cfg.save_every == 0:
+        try:
+            while self.iteration < total:
+                self.stopped = stop_reason(stop, self.device)
+                if self.stopped:
+                    break
+                k = self.iteration
+                t0 = time.perf_counter()
+                for m in self.models.values():
+                    m[0].train()
+                m = {"iteration": k, **self.step(k), "seconds": time.perf_counter() - t0}
+                bad = [n for n, v in m.items() if isinstance(v, float) and not math.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(f"stage {self.name}: non-finite {', '.join(bad)} at iteration {k}; "
+                                             "lower lr (the last checkpoint is kept)")
+                self.iteration = k + 1
+                self.history.append(m)
+                ran.append(m)
+                if self.cfg.log_every and k % self.cfg.log_every == 0:
+                    append_metrics(self.out, self.name, m)
+                prog.update(k, m)
+                if self.cfg.save_every and self.iteration % self.cfg.save_every == 0:
+                    self.save()
+                if self.cfg.plot_every and self.iteration % self.cfg.plot_every == 0:
+                    plot_curves(self.out)
+            if ran and not (self.cfg.save_every and self.iteration % self.cfg.save_every == 0):
                 self.save()
-            if self.cfg.plot_every and self.iteration % self.cfg.plot_every == 0:
+            if ran:
                 plot_curves(self.out)
-        if ran and not (self.cfg.save_every and self.iteration % self.cfg.save_every == 0):
-            self.save()
-        if ran:
-            plot_curves(self.out)
+        finally:
+            self.close()
         return ran
 
     # checkpoints ---------------------------------------------------------------------------------------------

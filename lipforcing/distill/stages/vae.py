@@ -14,6 +14,11 @@ never sees its causal caches past the clip start, and falls apart after it (meas
 the next ``frames`` frames with the caches the prefix left (truncated back-propagation through time), so every
 stream position up to the prefix length is trained.
 
+Data: each iteration renders its world clips with numpy on the CPU; with ``workers`` > 0 they are rendered by a pool
+of that many processes (spawned once per ``train`` call, closed when it returns), and the next iteration's clips
+are rendered while this one trains (its seeds are known in advance).  The batches are bit-identical to inline
+rendering (``workers: 0``), so the training run is the same either way: on a GPU the renderer is the bottleneck.
+
 Each checkpoint holds the training weights (``vae_raw.safetensors``, for resuming) and the exported
 ``vae.safetensors``: per-channel latent statistics measured on ``stats_clips`` world clips are folded into its
 ``conv1``/``conv2`` (exact affine rewrite), so ``lipforcing.load_vae(path)`` and ``Engine.load(vae=path)`` give
@@ -31,7 +36,8 @@ import torch
 from lipforcing.distill.errors import TrainConfigError
 from lipforcing.distill.stages.base import Stage, StageConfig, check_int, check_positive_number
 
-__all__ = ["VAEStageConfig", "VAEStage", "DEFAULT_VAE", "world_video_batch", "psnr", "mouth_psnr"]
+__all__ = ["VAEStageConfig", "VAEStage", "DEFAULT_VAE", "world_video_batch", "world_clip_arrays", "psnr",
+           "mouth_psnr"]
 
 DEFAULT_VAE = {"dim": 16, "z_dim": 16, "dim_mult": [1, 2, 2], "num_res_blocks": 1,
                "temporal_downsample": [True, True]}
@@ -49,6 +55,7 @@ class VAEStageConfig(StageConfig):
     warmup_frames: int = 0     # longest no-gradient prefix streamed before the trained frames (multiple of 4)
     speech: str = "auto"
     stats_clips: int = 4
+    workers: int = 0           # processes rendering the clips (0: inline); same batches either way
     output_dir: str = "runs/vae"
 
     def __post_init__(self):
@@ -56,6 +63,7 @@ class VAEStageConfig(StageConfig):
         check_int("size", self.size, minimum=16)
         check_int("frames", self.frames)
         check_int("stats_clips", self.stats_clips)
+        check_int("workers", self.workers, minimum=0)
         check_positive_number("mouth_weight", self.mouth_weight)
         check_positive_number("latent_l2", self.latent_l2, allow_zero=True)
         check_int("warmup_frames", self.warmup_frames, minimum=0)
@@ -97,16 +105,59 @@ def mouth_psnr(rec: torch.Tensor, video: torch.Tensor, box: torch.Tensor) -> flo
     return _db(float((((rec - video) ** 2) * box).sum() / (3 * box.sum()).clamp(min=1)))
 
 
-def world_video_batch(seeds, frames: int, size: int, speech: str = "auto", split: str = "train"):
-    """World clips as a video batch (B, 3, T, H, W) in [-1, 1] and a per-pixel mouth-box mask (B, 1, T, H, W)."""
+def world_clip_arrays(seed: int, frames: int, size: int, speech: str = "auto", split: str = "train"):
+    """One world clip as (frames (T, H, W, 3) uint8, mouth boxes [(top, bottom, left, right)] per frame): the
+    picklable piece of :func:`world_video_batch` that worker processes render."""
     from lipforcing.world import make_clip
 
+    c = make_clip(int(seed), frames, size=size, split=split, speech=speech, reference=False)
+    return c.frames, [tuple(int(v) for v in b) for b in c.boxes]
+
+
+def _render(args):
+    return world_clip_arrays(*args)
+
+
+def _worker_init(parent: int) -> None:
+    """A render worker leaves its parent's process group, so a signal to the group (Ctrl-C, ``timeout``) reaches
+    only the trainer, which finishes its iteration with the workers' help and then closes the pool; and it exits
+    on its own if the trainer dies without closing it."""
+    import os
+    import threading
+    import time
+
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def world_video_batch(seeds, frames: int, size: int, speech: str = "auto", split: str = "train", *, pool=None):
+    """World clips as a video batch (B, 3, T, H, W) in [-1, 1] and a per-pixel mouth-box mask (B, 1, T, H, W).
+
+    pool : optional ``multiprocessing`` pool (or an ``AsyncResult`` of ``pool.map`` over the same clips, see
+        :meth:`VAEStage.prefetch`) that renders the clips; the tensors are the same as without it."""
+    jobs = [(int(s), frames, size, speech, split) for s in seeds]
+    if pool is None:
+        arrays = [_render(j) for j in jobs]
+    elif hasattr(pool, "get"):
+        arrays = pool.get()
+    else:
+        arrays = pool.map(_render, jobs)
+    return _video_batch(arrays, frames, size)
+
+
+def _video_batch(arrays, frames: int, size: int):
     vids, masks = [], []
-    for s in seeds:
-        c = make_clip(int(s), frames, size=size, split=split, speech=speech, reference=False)
-        vids.append(torch.from_numpy(c.frames).permute(3, 0, 1, 2).float() / 127.5 - 1)
+    for clip_frames, boxes in arrays:
+        vids.append(torch.from_numpy(clip_frames).permute(3, 0, 1, 2).float() / 127.5 - 1)
         m = torch.zeros(1, frames, size, size)
-        for f, (t, b, l, r) in enumerate(c.boxes):
+        for f, (t, b, l, r) in enumerate(boxes):
             m[0, f, t:b, l:r] = 1
         masks.append(m)
     return torch.stack(vids), torch.stack(masks)
@@ -123,12 +174,56 @@ class VAEStage(Stage):
         self.vae.check_inputs = False
         self.models = {"vae_raw": (self.vae, self.optimizer(self.vae))}
 
-    def step(self, k: int) -> dict:
+    # data: clip seeds and prefix of iteration k; rendered inline or by the worker pool, one iteration ahead ------
+    def clip_jobs(self, k: int) -> tuple[list, int]:
+        """(seeds, frames) of iteration k's clips: frames = prefix + ``frames``, the prefix drawn per iteration."""
         c = self.cfg
         seeds = [self.seed_of(k, "clip", b) for b in range(c.batch_size)]
         f = self.vae.temporal_factor
         prefix = f * (self.seed_of(k, "prefix") % (c.warmup_frames // f + 1))
-        video, box = world_video_batch(seeds, prefix + c.frames, c.size, c.speech)
+        return seeds, prefix + c.frames
+
+    def _pool(self):
+        if self.cfg.workers and getattr(self, "_workers", None) is None:
+            import multiprocessing
+            import os
+
+            self._workers = multiprocessing.get_context("spawn").Pool(self.cfg.workers, _worker_init, (os.getpid(),))
+            self._ahead = None
+        return getattr(self, "_workers", None)
+
+    def prefetch(self, k: int) -> None:
+        """Start rendering iteration k's clips in the pool (no-op without workers)."""
+        pool = self._pool()
+        if pool is not None:
+            seeds, frames = self.clip_jobs(k)
+            self._ahead = (k, pool.map_async(_render, [(s, frames, self.cfg.size, self.cfg.speech, "train")
+                                                       for s in seeds]))
+
+    def batch(self, k: int):
+        """Iteration k's (video, box) on the CPU: from the prefetched render when it is k's, then the next one is
+        started; inline without workers."""
+        c = self.cfg
+        seeds, frames = self.clip_jobs(k)
+        pool = self._pool()
+        if pool is None:
+            return world_video_batch(seeds, frames, c.size, c.speech)
+        ahead = self._ahead if self._ahead is not None and self._ahead[0] == k else None
+        out = world_video_batch(seeds, frames, c.size, c.speech, pool=ahead[1] if ahead else pool)
+        self.prefetch(k + 1)
+        return out
+
+    def close(self) -> None:
+        pool = getattr(self, "_workers", None)
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+            self._workers = self._ahead = None
+
+    def step(self, k: int) -> dict:
+        c = self.cfg
+        video, box = self.batch(k)
+        prefix = video.shape[2] - c.frames
         video, box = video.to(self.device), box.to(self.device)
         enc_state, dec_state = {}, {}
         if prefix:
@@ -155,7 +250,9 @@ class VAEStage(Stage):
         """Per-channel mean and std of the raw latent mean over ``stats_clips`` fixed world clips."""
         c = self.cfg
         seeds = [self.seed_of("stats", i) for i in range(c.stats_clips)]
-        video, _ = world_video_batch(seeds, c.frames, c.size, c.speech)
+        pool = getattr(self, "_workers", None)          # a running pool only (export may run outside train)
+        video, _ = (world_video_batch(seeds, c.frames, c.size, c.speech) if pool is None else
+                    world_video_batch(seeds, c.frames, c.size, c.speech, pool=pool))
         self.vae.eval()
         mu = self.vae.encode(video.to(self.device), normalize=False).float()
         self.vae.train()
