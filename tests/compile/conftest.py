@@ -66,6 +66,29 @@ class BuiltExtension:
         return counts
 
 
+    def check_sm90_kernel(self, kernel: str, instructions) -> dict[str, str]:
+        """The checks every sm_90a kernel of the extension passes: 4 instantiations (fp16/bf16 x head_dim 64/128)
+        compiled for sm_90a only, no spills, and SASS with each of ``instructions``, P V reading V transposed and no
+        local memory.  Returns {function name: SASS} (skips without cuobjdump)."""
+        from tests.compile.compile_report import sass_by_function
+
+        entries = [line for line in self.log.splitlines() if "Compiling entry function" in line and kernel in line]
+        assert len(entries) == 4, entries
+        assert all("for 'sm_90a'" in line for line in entries), entries
+        assert self.spill_bytes(kernel) == {90: 0}
+        sass = sass_by_function(self.so_path)
+        if sass is None:
+            pytest.skip("cuobjdump not found")
+        ours = {name: text for name, text in sass.items() if kernel in name}
+        assert len(ours) == 4, list(ours)
+        for name, text in ours.items():
+            for instr in instructions(name) if callable(instructions) else instructions:
+                assert instr in text, f"{instr} missing in {name}"
+            assert ".tnspB" in text, f"P V must read V transposed (MN-major) in {name}"
+            assert "STL" not in text and "LDL" not in text, f"local memory in {name}"
+        return sass
+
+
 @pytest.fixture(scope="session")
 def built_extension(tmp_path_factory) -> BuiltExtension:
     """lipforcing._C built from this checkout with LIPFORCING_CUDA=ON for sm_80 and sm_90 (once per session)."""

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from tests.compile.compile_report import cuda_rows, sass_by_function
+from tests.compile.compile_report import cuda_rows
 
 pytestmark = pytest.mark.compile
 
@@ -25,27 +25,11 @@ def ext(built_extension):
     return built_extension.module
 
 
-def test_compiles_for_sm90a_without_spills(built_extension):
-    entries = [line for line in built_extension.log.splitlines()
-               if "Compiling entry function" in line and KERNEL in line]
-    assert len(entries) == 4, entries  # fp16/bf16 x head_dim 64/128
-    assert all("for 'sm_90a'" in line for line in entries), entries
-    assert built_extension.spill_bytes(KERNEL) == {90: 0}
-
-
-def test_sass_uses_wgmma_tma_and_setmaxnreg(built_extension):
-    sass = sass_by_function(built_extension.so_path)
-    if sass is None:
-        pytest.skip("cuobjdump not found")
-    ours = {name: text for name, text in sass.items() if KERNEL in name}
-    assert len(ours) == 4, list(ours)
-    for name, text in ours.items():
-        # S = Q K^T is m64n64k16 (64-key tiles); P V is m64n{D}k16
-        pv = "HGMMA.64x128x16.F32" if "Li128E" in name else "HGMMA.64x64x16.F32"
-        for instr in ("HGMMA.64x64x16.F32", pv, "UTMALDG.4D", "UTMALDG.5D", "USETMAXREG", "SYNCS"):
-            assert instr in text, f"{instr} missing in {name}"
-        assert ".tnspB" in text, f"P V must read V transposed (MN-major) in {name}"
-        assert "STL" not in text and "LDL" not in text, f"local memory in {name}"
+def test_compiles_for_sm90a_with_wgmma_tma_and_setmaxnreg(built_extension):
+    # S = Q K^T is m64n64k16 (64-key tiles); P V is m64n{D}k16
+    built_extension.check_sm90_kernel(KERNEL, lambda name: (
+        "HGMMA.64x64x16.F32", "HGMMA.64x128x16.F32" if "Li128E" in name else "HGMMA.64x64x16.F32",
+        "UTMALDG.4D", "UTMALDG.5D", "USETMAXREG", "SYNCS"))
 
 
 def test_report_rows(built_extension):
