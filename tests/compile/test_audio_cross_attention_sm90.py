@@ -13,6 +13,8 @@ import pytest
 
 from tests.compile.compile_report import cuda_rows
 
+from tests.compile.sm90_layout import decode, swizzle, tma_addr
+
 pytestmark = pytest.mark.compile
 
 KERNEL = "audio_cross_attention_sm90_kernel"
@@ -51,22 +53,6 @@ def test_smem_fits_an_sm90_sm(ext):
     assert ext.audio_cross_attention_sm90_smem_bytes(128) > ext.audio_cross_attention_sm90_smem_bytes(64)
 
 
-def _swizzle(addr):
-    """128B swizzle as hardware applies it: address bits [4, 7) XOR bits [7, 10)."""
-    return addr ^ (((addr >> 7) & 7) << 4)
-
-
-def _decode(desc):
-    assert desc >> 62 == 1, "128B swizzle mode expected"
-    return (desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
-
-
-def _tma_addr(tile_base, subtile_rows, row, col):
-    """Where TMA (box of 64 columns, 128B swizzle) puts element (row, col) of a tile stored as subtiles of 64
-    columns: subtile col // 64, row `row`, 16-byte chunk (col % 64) // 8, element col % 8."""
-    return _swizzle(tile_base + (col // 64) * subtile_rows * 128 + row * 128 + ((col % 64) // 8) * 16) + 2 * (col % 8)
-
-
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_descriptors_address_the_tma_layout(ext, head_dim):
     """Every element each wgmma k-step reads (canonical K-major / MN-major layouts with the 128B swizzle, as in
@@ -79,22 +65,22 @@ def test_descriptors_address_the_tma_layout(ext, head_dim):
     base_kv = base_q + 1024 * rng.randrange(32, 64)
     for kk in range(head_dim // 16):
         for consumer in (0, 1):
-            start, _, sbo = _decode(ext.audio_cross_attention_sm90_q_desc(base_q, consumer, kk))
+            start, _, sbo = decode(ext.audio_cross_attention_sm90_q_desc(base_q, consumer, kk))
             for m in range(64):
                 for k in range(16):
-                    hw = _swizzle(start + (m // 8) * sbo + (m % 8) * 128 + 2 * k)
-                    assert hw == _tma_addr(base_q, block_m, 64 * consumer + m, 16 * kk + k), (kk, consumer, m, k)
-        start, _, sbo = _decode(ext.audio_cross_attention_sm90_k_desc(base_kv, kk))
+                    hw = swizzle(start + (m // 8) * sbo + (m % 8) * 128 + 2 * k)
+                    assert hw == tma_addr(base_q, block_m, 64 * consumer + m, 16 * kk + k), (kk, consumer, m, k)
+        start, _, sbo = decode(ext.audio_cross_attention_sm90_k_desc(base_kv, kk))
         for n in range(block_n):  # B of S = Q K^T: key n, head_dim column 16 kk + k
             for k in range(16):
-                hw = _swizzle(start + (n // 8) * sbo + (n % 8) * 128 + 2 * k)
-                assert hw == _tma_addr(base_kv, block_n, n, 16 * kk + k), (kk, n, k)
+                hw = swizzle(start + (n // 8) * sbo + (n % 8) * 128 + 2 * k)
+                assert hw == tma_addr(base_kv, block_n, n, 16 * kk + k), (kk, n, k)
     for kk in range(block_n // 16):  # B of O += P V: key 16 kk + k, head_dim column n
-        start, lbo, sbo = _decode(ext.audio_cross_attention_sm90_v_desc(base_kv, kk))
+        start, lbo, sbo = decode(ext.audio_cross_attention_sm90_v_desc(base_kv, kk))
         for k in range(16):
             for n in range(head_dim):
-                hw = _swizzle(start + (n // 64) * lbo + (k // 8) * sbo + (k % 8) * 128 + 2 * (n % 64))
-                assert hw == _tma_addr(base_kv, block_n, 16 * kk + k, n), (kk, k, n)
+                hw = swizzle(start + (n // 64) * lbo + (k // 8) * sbo + (k % 8) * 128 + 2 * (n % 64))
+                assert hw == tma_addr(base_kv, block_n, 16 * kk + k, n), (kk, k, n)
 
 
 def test_audio_tma_spec(ext):
