@@ -10,7 +10,9 @@
 #   STAGES="profile_14b model" bash bench/gpu_session.sh   # a second call on the same (still warm) machine
 #   bash bench/gpu_session.sh --unpack PATH/results.tar.gz # here: into bench/results/<gpu>_<date>/
 #
-# Stages (default order, most needed first): build gpu profile_1.3b bench profile_14b model.
+# Stages (default order, most needed first): build gpu profile_1.3b bench profile_14b model interp.
+# interp: the interpreter tier (tests/interp: split-KV, qk_norm, the chunk_attention flags, tile shapes, ...)
+# compiled and run on the GPU -- those tests pick "cuda" when TRITON_INTERPRET is unset.
 set -uo pipefail
 
 if [ "${1:-}" = "--unpack" ]; then
@@ -26,7 +28,7 @@ fi
 
 OUT=${OUT:-out}
 BUDGET_S=${BUDGET_S:-540}
-STAGES=${STAGES:-"build gpu profile_1.3b bench profile_14b model"}
+STAGES=${STAGES:-"build gpu profile_1.3b bench profile_14b model interp"}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -85,6 +87,7 @@ main() {
                --bench-json "$WORK/bench_kernels.json" --benchmark-json "$WORK/pytest_benchmark.json" ;;
       profile_1.3b) stage profile_1.3b 100 profile 1.3b ;;
       profile_14b) stage profile_14b 150 profile 14b ;;
+      interp) stage interp 150 env -u TRITON_INTERPRET "${PYTEST[@]}" -m interp tests --junitxml="$WORK/interp_tests.xml" ;;
       model) stage model 240 "${PYTEST[@]}" -o addopts= bench/test_bench_model.py --bench-json "$WORK/bench_model.json" ;;
     esac
   done
