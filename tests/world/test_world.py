@@ -118,3 +118,34 @@ def test_data_builder_writes_the_papers_conditioning(tmp_path):
     before = files[0].stat().st_mtime_ns
     build_latent_dataset(tmp_path, vae, num_clips=2, frames=9, size=32, speech="synthetic", seed=seed)
     assert files[0].stat().st_mtime_ns == before
+
+
+def test_head_motion_is_slow_and_blinks_close_the_eyes():
+    """Head sway stays within a few percent and moves slowly (periods >= 2 s at 25 fps); blinks are 5-frame
+    closures 2-6 s apart that the renderer draws on the eyes only (the mouth box is unchanged)."""
+    from lipforcing.eval.metrics import box_darkness
+    from lipforcing.world import MouthTrack, blinks, head_motion, render_frames
+    from lipforcing.world.render import mouth_boxes
+
+    s, n = _seed(), 750                                                     # 30 s
+    m = head_motion(n, s)
+    for series, amp in ((m.dx, 0.02), (m.dy, 0.01), (m.tilt, np.deg2rad(3.0)), (m.scale - 1, 0.02)):
+        assert 0.1 * amp < np.abs(series).max() <= 1.5 * amp + 1e-12              # three sinusoids, peak <= 1.5 amp
+        assert np.abs(np.diff(series)).max() <= 1.5 * amp * 2 * np.pi / (2.0 * 25)   # no period under 2 s
+    still = head_motion(n, s, strength=0.0)
+    assert not np.any(still.dx) and np.all(still.scale == 1.0)
+    b = blinks(n, s)
+    assert b.min() == 0 and b.max() == 1 and np.array_equal(b, blinks(n, s))
+    onsets = np.flatnonzero((b[1:] > 0) & (b[:-1] == 0)) + 1
+    assert len(onsets) >= 4 and np.all(np.diff(onsets) >= 50) and np.all(np.diff(onsets) <= 150)
+    assert all(np.count_nonzero(b[o:o + 10]) == 5 for o in onsets[:-1])
+    ident = sample_identity(s)
+    closed = MouthTrack.closed(2)
+    still2 = head_motion(2, s, strength=0.0)
+    f = render_frames(ident, closed, still2, np.array([0.0, 1.0]), 64)
+    diff = np.abs(f[0].astype(int) - f[1]).sum(-1)
+    rows = np.flatnonzero(diff.any(1))
+    eye_y = (ident.face_cy - 0.08) * 64
+    assert len(rows) and np.all(np.abs(rows - eye_y) < 6)                       # only around the eyes
+    boxes = mouth_boxes(ident, still2, 64, 2)
+    assert box_darkness(f[:1], boxes[:1])[0] == box_darkness(f[1:], boxes[1:])[0]
