@@ -129,3 +129,24 @@ def test_other_bad_inputs_name_the_file(tmp_path):
         load_decoder(tmp_path / "nan.pth")
     with pytest.raises(ValueError, match="must end in .safetensors or .pth"):
         save_decoder(TAEHV("tiny"), tmp_path / "x.bin2")
+
+
+def test_public_style_fp16_pth_counts_and_loads(full_taehv, tmp_path):
+    """A random full-size checkpoint written like the public taew2_1.pth (a plain fp16 state dict, torch.save):
+    counted from the file itself, then loaded unchanged."""
+    path = tmp_path / "taew2_1.pth"
+    torch.save({k: v.half() for k, v in full_taehv.state_dict().items()}, path)
+    raw = torch.load(path, weights_only=True)
+    assert len(raw) == 128 and all(v.dtype == torch.float16 for v in raw.values())
+    count = lambda prefix: sum(v.numel() for k, v in raw.items() if k.startswith(prefix))  # noqa: E731
+    assert (count(""), count("encoder."), count("decoder.")) == (11_315_539, 1_470_928, 9_844_611)
+    assert tuple(raw["decoder.7.conv.weight"].shape) == (256, 256, 1, 1)
+    assert 22.5e6 < os.path.getsize(path) < 22.8e6                    # "22.6 MB in fp16"
+    loaded = load_decoder(path)
+    assert loaded.config == TAEHVConfig() and loaded.dtype == torch.float32
+    for k, v in raw.items():
+        assert torch.equal(loaded.state_dict()[k], v.float()), k
+    z = torch.randn(1, 2, 16, 2, 2)
+    rounded = TAEHV()
+    rounded.load_state_dict({k: v.float() for k, v in raw.items()})     # (full_taehv is shared: not cast)
+    assert torch.equal(loaded.decode_video(z), rounded.eval().decode_video(z))
