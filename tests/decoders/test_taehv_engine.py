@@ -80,3 +80,27 @@ def test_decoder_errors(tmp_path):
     with pytest.raises(ValueError, match="4 latent channels but the VAE has z_dim=16"):
         _engine(other)
     assert _engine("wan").decoder is None
+
+
+def test_engine_maps_dit_latents_to_raw_with_its_own_vae_statistics():
+    """TAEHV takes raw latents: the engine's stream decoder must undo the DiT normalisation with the statistics of
+    *its* VAE (here non-Wan ones, drawn fresh), i.e. equal TAEHV on z * std + mean computed here."""
+    from lipforcing.vae import VAEConfig
+    from tests.decoders.reference import exact_conv, randomize_
+
+    mean = tuple(float(v) for v in torch.randn(16))
+    std = tuple(float(v) for v in torch.rand(16) * 2 + 0.5)
+    vae = VAEConfig(dim=2, z_dim=16, dim_mult=(1, 1, 1, 1), num_res_blocks=1, latents_mean=mean, latents_std=std)
+    model = randomize_(TAEHV("tiny")).eval().requires_grad_(False)
+    engine = lipforcing.Engine.load(model=small_config(), vae=vae, resolution=RES, seed=3, backend="reference",
+                                    decoder=model)
+    z = torch.randn(1, 16, 5, RES // 8, RES // 8)                  # DiT (normalised) latents
+    raw = z * torch.tensor(std).view(1, -1, 1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1, 1)
+    with exact_conv():
+        dec = engine.stream_decoder()
+        got = torch.cat([dec.decode(z[:, :, :3]), dec.decode(z[:, :, 3:])], dim=2)
+        want = model.decode_video(raw.transpose(1, 2)).transpose(1, 2) * 2 - 1
+        as_if_raw = model.decode_video(z.transpose(1, 2)).transpose(1, 2) * 2 - 1
+    assert got.shape == (1, 3, 17, RES, RES)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)      # z / (1/std) vs z * std: last-bit rounding
+    assert (got - as_if_raw).abs().max() > 1e-2                      # the mapping is not a no-op here
