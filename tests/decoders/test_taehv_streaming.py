@@ -127,3 +127,25 @@ def test_stream_errors(tiny_taehv):
     with pytest.raises(ValueError, match="needs latents_mean and latents_std for 4"):
         TAEHVStreamDecoder(other)
     assert TAEHVStreamDecoder(other, normalize=False).decode(torch.randn(1, 4, 1, 2, 2)).shape == (1, 3, 1, 16, 16)
+
+
+def test_channels_last_on_the_cpu(tiny_taehv, tmp_path):
+    """Channels-last weights (what the engine uses on a GPU): streaming equals parallel bit for bit, the state stays
+    channels-last and in place, and the frames match the NCHW model to float rounding."""
+    from lipforcing.decoders import load_decoder, save_decoder
+
+    save_decoder(tiny_taehv, tmp_path / "d.safetensors")
+    cl = load_decoder(tmp_path / "d.safetensors", channels_last=True)
+    assert cl.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
+    z = torch.randn(2, 16, 7, 3, 5)
+    with exact_conv():
+        whole = cl.decode_video(z.transpose(1, 2)).transpose(1, 2) * 2 - 1
+        plain = tiny_taehv.decode_video(z.transpose(1, 2)).transpose(1, 2) * 2 - 1
+        dec = TAEHVStreamDecoder(cl, normalize=False)
+        parts = [dec.decode(z[:, :, :3])]
+        ptrs = [s.data_ptr() for s in dec.state]
+        parts += [dec.decode(p) for p in torch.split(z[:, :, 3:], [2, 2], dim=2)]
+    assert all(s.is_contiguous(memory_format=torch.channels_last) and not s.is_contiguous() for s in dec.state)
+    assert [s.data_ptr() for s in dec.state] == ptrs
+    assert torch.equal(torch.cat(parts, dim=2), whole)
+    torch.testing.assert_close(whole, plain, atol=2e-5, rtol=1e-4)
