@@ -24,6 +24,7 @@ from lipforcing.vae import WanVAE
 DECODERS = ["wan-vae", "taehv"]       # wan-vae first: the taehv test prints the ratio to it
 LATENTS_PER_CHUNK = 3
 _results: dict = {}
+_macs: dict = {}                      # (tag, name) -> MACs per frame
 
 
 def count_macs(module: torch.nn.Module, fn) -> int:
@@ -71,11 +72,13 @@ def _flops_per_chunk(dec, chunk, module) -> float:
         return 2.0 * count_macs(module, lambda: dec.decode(chunk))
 
 
-def _report(tag: str, times: dict, name: str, macs_per_frame: float) -> None:
+def _report(tag: str, times: dict, name: str, macs: dict) -> None:
+    """The comparison line, once both decoders of ``tag`` ran; ``macs``: name -> MACs per frame."""
     if name == "taehv" and "wan-vae" in times:
         print(f"\ndecoder {tag}: taehv {times['taehv'] * 1e3:.2f} ms, wan-vae {times['wan-vae'] * 1e3:.2f} ms per "
-              f"12-frame chunk -> taehv {times['wan-vae'] / times['taehv']:.1f}x faster; taehv "
-              f"{macs_per_frame / 1e9:.2f} GMAC per frame")
+              f"12-frame chunk -> taehv {times['wan-vae'] / times['taehv']:.1f}x faster; GMAC per frame: taehv "
+              f"{macs['taehv'] / 1e9:.3f}, wan-vae {macs['wan-vae'] / 1e9:.3f} "
+              f"({macs['wan-vae'] / macs['taehv']:.1f}x fewer MACs)")
 
 
 @pytest.mark.parametrize("name", DECODERS)
@@ -95,11 +98,12 @@ def test_bench_decoder_cpu(benchmark, name):
     assert out.shape == (1, 3, 12, pixels, pixels)
     median = benchmark.stats.stats.median
     _results[("cpu", name)] = median
-    macs_per_frame = flops / 2 / 12
+    macs_per_frame = _macs[("cpu", name)] = flops / 2 / 12
     benchmark.extra_info.update({"pixels": pixels, "frames": 12, "macs_per_frame": macs_per_frame,
                                  "gflops_per_s": flops / median / 1e9})
     _report(f"cpu {pixels}x{pixels} fp32 1 thread",
-            {k[1]: v for k, v in _results.items() if k[0] == "cpu"}, name, macs_per_frame)
+            {k[1]: v for k, v in _results.items() if k[0] == "cpu"}, name,
+            {k[1]: v for k, v in _macs.items() if k[0] == "cpu"})
 
 
 @pytest.mark.gpu
@@ -116,10 +120,10 @@ def test_bench_decoder_gpu(bench_record, name, dtype):
 
     row = bench_record("decoder", name, {"pixels": pixels, "latents": LATENTS_PER_CHUNK, "frames": 12}, dtype, fn,
                        flops=flops, warmup=3, rounds=20)
-    row.extra["macs_per_frame"] = flops / 2 / 12
+    row.extra["macs_per_frame"] = _macs[(str(dtype), name)] = flops / 2 / 12
     _results[(str(dtype), name)] = row.median_us * 1e-6
     times = {k[1]: v for k, v in _results.items() if k[0] == str(dtype)}
     if name == "taehv" and "wan-vae" in times:
         row.extra["speedup_vs_wan_vae"] = times["wan-vae"] / times["taehv"]
     _report(f"gpu {pixels}x{pixels} {str(dtype).replace('torch.', '')} ({row.tflops:.1f} TFLOP/s)", times, name,
-            flops / 2 / 12)
+            {k[1]: v for k, v in _macs.items() if k[0] == str(dtype)})
