@@ -128,3 +128,24 @@ def test_tracker_argument_errors():
         FacePipeline((R, R)).track(np.zeros((2, 32, 32, 3), np.float32))
     with pytest.raises(FaceError):
         track_clip(np.zeros((1, 64, 64, 3), np.uint8), FaceTracker((R, R)))
+
+
+def test_scene_cut_alone_restarts_the_smoothing():
+    """A cut with the face present on both sides (same place, new background, no faceless frame between): the
+    first frame after the cut gets the unsmoothed alignment exactly (the filter restarted), while a frame
+    without a cut is smoothed (the filter's history differs from that frame's own landmarks)."""
+    rng, seed = fresh_rng()
+    src = astronaut()
+    H, W = 720, 1280
+    centre = (rng.uniform(500, 780), rng.uniform(300, 420))
+    G = [placement(src.shape, (centre[0] + 2 * i, centre[1]), 1.5, 0.0) for i in range(5)]
+    dark = np.clip(rng.uniform(20, 70, 3) + rng.normal(0, 2, (H, W, 3)), 0, 255).astype(np.uint8)
+    bright = np.clip(rng.uniform(180, 230, 3) + rng.normal(0, 2, (H, W, 3)), 0, 255).astype(np.uint8)
+    frames = np.stack([render(src, dark if i < 3 else bright, G[i]) for i in range(5)])   # the cut: 2 -> 3
+    raw = [FacePipeline((R, R), smoothing=False).track(frames[i:i + 1]).matrices[0] for i in range(5)]
+    tracker = FaceTracker((R, R))
+    got = [tracker.update(f) for f in frames]
+    assert all(g is not None for g in got), seed
+    np.testing.assert_allclose(got[0][0], raw[0], atol=1e-9)            # the first frame of a track: unsmoothed
+    np.testing.assert_allclose(got[3][0], raw[3], atol=1e-9, err_msg=str(seed))   # the first frame after the cut
+    assert np.abs(got[2][0] - raw[2]).max() > 1e-6, seed               # within a shot the filter smooths
