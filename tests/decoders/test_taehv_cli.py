@@ -7,6 +7,7 @@ import math
 import re
 
 import av
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,21 @@ def test_bad_decoder_files_are_one_line_errors(tmp_path, capsys):
     assert main(["profile", "--device", "cpu", "--chunks", "1", "--decoder", "missing.pth", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--decoder missing.pth: no such file" in err[0]
+
+
+def test_demo_with_a_decoder_checkpoint(tmp_path, capsys):
+    """demo --decoder PATH decodes with that checkpoint: same frame count and size as with the Wan VAE, other
+    pictures (the output half of the side-by-side video)."""
+    ck = tmp_path / "d.safetensors"
+    save_decoder(TAEHV("tiny"), ck)
+    outs = {}
+    for name, dec in (("wan", "wan"), ("taehv", str(ck))):
+        out = tmp_path / f"{name}.mp4"
+        assert main(["demo", "-o", str(out), "--seconds", "0.6", "--decoder", dec]) == 0
+        with av.open(str(out)) as c:
+            outs[name] = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+    assert len(outs["wan"]) == len(outs["taehv"]) == 15                 # 0.6 s at 25 fps, whatever the decoder
+    assert outs["taehv"][0].shape == outs["wan"][0].shape == (360, 1280, 3)
+    a, b = (np.stack(outs[k]).astype(np.float32) for k in ("wan", "taehv"))
+    d_in, d_out = np.abs(a[..., :640, :] - b[..., :640, :]).mean(), np.abs(a[..., 640:, :] - b[..., 640:, :]).mean()
+    assert d_out > 10 * d_in + 0.1             # the input half is the same clip (up to lossy coding), the output not
