@@ -2,7 +2,7 @@
 :mod:`lipforcing.serve.protocol`), ``/health`` (JSON) and ``/metrics`` (Prometheus).
 
 One engine serves every connection; each connection holds at most one session at a time.  The event loop never
-computes: audio goes to ``session.apush_audio`` (which waits, without blocking the loop, while the session's
+computes: a session is opened (reference decoding, face detection) in a worker thread, audio goes to ``session.apush_audio`` (which waits, without blocking the loop, while the session's
 buffer is full: TCP backpressure for a client that sends faster than real time), frames come from
 ``session.aframes()`` and are encoded (JPEG) in a worker thread.  A client that disconnects, cleanly or not, has
 its session closed at once, which drops its queued chunks.
@@ -26,13 +26,15 @@ logger = logging.getLogger("lipforcing.serve")
 
 __all__ = ["LipSyncServer", "AvatarStore", "serve"]
 
-_AVATAR_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".png", ".jpg", ".jpeg", ".npy")
+_AVATAR_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".png", ".jpg", ".jpeg", ".npy", ".safetensors")
 
 
 class AvatarStore:
-    """Prepared avatars: id -> reference frames.  ``source``: None, a dict {id: (N, H, W, 3) uint8 array or a
-    file path}, or a folder whose files ``<id>.mp4`` / ``.png`` / ``.jpg`` / ``.npy`` (and other video
-    containers) are the avatars.  Files are decoded on first use and kept."""
+    """Prepared avatars: id -> reference.  ``source``: None, a dict {id: (N, H, W, 3) uint8 array or a file
+    path}, or a folder whose files ``<id>.mp4`` / ``.png`` / ``.jpg`` / ``.npy`` (and other video containers) are
+    the avatars, and ``<id>.safetensors`` a reference written by ``engine.prepare(video, path)`` (its face track is
+    read back instead of detected; other ``.safetensors`` files are not avatars).  Files are decoded on first use
+    and kept; :meth:`get` returns the frames, or the path of a prepared reference file."""
 
     def __init__(self, source=None):
         self._lock = threading.Lock()
@@ -50,15 +52,20 @@ class AvatarStore:
         folder = os.fspath(source)
         if not os.path.isdir(folder):
             raise ValueError(f"avatars {folder!r}: not a folder")
+        from lipforcing.engine.reference import is_reference_file
+
         for name in sorted(os.listdir(folder)):
             stem, ext = os.path.splitext(name)
+            path = os.path.join(folder, name)
+            if ext.lower() == ".safetensors" and not is_reference_file(path):
+                continue
             if ext.lower() in _AVATAR_EXTENSIONS:
-                self._paths.setdefault(stem, os.path.join(folder, name))
+                self._paths.setdefault(stem, path)
 
     def ids(self) -> list[str]:
         return sorted(set(self._cache) | set(self._paths))
 
-    def get(self, avatar: str) -> np.ndarray:
+    def get(self, avatar: str) -> np.ndarray | str:
         with self._lock:
             if avatar in self._cache:
                 return self._cache[avatar]
@@ -66,6 +73,8 @@ class AvatarStore:
         if path is None:
             raise ProtocolError("unknown_avatar", f"no prepared avatar {avatar!r} (this server has "
                                                   f"{', '.join(self.ids()) or 'none'})")
+        if path.lower().endswith(".safetensors"):
+            return path                  # engine.prepare(path) reads it (and its source video) back
         frames = _read_reference_file(path)
         with self._lock:
             self._cache[avatar] = frames
@@ -102,6 +111,30 @@ class LipSyncServer:
         self.counters = {"connections_total": 0, "frames_sent_total": 0, "protocol_errors_total": 0,
                          "sessions_refused_total": 0}
         self.started = time.time()
+        self._prepared: dict = {}                  # avatar id -> engine.prepare's Reference (face track done once)
+        self._preparing: dict[str, threading.Lock] = {}
+        self._prepared_lock = threading.Lock()
+
+    def prepared_avatar(self, avatar: str):
+        """The avatar's reference as ``engine.prepare`` returns it, computed once per id (face detection and
+        tracking of full frames run at the first start only) and shared by the sessions.  Blocking: call it in a
+        worker thread."""
+        with self._prepared_lock:
+            if avatar in self._prepared:
+                return self._prepared[avatar]
+            lock = self._preparing.setdefault(avatar, threading.Lock())
+        with lock:
+            with self._prepared_lock:
+                if avatar in self._prepared:
+                    return self._prepared[avatar]
+            source = self.avatars.get(avatar)
+            try:
+                ref = self.engine.prepare(source)
+            except (TypeError, ValueError) as exc:
+                raise ProtocolError("bad_reference", f"avatar {avatar!r}: {exc}") from None
+            with self._prepared_lock:
+                self._prepared[avatar] = ref
+            return ref
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_message_bytes)
@@ -198,9 +231,12 @@ class _Connection:
         req = await asyncio.to_thread(parse_start, msg)
         reference = req.reference
         if reference is None:
-            reference = await asyncio.to_thread(self.server.avatars.get, req.avatar)
+            reference = await asyncio.to_thread(self.server.prepared_avatar, req.avatar)
         try:
-            session = self.server.engine.session(reference, sample_rate=req.sample_rate, seed=req.seed)
+            # a worker thread: a full-frame reference runs face detection and tracking here (seconds), which must
+            # not hold up the other connections' frames
+            session = await asyncio.to_thread(self.server.engine.session, reference, sample_rate=req.sample_rate,
+                                              seed=req.seed)
         except AdmissionError as exc:
             self.server.counters["sessions_refused_total"] += 1
             raise ProtocolError("busy", str(exc)) from None
@@ -210,8 +246,9 @@ class _Connection:
         self.session_id += 1
         e = self.server.engine
         self.sender = asyncio.create_task(self._send_frames(session, req))
+        h, w = session.reference.shape[1:3]          # the frames sent: the crops, or full frames (face pasted back)
         await self._send_text(json.dumps({
-            "type": "started", "session": self.session_id, "width": e.resolution[1], "height": e.resolution[0],
+            "type": "started", "session": self.session_id, "width": int(w), "height": int(h),
             "fps": e.fps, "sample_rate": e.sample_rate, "samples_per_frame": e.samples_per_frame,
             "video_format": req.video_format, "audio_format": req.audio_format}))
 

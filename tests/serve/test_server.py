@@ -6,6 +6,7 @@ import base64
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -233,3 +234,77 @@ def test_health_and_metrics(serve_engine, tmp_path):
     assert AvatarStore(tmp_path).get("bob").shape == (2, RES, RES, 3)
     with pytest.raises(ValueError, match="not a folder"):
         AvatarStore(tmp_path / "bob.npy")
+
+
+def test_opening_a_session_does_not_block_the_event_loop(serve_engine, monkeypatch):
+    # engine.session runs face detection and tracking on a full-frame reference (seconds): the server must open it
+    # in a worker thread, or every other connection's frames and /health wait meanwhile
+    entered, gate, released = threading.Event(), threading.Event(), []
+    real = serve_engine.session
+
+    def slow_session(*args, **kwargs):
+        entered.set()
+        released.append(gate.wait(5))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve_engine, "session", slow_session)
+
+    async def body(ts, http, server):
+        async with http.ws_connect(ts.make_url("/ws")) as ws:
+            await ws.send_json({"type": "start", "reference": _rgb_reference(reference_frames(1))})
+            while not entered.is_set():
+                await asyncio.sleep(0.01)
+            async with http.get(ts.make_url("/health")) as r:       # answered while the session is being opened
+                assert r.status == 200
+            gate.set()
+            await _expect(ws, "started")
+            await ws.send_json({"type": "close"})
+            await _expect(ws, "closed")
+
+    asyncio.run(_run_server(serve_engine, body))
+    assert released == [True]
+
+
+def test_prepared_avatars_detect_the_face_once(serve_engine, tmp_path, monkeypatch, _fresh_random_inputs):
+    pytest.importorskip("cv2")
+    import lipforcing.face.detect as detect
+    from tests.face.helpers import astronaut, clip
+
+    rng = np.random.default_rng(_fresh_random_inputs)
+    frames, _, _ = clip(astronaut(), (240, 320), 3, rng, start=(150, 120), end=(160, 125), scale=(0.8, 0.8))
+    np.save(tmp_path / "amy.npy", frames)
+    serve_engine.prepare(frames, tmp_path / "ben.safetensors")      # written by engine.prepare: no detection
+    (tmp_path / "weights.safetensors").write_bytes(b"\x10" + b"\0" * 15)   # not a prepared reference: not listed
+    pcm16 = (speech(P * 14 + 77, seed=int(rng.integers(1 << 30))) * 30000).astype(np.int16)
+    with serve_engine.session(frames, seed=3) as s:
+        s.push_audio(pcm16)
+        s.end_of_speech()
+        alone = list(s.frames(timeout=TIMEOUT))
+    calls = []
+    real = detect.detect_faces
+    monkeypatch.setattr(detect, "detect_faces", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    async def body(ts, http, server):
+        assert server.avatars.ids() == ["amy", "ben"]
+        counts, got = [], {}
+        async with http.ws_connect(ts.make_url("/ws")) as ws:
+            for avatar in ("amy", "amy", "ben"):
+                await ws.send_json({"type": "start", "avatar": avatar, "seed": 3, "video_format": "rgb"})
+                started = await _expect(ws, "started")
+                assert (started["width"], started["height"]) == (320, 240)      # the full frames come back
+                counts.append(len(calls))
+                await ws.send_bytes(pcm16.astype("<i2").tobytes())
+                await ws.send_json({"type": "end_of_speech"})
+                got[avatar] = [decode_frame((await ws.receive(timeout=TIMEOUT)).data) for _ in alone]
+                await ws.send_json({"type": "close"})
+                await _expect(ws, "closed")
+        return counts, got
+
+    counts, got = asyncio.run(_run_server(serve_engine, body, avatars=tmp_path))
+    assert counts[0] > 0 and counts == [counts[0]] * 3               # amy detected at her first start only
+    for frames_ in got.values():
+        assert [h["index"] for h, _, _ in frames_] == [f.index for f in alone]
+        for (h, img, _), f in zip(frames_, alone):
+            assert (h["width"], h["height"]) == (320, 240)
+            np.testing.assert_array_equal(img, f.image)
+
