@@ -181,6 +181,10 @@ class _Connection:
         self.session = None
         self.start = None
         self.sender: asyncio.Task | None = None
+        # an interrupt and a frame being sent exclude each other, and a frame taken before an interrupt is dropped:
+        # after {"type": "interrupted"} the client gets frames of the new utterance only
+        self.send_lock = asyncio.Lock()
+        self.interrupts = 0
         self.session_id = 0
 
     async def run(self) -> None:
@@ -217,8 +221,10 @@ class _Connection:
         if kind == "end_of_speech":
             self.session.end_of_speech()
         elif kind == "interrupt":
-            self.session.interrupt()
-            await self._send_text(json.dumps({"type": "interrupted", "session": self.session_id}))
+            async with self.send_lock:
+                self.interrupts += 1
+                self.session.interrupt()
+                await self._send_text(json.dumps({"type": "interrupted", "session": self.session_id}))
         elif kind == "close":
             await self.end_session()
             await self._send_text(json.dumps({"type": "closed", "session": self.session_id}))
@@ -266,11 +272,15 @@ class _Connection:
     async def _send_frames(self, session, req) -> None:
         try:
             async for frame in session.aframes():
-                data = encode_frame(frame, video_format="rgb", audio_format=req.audio_format) \
-                    if req.video_format == "rgb" else await asyncio.to_thread(
-                        encode_frame, frame, video_format="jpeg", audio_format=req.audio_format,
-                        jpeg_quality=req.jpeg_quality)
-                await self.ws.send_bytes(data)
+                taken = self.interrupts          # no await since aframes() took the frame
+                async with self.send_lock:
+                    if self.interrupts != taken:
+                        continue                 # taken before an interrupt that has been answered: stale
+                    data = encode_frame(frame, video_format="rgb", audio_format=req.audio_format) \
+                        if req.video_format == "rgb" else await asyncio.to_thread(
+                            encode_frame, frame, video_format="jpeg", audio_format=req.audio_format,
+                            jpeg_quality=req.jpeg_quality)
+                    await self.ws.send_bytes(data)
                 self.server.counters["frames_sent_total"] += 1
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             pass

@@ -308,3 +308,48 @@ def test_prepared_avatars_detect_the_face_once(serve_engine, tmp_path, monkeypat
             assert (h["width"], h["height"]) == (320, 240)
             np.testing.assert_array_equal(img, f.image)
 
+
+def test_interrupt_over_the_socket_with_f32le_at_24khz_and_jpeg(serve_engine, _fresh_random_inputs):
+    rng = np.random.default_rng(_fresh_random_inputs)
+    ref = reference_frames(2, seed=int(rng.integers(1 << 30)))
+    rate = 24000
+    long32 = speech(rate * 20, seed=int(rng.integers(1 << 30)))                    # 500 frames
+    short32 = speech(int(rate * 0.5) + int(rng.integers(1, 900)), seed=int(rng.integers(1 << 30)))
+    with serve_engine.session(ref, sample_rate=rate) as s:
+        s.push_audio(short32)
+        s.end_of_speech()
+        n_short = len(list(s.frames(timeout=TIMEOUT)))
+
+    async def body(ts, http, server):
+        async with http.ws_connect(ts.make_url("/ws")) as ws:
+            await ws.send_json({"type": "start", "reference": _rgb_reference(ref), "sample_rate": rate,
+                                "audio_format": "f32le", "video_format": "jpeg", "jpeg_quality": 90})
+            await _expect(ws, "started")
+            await ws.send_bytes(long32.astype("<f4").tobytes())
+            frames = [decode_frame((await ws.receive(timeout=TIMEOUT)).data) for _ in range(3)]
+            await ws.send_json({"type": "interrupt"})
+            while True:                                   # frames already on their way, then the answer
+                msg = await ws.receive(timeout=TIMEOUT)
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    assert json.loads(msg.data)["type"] == "interrupted", msg.data
+                    break
+                frames.append(decode_frame(msg.data))
+            before = len(frames)
+            await ws.send_bytes(short32.astype("<f4").tobytes())
+            await ws.send_json({"type": "end_of_speech"})
+            while len(frames) < before + n_short:
+                frames.append(decode_frame((await ws.receive(timeout=TIMEOUT)).data))
+            await ws.send_json({"type": "close"})
+            await _expect(ws, "closed")                   # nothing else: no frame of the old utterance came late
+            return frames, before
+
+    frames, before = asyncio.run(_run_server(serve_engine, body))
+    assert before < 500                                               # cut short
+    idx = [h["index"] for h, _, _ in frames]
+    assert idx[:before] == list(range(before))
+    # the new utterance follows on: its first index is after the last frame the server took from the session,
+    # which is the last one sent or one more (a frame taken as the interrupt came in is dropped, not sent late)
+    assert idx[before] in (before, before + 1) and idx[before:] == list(range(idx[before], idx[before] + n_short))
+    for h, img, audio in frames:
+        assert h["video_format"] == "jpeg" and img.shape == (RES, RES, 3)
+        assert audio.dtype == np.float32 and audio.shape == (P,)
