@@ -10,7 +10,9 @@ Rows (pytest-benchmark, ms per frame):
   same crop), ratio printed;
 * ``paste_mouth`` / ``paste_face`` (torch, blend region's footprint only) next to the LatentSync-style baseline
   ``paste_cv2_full_frame`` (inverse ``cv2.warpAffine`` of crop and mask to the whole frame + a float blend of the
-  whole frame), ratio printed.
+  whole frame), ratio printed;
+* with a CUDA GPU also ``align_cuda``, ``paste_mouth_cuda``, ``paste_face_cuda``: the same torch code with frame,
+  crop and weight on the GPU (synchronised after each call; detection and landmarks stay on the CPU: OpenCV).
 
 Run: ``pytest bench/test_bench_face.py`` (add ``--benchmark-disable`` for one pass).
 """
@@ -28,6 +30,24 @@ from lipforcing.media import synthetic_face_clip  # noqa: E402
 
 H, W, R, N = 720, 1280, 512, 20
 _ms: dict = {}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA GPU"))]
+
+
+def _on(device, fn, *args):
+    """``fn(*args)``, followed by a synchronisation on CUDA (so the benchmark times the kernels)."""
+    if device != "cuda":
+        return lambda: fn(*args)
+
+    def run():
+        out = fn(*args)
+        torch.cuda.synchronize()
+        return out
+    return run
+
+
+def _name(base, device):
+    return base if device == "cpu" else f"{base}_{device}"
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +97,14 @@ def test_align_cv2(benchmark, scene):
     _record(benchmark, "align_cv2")
 
 
-def test_align(benchmark, scene):
+@pytest.mark.parametrize("device", DEVICES)
+def test_align(benchmark, scene, device):
     frames, _, track, _ = scene
-    f = torch.from_numpy(frames[5:6])
-    benchmark(warp_to_crop, f, track.matrices[5:6], (R, R))
-    _record(benchmark, "align")
-    print(f"\nalign: {_ms['align']:.2f} ms per frame, {_ms['align'] / _ms['align_cv2']:.2f}x cv2.warpAffine")
+    f = torch.from_numpy(frames[5:6]).to(device)
+    benchmark(_on(device, warp_to_crop, f, track.matrices[5:6], (R, R)))
+    name = _name("align", device)
+    _record(benchmark, name)
+    print(f"\n{name}: {_ms[name]:.2f} ms per frame, {_ms[name] / _ms['align_cv2']:.2f}x cv2.warpAffine (CPU)")
 
 
 def test_paste_cv2_full_frame(benchmark, scene):
@@ -100,13 +122,14 @@ def test_paste_cv2_full_frame(benchmark, scene):
     _record(benchmark, "paste_cv2_full_frame")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("region", ["mouth", "face"])
-def test_paste(benchmark, scene, region):
+def test_paste(benchmark, scene, region, device):
     frames, fp, track, crops = scene
-    p = fp if region == "mouth" else FacePipeline((R, R), region="face")
-    f = torch.from_numpy(frames[5])
-    benchmark(p.paste, f, crops[5], track, 5)
-    name = f"paste_{region}"
+    p = fp if region == "mouth" and device == "cpu" else FacePipeline((R, R), region=region, device=device)
+    f, crop = torch.from_numpy(frames[5]).to(device), crops[5].to(device)
+    benchmark(_on(device, p.paste, f, crop, track, 5))
+    name = _name(f"paste_{region}", device)
     _record(benchmark, name)
     print(f"\n{name}: {_ms[name]:.2f} ms per frame, {_ms[name] / _ms['paste_cv2_full_frame']:.2f}x the full-frame "
-          "cv2 baseline")
+          "cv2 baseline (CPU)")
