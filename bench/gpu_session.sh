@@ -60,10 +60,12 @@ build() {
   python -c "from lipforcing.ops import cuda; print('CUDA extension:', cuda.has_extension(), cuda.unavailable_reason())"
 }
 
-profile() {  # profile MODEL: bf16 with CUDA graphs
+profile() {  # profile MODEL [ARGS]: bf16 with CUDA graphs
   set -o pipefail
-  lipforcing profile --model "$1" --device cuda --dtype bf16 --chunks 12 --cuda-graphs --no-progress \
-    --json "$WORK/profile_$1_graphs.json" --plot "$WORK/profile_$1_graphs.png" 2>&1 | tee "$WORK/profile_$1_graphs.txt"
+  local model=$1; shift
+  lipforcing profile --model "$model" "$@" --device cuda --dtype bf16 --chunks 12 --cuda-graphs --no-progress \
+    --json "$WORK/profile_${model}_graphs.json" --plot "$WORK/profile_${model}_graphs.png" 2>&1 \
+    | tee "$WORK/profile_${model}_graphs.txt"
 }
 
 export -f build profile
@@ -71,8 +73,8 @@ export WORK
 
 main() {
   for s in $STAGES; do
-    case $s in build|gpu|bench|profile_1.3b|profile_14b|model) ;;
-      *) echo "unknown stage '$s' (build gpu bench profile_1.3b profile_14b model)"; return 2 ;; esac
+    case $s in build|gpu|bench|profile_1.3b|profile_14b|model|interp) ;;
+      *) echo "unknown stage '$s' (build gpu bench profile_1.3b profile_14b model interp)"; return 2 ;; esac
   done
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no GPU"
     date -u +%Y-%m-%dT%H:%MZ
@@ -85,7 +87,7 @@ main() {
       # -o addopts= : the project's default `-m 'not compile and not gpu'` would deselect the benchmarks
       bench) stage bench 150 "${PYTEST[@]}" -o addopts= bench --ignore=bench/test_bench_model.py \
                --bench-json "$WORK/bench_kernels.json" --benchmark-json "$WORK/pytest_benchmark.json" ;;
-      profile_1.3b) stage profile_1.3b 100 profile 1.3b ;;
+      profile_1.3b) stage profile_1.3b 100 profile 1.3b --decoder taehv ;;  # + the Wan VAE decoder side by side
       profile_14b) stage profile_14b 150 profile 14b ;;
       interp) stage interp 150 env -u TRITON_INTERPRET "${PYTEST[@]}" -m interp tests --junitxml="$WORK/interp_tests.xml" ;;
       model) stage model 240 "${PYTEST[@]}" -o addopts= bench/test_bench_model.py --bench-json "$WORK/bench_model.json" ;;
