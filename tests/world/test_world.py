@@ -80,6 +80,11 @@ def test_espeak_speech_voices_and_held_out_split():
     assert u.samples.dtype == np.float32 and 0.2 < u.seconds < 3 and np.abs(u.samples).max() == pytest.approx(0.5)
     v = sample_utterance(_seed(), seconds=2.0, split="eval", source="espeak")
     assert len(v.samples) == 32000 and v.voice in EVAL_VOICES and v.source == "espeak"
+    # held-out sentences only (and the training split never speaks them)
+    assert any(x in v.text for x in EVAL_SENTENCES) and not any(x in v.text for x in TRAIN_SENTENCES)
+    t = sample_utterance(_seed(), seconds=2.0, split="train", source="espeak")
+    assert t.voice in TRAIN_VOICES and any(x in t.text for x in TRAIN_SENTENCES)
+    assert not any(x in t.text for x in EVAL_SENTENCES)
     other = espeak_utterance("Hello there.", voice=EVAL_VOICES[1])                 # voices differ
     n = min(len(u.samples), len(other.samples))
     assert not np.allclose(u.samples[:n], other.samples[:n], atol=1e-3)
