@@ -1,6 +1,9 @@
 """Serving throughput: aggregate frames/s and per-session chunk latency for 1, 2, 4, 8 concurrent sessions, with the
 scheduler batching their chunks into one DiT pass (max_batch = sessions) and without (max_batch = 1), measured in
-the same run (the unbatched row is the baseline of its batched row).
+the same run (the unbatched row is the baseline of its batched row).  On a shared machine the load drifts between
+rows, so every configuration of a session count runs ``LIPFORCING_BENCH_SERVING_REPEATS`` times (default 3),
+interleaved (unbatched, batched, unbatched, batched, ...): the ratios are the median of the per-repeat ratios (each
+against the unbatched run just before it), FPS is over all repeats, p99 over the pooled chunks of each session.
 
 Closed loop, like a host that streams as fast as the engine allows: each session has its own host thread that
 pushes one chunk's audio (plus the front end's lookahead), waits for that chunk's frames (``frames(block=True)``),
@@ -28,6 +31,8 @@ from lipforcing.profiling import StreamPlan
 
 SESSIONS = (1, 2, 4, 8)
 CHUNKS = int(os.environ.get("LIPFORCING_BENCH_SERVING_CHUNKS", "6"))     # measured chunks per session
+REPEATS = int(os.environ.get("LIPFORCING_BENCH_SERVING_REPEATS", "3"))   # interleaved runs per configuration
+_LOAD_START: dict = {}
 
 
 def _stream(session, pcm, plan, chunks, lat, counts, k, start):
@@ -70,45 +75,73 @@ def _run(engine, n: int, max_batch: int, chunks: int, seed: int = 0) -> dict:
     for s in sessions:
         s.close()
     batches = {b: c - batches0.get(b, 0) for b, c in st["batch_sizes"].items() if c - batches0.get(b, 0)}
-    steps = st["steps"] - steps0
+    return {"sessions": n, "max_batch": max_batch, "frames": sum(counts), "wall_s": wall, "lat": lat,
+            "steps": st["steps"] - steps0, "batches": batches}
+
+
+def _row(engine, runs: list[dict], chunks: int) -> dict:
+    """One table row from the repeats of one configuration."""
+    n, max_batch = runs[0]["sessions"], runs[0]["max_batch"]
+    lat = [sum((r["lat"][k] for r in runs), []) for k in range(n)]        # each session's chunks, all repeats
+    frames, wall = sum(r["frames"] for r in runs), sum(r["wall_s"] for r in runs)
+    batches: dict = {}
+    for r in runs:
+        for b, c in r["batches"].items():
+            batches[b] = batches.get(b, 0) + c
     p99 = [float(np.percentile(v, 99)) for v in lat]
     p50 = [float(np.percentile(v, 50)) for v in lat]
     return {"sessions": n, "max_batch": max_batch, "batching": max_batch > 1, "chunks_per_session": chunks,
-            "frames": sum(counts), "wall_s": wall, "fps_total": sum(counts) / wall,
-            "fps_per_session": sum(counts) / wall / n, "chunk_latency_p50_ms": 1e3 * float(np.mean(p50)),
+            "repeats": len(runs), "frames": frames, "wall_s": wall, "fps_total": frames / wall,
+            "fps_per_session": frames / wall / n, "fps_total_per_repeat": [r["frames"] / r["wall_s"] for r in runs],
+            "chunk_latency_p50_ms": 1e3 * float(np.mean(p50)),
             "chunk_latency_p99_ms_worst_session": 1e3 * max(p99),
             "chunk_latency_p99_ms_mean": 1e3 * float(np.mean(p99)),
-            "steps": steps, "mean_batch": (sum(b * c for b, c in batches.items()) / max(1, sum(batches.values()))),
+            "steps": sum(r["steps"] for r in runs),
+            "mean_batch": (sum(b * c for b, c in batches.items()) / max(1, sum(batches.values()))),
             "realtime_budget_ms": 1e3 * engine.chunk_frames / 25}
+
+
+def _p99_worst(run: dict) -> float:
+    return max(float(np.percentile(v, 99)) for v in run["lat"])
 
 
 def _bench(engine, label: str, linear_modes=None) -> list[dict]:
     """Rows for every session count: unbatched, then batched with each ``batch_linear`` mode (the engine's own
-    first: "split" on the CPU, bit-exact; "fold" runs each linear layer on all sessions' rows at once)."""
+    first: "split" on the CPU, bit-exact; "fold" runs each linear layer on all sessions' rows at once), each
+    configuration ``REPEATS`` times, interleaved."""
     linear_modes = linear_modes or [engine.batch_linear]
+    _LOAD_START["load"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     rows = []
     for n in SESSIONS:
-        base = _run(engine, n, 1, CHUNKS)
-        rows.append(base)
-        if n > 1:
-            for mode in linear_modes:
-                engine.batch_linear = mode
-                row = _run(engine, n, n, CHUNKS)
-                row["batch_linear"] = mode
-                row["fps_ratio_vs_unbatched"] = row["fps_total"] / base["fps_total"]
-                row["p99_ratio_vs_unbatched"] = row["chunk_latency_p99_ms_worst_session"] / \
-                    base["chunk_latency_p99_ms_worst_session"]
-                rows.append(row)
+        modes = linear_modes if n > 1 else []
+        runs: dict = {None: [], **{m: [] for m in modes}}
+        for _ in range(REPEATS):
             engine.batch_linear = linear_modes[0]
-    print(f"\nserving, {label}: {CHUNKS} chunks of {engine.chunk_frames} frames per session, closed loop")
+            runs[None].append(_run(engine, n, 1, CHUNKS))
+            for mode in modes:
+                engine.batch_linear = mode
+                runs[mode].append(_run(engine, n, n, CHUNKS))
+        engine.batch_linear = linear_modes[0]
+        rows.append(_row(engine, runs[None], CHUNKS))
+        for mode in modes:
+            row = _row(engine, runs[mode], CHUNKS)
+            row["batch_linear"] = mode
+            fps = [(b["frames"] / b["wall_s"]) / (u["frames"] / u["wall_s"]) for b, u in zip(runs[mode], runs[None])]
+            p99 = [_p99_worst(b) / _p99_worst(u) for b, u in zip(runs[mode], runs[None])]
+            row["fps_ratio_per_repeat"], row["p99_ratio_per_repeat"] = fps, p99
+            row["fps_ratio_vs_unbatched"] = float(np.median(fps))
+            row["p99_ratio_vs_unbatched"] = float(np.median(p99))
+            rows.append(row)
+    print(f"\nserving, {label}: {CHUNKS} chunks of {engine.chunk_frames} frames per session, closed loop, "
+          f"{REPEATS} interleaved repeats (x FPS, x p99: median ratio to the unbatched run before)")
     print(f"{'sessions':>8} {'batching':>14} {'FPS total':>10} {'FPS/sess':>9} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'mean B':>7} {'x FPS':>6}")
+          f"{'mean B':>7} {'x FPS':>6} {'x p99':>6}")
     for r in rows:
         mode = f"on ({r['batch_linear']})" if r["batching"] else "off"
         print(f"{r['sessions']:>8} {mode:>14} {r['fps_total']:>10.1f} "
               f"{r['fps_per_session']:>9.1f} {r['chunk_latency_p50_ms']:>8.1f} "
               f"{r['chunk_latency_p99_ms_worst_session']:>8.1f} {r['mean_batch']:>7.2f} "
-              f"{r.get('fps_ratio_vs_unbatched', 1.0):>6.2f}")
+              f"{r.get('fps_ratio_vs_unbatched', 1.0):>6.2f} {r.get('p99_ratio_vs_unbatched', 1.0):>6.2f}")
     return rows
 
 
@@ -118,10 +151,11 @@ def _write(rows, engine, label):
     folder = os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"serving_{engine.device.type}.json")
-    doc = {"schema": "lipforcing.bench_serving/1", "label": label, "device": str(engine.device),
+    doc = {"schema": "lipforcing.bench_serving/2", "label": label, "device": str(engine.device),
            "dtype": str(engine.dtype).replace("torch.", ""), "resolution": list(engine.resolution),
            "batch_linear": engine.batch_linear, "threads": torch.get_num_threads(),
-           "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+           "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,   # at the end
+           "load_average_1m_start": _LOAD_START.get("load"),
            "environment": environment(), "rows": rows}
     with open(path, "w") as fh:
         json.dump(doc, fh, indent=1)
@@ -136,7 +170,7 @@ def test_serving_tiny_cpu():
         _write(rows, engine, "tiny-cpu")
     finally:
         engine.close()
-    assert all(r["frames"] == r["sessions"] * CHUNKS * engine.chunk_frames for r in rows)
+    assert all(r["frames"] == r["sessions"] * CHUNKS * engine.chunk_frames * REPEATS for r in rows)
     assert engine.batch_linear == "split"
 
 
@@ -148,4 +182,4 @@ def test_serving_1_3b_gpu():
         _write(rows, engine, "1.3b-gpu")
     finally:
         engine.close()
-    assert all(r["frames"] == r["sessions"] * CHUNKS * engine.chunk_frames for r in rows)
+    assert all(r["frames"] == r["sessions"] * CHUNKS * engine.chunk_frames * REPEATS for r in rows)
