@@ -20,8 +20,9 @@ __all__ = ["Utterance", "espeak_available", "espeak_utterance", "synthetic_utter
            "TRAIN_VOICES", "EVAL_VOICES", "TRAIN_SENTENCES", "EVAL_SENTENCES", "SAMPLE_RATE"]
 
 SAMPLE_RATE = 16000
-# espeak-ng voice names with a variant (+f2, +m3, ...: pitch/formant variants of the same language voice)
-TRAIN_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us+f2", "en-gb+f3", "en-us+m3",
+# espeak-ng voice names with a variant (+f2, +m3, ...: pitch/formant variants of the same language voice); every
+# name must give its own audio (espeak-ng 1.51 ignores the variant of 'en-gb+f3', which sounded exactly like 'en-gb')
+TRAIN_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us+f2", "en+f3", "en-us+m3",
                 "en-gb-x-gbclan+f4", "en-us+m7", "en-gb-scotland+f1", "en+klatt")
 EVAL_VOICES = ("en-gb-x-gbcwmd", "en-us+f4", "en-029+m2")
 TRAIN_SENTENCES = (

@@ -92,6 +92,17 @@ def test_espeak_speech_voices_and_held_out_split():
         espeak_utterance("  ")
 
 
+@pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not installed")
+def test_every_voice_sounds_different():
+    """A voice name espeak-ng does not resolve as written falls back to another voice without a word; the world would
+    then have fewer voices than it lists."""
+    voices = TRAIN_VOICES + EVAL_VOICES
+    audio = {v: espeak_utterance("Seven quick fish.", voice=v).samples for v in voices}
+    same = [(a, b) for i, a in enumerate(voices) for b in voices[i + 1:]
+            if len(audio[a]) == len(audio[b]) and np.array_equal(audio[a], audio[b])]
+    assert not same, f"voices with identical audio: {same}"
+
+
 def test_data_builder_writes_the_papers_conditioning(tmp_path):
     import torch
 
