@@ -114,6 +114,9 @@ class LipSyncServer:
         self._prepared: dict = {}                  # avatar id -> engine.prepare's Reference (face track done once)
         self._preparing: dict[str, threading.Lock] = {}
         self._prepared_lock = threading.Lock()
+        # sessions are opened one at a time: engine.session's admission check and the new session's registration
+        # are not atomic, and two starts opened side by side would both pass a full engine's check
+        self.open_lock = asyncio.Lock()
 
     def prepared_avatar(self, avatar: str):
         """The avatar's reference as ``engine.prepare`` returns it, computed once per id (face detection and
@@ -241,8 +244,9 @@ class _Connection:
         try:
             # a worker thread: a full-frame reference runs face detection and tracking here (seconds), which must
             # not hold up the other connections' frames
-            session = await asyncio.to_thread(self.server.engine.session, reference, sample_rate=req.sample_rate,
-                                              seed=req.seed)
+            async with self.server.open_lock:
+                session = await asyncio.to_thread(self.server.engine.session, reference,
+                                                  sample_rate=req.sample_rate, seed=req.seed)
         except AdmissionError as exc:
             self.server.counters["sessions_refused_total"] += 1
             raise ProtocolError("busy", str(exc)) from None

@@ -353,3 +353,35 @@ def test_interrupt_over_the_socket_with_f32le_at_24khz_and_jpeg(serve_engine, _f
     for h, img, audio in frames:
         assert h["video_format"] == "jpeg" and img.shape == (RES, RES, 3)
         assert audio.dtype == np.float32 and audio.shape == (P,)
+
+
+def test_concurrent_starts_respect_max_sessions(serve_engine, monkeypatch):
+    # sessions are opened in worker threads; two starts side by side on an engine with room for one must not
+    # both pass its admission check while the first one's reference is still being prepared
+    import lipforcing.engine.reference as reference
+
+    real = reference.prepare_reference
+
+    def slow_prepare(*args, **kwargs):
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "prepare_reference", slow_prepare)
+    serve_engine.scheduler.configure(max_sessions=1)
+
+    async def start(http, url):
+        async with http.ws_connect(url) as ws:
+            await ws.send_json({"type": "start", "reference": _rgb_reference(reference_frames(1))})
+            msg = json.loads((await ws.receive(timeout=TIMEOUT)).data)
+            started = msg["type"] == "started"
+            await asyncio.sleep(0.2)                   # both answers in before either session closes
+            return msg["type"] if started else msg["code"]
+
+    async def body(ts, http, server):
+        return await asyncio.gather(start(http, ts.make_url("/ws")), start(http, ts.make_url("/ws")))
+
+    try:
+        answers = asyncio.run(_run_server(serve_engine, body))
+    finally:
+        serve_engine.scheduler.configure(max_sessions=None)
+    assert sorted(answers) == ["busy", "started"]
