@@ -316,7 +316,9 @@ def forward_chunks(model, x: torch.Tensor, timestep, states: list, audio: torch.
 
 
 class _SplitLinear(TorchFunctionMode):
-    """``F.linear`` on a (B, ..., K) input with B > 1 as B separate calls (see ``forward_chunks``)."""
+    """``F.linear`` on a (B, ..., K) input with B > 1 as B separate calls, and the text + audio cross-attention op
+    (``lipforcing::audio_cross_attention``) once per stream: its reference computes q k^T with a batched GEMM whose
+    rounding on the CPU also depends on the batch (see ``forward_chunks``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -327,6 +329,11 @@ class _SplitLinear(TorchFunctionMode):
                 weight = rest.pop(0) if rest else kwargs["weight"]
                 bias = rest.pop(0) if rest else kwargs.get("bias")
                 return torch.stack([func(x[i], weight, bias) for i in range(x.shape[0])])
+        elif func is torch.ops.lipforcing.audio_cross_attention.default and not kwargs and args[0].shape[0] > 1:
+            # (q, text_k, text_v, audio_k, audio_v, *scalars) -> (out, lse_text, lse_audio), all batch-first
+            tensors, rest = args[:5], args[5:]
+            rows = [func(*(t[i:i + 1] for t in tensors), *rest) for i in range(args[0].shape[0])]
+            return tuple(torch.cat(parts) for parts in zip(*rows))
         return func(*args, **kwargs)
 
 
