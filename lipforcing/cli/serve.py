@@ -31,7 +31,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--resolution", type=int, default=None, help="face-crop size (default 512; 32 for tiny)")
-    p.add_argument("--avatars", help="folder of prepared avatars: <id>.mp4 / .png / .jpg / .npy reference clips")
+    p.add_argument("--avatars", help="folder of prepared avatars: <id>.mp4 / .png / .jpg / .npy reference clips, or "
+                        "<id>.safetensors saved by engine.prepare")
     p.add_argument("--max-batch", type=int, default=8, help="most sessions per DiT pass (default 8; 1 = no batching)")
     p.add_argument("--max-sessions", type=_max_sessions, default="auto",
                    help="admission control: auto (the measured real-time capacity, default), none, or a number")
