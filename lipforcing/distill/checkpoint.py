@@ -12,6 +12,7 @@ file: unreadable or truncated safetensors (read by :mod:`lipforcing._weights`, t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -22,8 +23,10 @@ import torch
 from lipforcing._weights import CheckpointError, check_finite, read_safetensors
 from lipforcing.distill.errors import TrainConfigError
 
+log = logging.getLogger("lipforcing.train")
+
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "save_tensors", "load_tensors", "flatten_optim",
-           "unflatten_optim", "resolve_checkpoint", "read_trainer_json", "write_checkpoint_meta"]
+           "unflatten_optim", "keep_config_hyper", "resolve_checkpoint", "read_trainer_json", "write_checkpoint_meta"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -123,6 +126,30 @@ def unflatten_optim(tensors: dict, meta: dict, *, source="optimizer state") -> d
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     return {"state": state, "param_groups": groups}
+
+
+class keep_config_hyper:
+    """``with keep_config_hyper(opt, name): opt.load_state_dict(...)``: the moments come from the checkpoint, the
+    hyper-parameters (lr, betas, weight decay) stay those of this run's config; ``load_state_dict`` alone would put
+    the checkpoint's back, so a resume with a lower lr after a divergence would silently keep the old one.  Each
+    changed value is logged."""
+    KEYS = ("lr", "betas", "weight_decay")
+
+    def __init__(self, opt: torch.optim.Optimizer, name: str):
+        self.opt, self.name = opt, name
+        self.hyper = [{k: g[k] for k in self.KEYS if k in g} for g in opt.param_groups]
+
+    def __enter__(self):
+        return self.opt
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:
+            return
+        for g, h in zip(self.opt.param_groups, self.hyper):
+            for k, v in h.items():
+                if g[k] != v:
+                    log.info("%s: %s %s from the config (the checkpoint's optimizer had %s)", self.name, k, v, g[k])
+            g.update(h)
 
 
 def resolve_checkpoint(path) -> Path:

@@ -543,7 +543,8 @@ class Trainer(DFSteps, SFSteps):
             try:
                 set_model_state_dict(model, sd, options=opts)
                 if osd["state"]:
-                    set_optimizer_state_dict(model, opt, optim_state_dict=osd, options=opts)
+                    with ckpt.keep_config_hyper(opt, name):     # moments from the file, lr etc. from the config
+                        set_optimizer_state_dict(model, opt, optim_state_dict=osd, options=opts)
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise TrainConfigError(f"{ck / (name + '.safetensors')}: does not fit this run's {name} "
                                        f"({' '.join(str(exc).split())[:300]})") from None

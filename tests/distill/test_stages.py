@@ -109,6 +109,28 @@ def test_new_stages_resume_exactly(tmp_path, stage):
         assert all(torch.equal(sa[k], sb[k]) for k in sa), f"{stage}: resumed weights differ"
 
 
+def test_resume_takes_lr_from_the_config(tmp_path):
+    """A resume keeps the optimizer's moments but uses the lr of the config it runs with (the divergence message
+    says to lower lr and resume; loading the optimizer state used to put the old lr back)."""
+    from lipforcing.distill.stages import stage_classes
+    from lipforcing.distill.stages.base import config_from_yaml
+
+    cfg_cls, run_cls = stage_classes("syncnet")
+    lr_a, lr_b = (float(v) for v in torch.empty(2).uniform_(1e-5, 1e-3))
+    c = config_from_yaml(cfg_cls, _config(tmp_path, "syncnet"), output_dir=str(tmp_path / "r"), iterations=2, lr=lr_a)
+    a = run_cls(c)
+    a.train()
+    moments = {k: v.clone() for k, v in a.models["syncnet"][1].state_dict()["state"][0].items()
+               if isinstance(v, torch.Tensor)}
+    c2 = config_from_yaml(cfg_cls, _config(tmp_path, "syncnet"), output_dir=str(tmp_path / "r"), iterations=3,
+                          lr=lr_b)
+    b = run_cls(c2)
+    assert b.iteration == 2
+    opt = b.models["syncnet"][1]
+    assert all(g["lr"] == lr_b for g in opt.param_groups)
+    assert all(torch.equal(opt.state_dict()["state"][0][k], v) for k, v in moments.items())
+
+
 def test_exported_vae_carries_its_latent_statistics(tmp_path):
     """vae.safetensors = the trained VAE with the measured mean/std folded in: the stock loader (and the engine)
     normalise with them, and reconstructions are unchanged."""

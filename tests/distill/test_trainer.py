@@ -193,6 +193,20 @@ def test_checkpoint_resume_reproduces_the_run(tmp_path, stage):
         assert torch.equal(v, _params(c.student)[k])
 
 
+def test_resume_takes_lr_from_the_config(tmp_path):
+    """A resume keeps the optimizers' moments but runs with the lr of its own config (student and critic)."""
+    lr_a, lr_b, clr_b = (float(v) for v in torch.empty(3).uniform_(1e-5, 1e-3))
+    a = Trainer(_cfg(tmp_path, "sf", iterations=1, lr=lr_a, critic_lr=lr_a, critic_updates_per_student=1))
+    a.train()
+    b = Trainer(_cfg(tmp_path, "sf", iterations=2, resume=True, lr=lr_b, critic_lr=clr_b,
+                     critic_updates_per_student=1))
+    assert b.iteration == 1
+    assert [g["lr"] for g in b.student_opt.param_groups] == [lr_b] * len(b.student_opt.param_groups)
+    assert [g["lr"] for g in b.critic_opt.param_groups] == [clr_b] * len(b.critic_opt.param_groups)
+    sa, sb = a.student_opt.state_dict()["state"], b.student_opt.state_dict()["state"]
+    assert sb and all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def _df_yaml(tmp_path, iterations, output_dir):
     import yaml

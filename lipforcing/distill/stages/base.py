@@ -332,7 +332,8 @@ class Stage:
             try:
                 model.load_state_dict(sd)
                 if osd["state"]:
-                    opt.load_state_dict(_match_optim(osd, opt))
+                    with ckpt.keep_config_hyper(opt, name):     # moments from the file, lr etc. from the config
+                        opt.load_state_dict(_match_optim(osd, opt))
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise TrainConfigError(f"{ck / (name + '.safetensors')}: does not fit this run's {name} "
                                        f"({' '.join(str(exc).split())[:300]})") from None
