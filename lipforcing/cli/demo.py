@@ -72,7 +72,8 @@ def weights_message(command: str, engine, checkpoint=None, model=None) -> str:
             why = "no default model is shipped in this install"
         return (f"{command}: RANDOM WEIGHTS ({why}): untrained, so the output is NOT real lip sync (it shows the "
                 "streaming pipeline and its speed).\n  For real output run `lipforcing sync --video face.mp4 --audio "
-                "speech.wav --checkpoint student.safetensors --model 1.3b`.")
+                "speech.wav --model 1.3b --checkpoint student.safetensors --vae Wan2.1_VAE.pth --audio-encoder "
+                "wav2vec2-base-960h/ --text prompt.safetensors`.")
     return f"{command}: weights: the student checkpoint {checkpoint}"
 
 

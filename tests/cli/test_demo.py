@@ -20,6 +20,8 @@ def test_demo_writes_a_playable_mp4(tmp_path, capsys):
     assert np.stack(frames).std() > 1
     text = capsys.readouterr().out
     assert "RANDOM WEIGHTS" in text and "NOT real lip sync" in text
+    hint = text[text.index("For real output"):].splitlines()[0]       # a 1.3B run needs all four real parts
+    assert all(flag in hint for flag in ("--checkpoint", "--vae", "--audio-encoder", "--text"))
     assert "FPS" in text and "time to first frame" in text and "vae_decode" in text
 
 
