@@ -127,6 +127,44 @@ def check_resolution(resolution: int | None) -> None:
             raise UserError(f"--resolution {resolution}: {exc}") from None
 
 
+def check_output_path(option: str, path: str | None, *, plot: bool = False) -> None:
+    """Before any work is done: ``path`` (the value of ``option``, e.g. ``--json``) can be written: not a folder,
+    not a FIFO or socket (a write would block or fail), its folder exists and the file can be created; with
+    ``plot``, a file type matplotlib can write.  A file created by the check is removed again."""
+    import stat
+
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UserError(f"{option} {path}: is a folder (give the path of a file to write)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{option} {path}: the folder {folder} does not exist")
+    if plot:
+        try:
+            from matplotlib.backend_bases import FigureCanvasBase
+        except ImportError:
+            raise UserError(f"{option} needs matplotlib (pip install 'lipforcing[media]')") from None
+        kinds = sorted(FigureCanvasBase.get_supported_filetypes())
+        ext = os.path.splitext(path)[1].lower().lstrip(".")
+        if ext not in kinds:
+            raise UserError(f"{option} {path}: matplotlib cannot write '.{ext}' files (use "
+                            f"{', '.join('.' + k for k in ['png'] + [k for k in kinds if k != 'png'])})")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        raise UserError(f"{option} {path}: is a {'FIFO' if stat.S_ISFIFO(mode) else 'socket'}, not a file")
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot write it ({exc.strerror})") from None
+    if mode is None:
+        os.remove(path)
+
+
 def check_checkpoint(path: str | None) -> None:
     if path is not None and not os.path.exists(path):
         raise UserError(f"--checkpoint {path}: no such file or folder")

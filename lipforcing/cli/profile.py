@@ -3,12 +3,11 @@ measuring itself is :mod:`lipforcing.profiling`)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from lipforcing.cli import UserError
 from lipforcing.cli._common import (DTYPES, PRESETS, add_decoder_arg, check_checkpoint, check_device,
-                                    check_resolution, load_engine, progress, seed_arg, set_threads)
+                                    check_output_path, check_resolution, load_engine, progress, seed_arg, set_threads)
 
 HELP = "end-to-end FPS, time to first frame and per-stage breakdown on synthetic input"
 
@@ -72,9 +71,8 @@ def run(args) -> int:
     if args.dtype in ("bf16", "fp16") and dev.type == "cpu":
         print(f"note: {args.dtype} on the CPU says little about a GPU; fp32 is the CPU default",
               file=sys.stderr)
-    for p in (args.json, args.plot):
-        if p and not os.path.isdir(os.path.dirname(os.path.abspath(p))):
-            raise UserError(f"{p}: the folder {os.path.dirname(os.path.abspath(p))} does not exist")
+    check_output_path("--json", args.json)
+    check_output_path("--plot", args.plot, plot=True)
     set_threads(args.threads, args.model, dev)
     engine, load_s = load_engine(model=args.model, checkpoint=args.checkpoint, device=dev, dtype=args.dtype,
                                  seed=args.seed, resolution=args.resolution, cuda_graphs=args.cuda_graphs,

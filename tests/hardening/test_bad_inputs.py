@@ -208,6 +208,15 @@ CLI_CASES = [
     ("sync missing video", ["sync", "--video", "{tmp}/none.mp4", "-o", "{tmp}/o.mp4"], None, r"none.mp4"),
     ("demo -o a folder", ["demo", "-o", "{tmp}"], None, r"is a folder"),
     ("demo --seconds 0", ["demo", "--seconds", "0", "-o", "{tmp}/d.mp4"], None, r"--seconds must be"),
+    # profile's outputs are checked before the profile runs (they used to fail with a traceback at the very end)
+    ("profile --plot a folder", ["profile", "--device", "cpu", "--chunks", "1", "--plot", "{tmp}"], None,
+     r"--plot .*: is a folder"),
+    ("profile --plot .xyz", ["profile", "--device", "cpu", "--chunks", "1", "--plot", "{tmp}/p.xyz"], None,
+     r"--plot .*p.xyz: matplotlib cannot write '.xyz' files \(use .*\.png"),
+    ("profile --json a folder", ["profile", "--device", "cpu", "--chunks", "1", "--json", "{tmp}"], None,
+     r"--json .*: is a folder"),
+    ("profile --json a FIFO", ["profile", "--device", "cpu", "--chunks", "1", "--json", "{tmp}/p.json"], "fifo",
+     r"--json .*p.json: is a FIFO"),
 ]
 
 
@@ -222,6 +231,8 @@ def test_bad_command_line_is_one_line_exit_2(tmp_path, capsys, argv, setup, matc
         os.link(tmp_path / "a.wav", tmp_path / "h.mp4")
     elif setup == "ckpt":
         (tmp_path / "c.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{}")
+    elif setup == "fifo":
+        os.mkfifo(tmp_path / "p.json")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err
