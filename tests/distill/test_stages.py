@@ -131,6 +131,47 @@ def test_resume_takes_lr_from_the_config(tmp_path):
     assert all(torch.equal(opt.state_dict()["state"][0][k], v) for k, v in moments.items())
 
 
+def test_vae_weight_average(tmp_path):
+    """ema_decay d: after steps with weights w1, w2 (from w0) the average is d (d w0 + (1 - d) w1) + (1 - d) w2; the
+    export is the average (statistics measured with it); a resume carries the average exactly, and a checkpoint
+    without one starts it from the resumed weights."""
+    import lipforcing
+    from lipforcing.distill.stages.base import config_from_yaml
+    from lipforcing.distill import checkpoint as ckpt
+    from lipforcing.distill.stages.vae import VAEStage, VAEStageConfig, fold_latent_stats
+
+    d = float(torch.empty(()).uniform_(0.5, 0.9))
+
+    def run(out, iterations, **kw):
+        c = config_from_yaml(VAEStageConfig, _config(tmp_path, "vae", **kw), output_dir=str(tmp_path / out),
+                             iterations=iterations)
+        st = VAEStage(c)
+        st.train()
+        return st
+
+    w = [{k: v.clone() for k, v in run(f"raw{i}", i, ema_decay=0.0).vae.state_dict().items()} for i in range(3)]
+    st = run("ema", 2, ema_decay=d)
+    for k, v in st.ema.state_dict().items():
+        if v.is_floating_point() and k in dict(st.vae.named_parameters()):
+            want = d * (d * w[0][k] + (1 - d) * w[1][k]) + (1 - d) * w[2][k]
+            torch.testing.assert_close(v, want, rtol=1e-5, atol=1e-6, msg=k)
+    assert not all(torch.equal(v, w[2][k]) for k, v in st.ema.state_dict().items())
+    ck = tmp_path / "ema" / "ckpt-000002"
+    exported, _ = ckpt.load_tensors(ck / "vae.safetensors")
+    mean, std = st.latent_stats()
+    want = fold_latent_stats(st.ema.state_dict(), mean, std, st.vae.config)
+    assert all(torch.equal(exported[k], want[k]) for k in want)
+    # resume: 2 + 1 iterations == 3 in one go, average included
+    one = run("one", 3, ema_decay=d)
+    run("two", 2, ema_decay=d)
+    two = run("two", 3, ema_decay=d)
+    assert all(torch.equal(v, two.ema.state_dict()[k]) for k, v in one.ema.state_dict().items())
+    # a checkpoint without an average (trained with ema_decay 0) starts it from its weights
+    late = VAEStage(config_from_yaml(VAEStageConfig, _config(tmp_path, "vae", ema_decay=d),
+                                     output_dir=str(tmp_path / "raw2"), iterations=2))
+    assert all(torch.equal(v, w[2][k]) for k, v in late.ema.state_dict().items())
+
+
 def test_exported_vae_carries_its_latent_statistics(tmp_path):
     """vae.safetensors = the trained VAE with the measured mean/std folded in: the stock loader (and the engine)
     normalise with them, and reconstructions are unchanged."""
@@ -140,7 +181,7 @@ def test_exported_vae_carries_its_latent_statistics(tmp_path):
     from lipforcing.distill.stages.base import config_from_yaml
     from lipforcing.distill.stages.vae import VAEStage, VAEStageConfig, world_video_batch
 
-    st = VAEStage(config_from_yaml(VAEStageConfig, _config(tmp_path, "vae")))
+    st = VAEStage(config_from_yaml(VAEStageConfig, _config(tmp_path, "vae", ema_decay=0.0)))   # raw = exported
     st.train()
     f = tmp_path / "vae" / "ckpt-000002" / "vae.safetensors"
     with safe_open(str(f), "pt") as h:

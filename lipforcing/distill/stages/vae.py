@@ -19,15 +19,23 @@ of that many processes (spawned once per ``train`` call, closed when it returns)
 are rendered while this one trains (its seeds are known in advance).  The batches are bit-identical to inline
 rendering (``workers: 0``), so the training run is the same either way: on a GPU the renderer is the bottleneck.
 
-Each checkpoint holds the training weights (``vae_raw.safetensors``, for resuming) and the exported
-``vae.safetensors``: per-channel latent statistics measured on ``stats_clips`` world clips are folded into its
+Weight average: with ``ema_decay`` d > 0 the stage keeps an exponential moving average of the weights (after each
+step ``ema = d ema + (1 - d) w``; resuming from a checkpoint without one starts it from the resumed weights).  At
+batch 1 the weights of neighbouring checkpoints differ a lot in how well they keep the mouth (measured: the round-trip
+mouth-darkness correlation of one held-out clip went 0.73, 0.77, 0.38 over three checkpoints 400 iterations apart);
+the average is what gets exported.
+
+Each checkpoint holds the training weights (``vae_raw.safetensors``, for resuming; ``vae_ema.safetensors`` with the
+average) and the exported ``vae.safetensors`` (the average when there is one): per-channel latent statistics measured on ``stats_clips`` world clips are folded into its
 ``conv1``/``conv2`` (exact affine rewrite), so ``lipforcing.load_vae(path)`` and ``Engine.load(vae=path)`` give
 zero-mean, unit-std DiT latents with the stock loader; the measured statistics are in its metadata too.  Metrics: ``loss``, ``psnr`` and
 ``mouth_psnr`` (dB, on the training batch).
 """
 from __future__ import annotations
 
+import copy
 import json
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +43,8 @@ import torch
 
 from lipforcing.distill.errors import TrainConfigError
 from lipforcing.distill.stages.base import Stage, StageConfig, check_int, check_positive_number
+
+log = logging.getLogger("lipforcing.train")
 
 __all__ = ["VAEStageConfig", "VAEStage", "DEFAULT_VAE", "world_video_batch", "world_clip_arrays", "psnr",
            "mouth_psnr"]
@@ -56,6 +66,7 @@ class VAEStageConfig(StageConfig):
     speech: str = "auto"
     stats_clips: int = 4
     workers: int = 0           # processes rendering the clips (0: inline); same batches either way
+    ema_decay: float = 0.0     # weight average exported (0: off; e.g. 0.999 averages about the last 1000 steps)
     output_dir: str = "runs/vae"
 
     def __post_init__(self):
@@ -67,6 +78,8 @@ class VAEStageConfig(StageConfig):
         check_positive_number("mouth_weight", self.mouth_weight)
         check_positive_number("latent_l2", self.latent_l2, allow_zero=True)
         check_int("warmup_frames", self.warmup_frames, minimum=0)
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise TrainConfigError(f"ema_decay must be a number in [0, 1), got {self.ema_decay!r}")
         if self.speech not in ("auto", "espeak", "synthetic"):
             raise TrainConfigError(f"speech must be 'auto', 'espeak' or 'synthetic', got {self.speech!r}")
         cfg = self.vae_config()
@@ -173,6 +186,42 @@ class VAEStage(Stage):
         self.vae = WanVAE(self.cfg.vae_config()).to(self.device)
         self.vae.check_inputs = False
         self.models = {"vae_raw": (self.vae, self.optimizer(self.vae))}
+        self.ema = copy.deepcopy(self.vae).requires_grad_(False).eval() if self.cfg.ema_decay else None
+
+    @property
+    def exported(self):
+        """The weights that are exported and evaluated: the average when ``ema_decay`` > 0."""
+        return self.vae if self.ema is None else self.ema
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema is None:
+            return
+        for e, p in zip(self.ema.parameters(), self.vae.parameters()):
+            e.lerp_(p, 1.0 - self.cfg.ema_decay)
+        for e, b in zip(self.ema.buffers(), self.vae.buffers()):
+            e.copy_(b)
+
+    def load(self, path) -> None:
+        """Resume (see :meth:`Stage.load`), then the weight average: from the checkpoint's ``vae_ema.safetensors``,
+        or the resumed weights when it has none."""
+        from lipforcing.distill import checkpoint as ckpt
+
+        super().load(path)
+        if self.ema is None:
+            return
+        f = ckpt.resolve_checkpoint(path) / "vae_ema.safetensors"
+        if f.is_file():
+            sd, _ = ckpt.load_tensors(f)
+            try:
+                self.ema.load_state_dict(sd)
+            except RuntimeError as exc:
+                raise TrainConfigError(f"{f}: does not fit this run's VAE ({' '.join(str(exc).split())[:300]})") \
+                    from None
+        else:
+            self.ema.load_state_dict(self.vae.state_dict())
+            log.info("vae: the weight average starts from the resumed weights (%s has no vae_ema.safetensors)",
+                     f.parent)
 
     # data: clip seeds and prefix of iteration k; rendered inline or by the worker pool, one iteration ahead ------
     def clip_jobs(self, k: int) -> tuple[list, int]:
@@ -239,6 +288,7 @@ class VAEStage(Stage):
         pix = (w * (err.abs() + err ** 2)).mean() / w.mean()
         loss = pix + c.latent_l2 * mu.pow(2).mean()
         gnorm = self.clip_and_step("vae_raw", loss)
+        self.update_ema()
         with torch.no_grad():
             r = rec.clamp(-1, 1)
         return {"loss": loss.item(), "psnr": psnr(r, video), "mouth_psnr": mouth_psnr(r, video, box),
@@ -247,29 +297,37 @@ class VAEStage(Stage):
 
     @torch.no_grad()
     def latent_stats(self) -> tuple[list, list]:
-        """Per-channel mean and std of the raw latent mean over ``stats_clips`` fixed world clips."""
+        """Per-channel mean and std of the exported weights' raw latent mean over ``stats_clips`` fixed world
+        clips."""
         c = self.cfg
         seeds = [self.seed_of("stats", i) for i in range(c.stats_clips)]
         pool = getattr(self, "_workers", None)          # a running pool only (export may run outside train)
         video, _ = (world_video_batch(seeds, c.frames, c.size, c.speech) if pool is None else
                     world_video_batch(seeds, c.frames, c.size, c.speech, pool=pool))
-        self.vae.eval()
-        mu = self.vae.encode(video.to(self.device), normalize=False).float()
-        self.vae.train()
+        vae = self.exported
+        was_training = vae.training
+        vae.eval()
+        mu = vae.encode(video.to(self.device), normalize=False).float()
+        vae.train(was_training)
         mean = mu.mean(dim=(0, 2, 3, 4))
         std = mu.std(dim=(0, 2, 3, 4)).clamp(min=1e-3)
         return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
 
     def export(self, ck) -> None:
-        """``vae.safetensors``: the VAE with its measured latent statistics folded into ``conv1`` / ``conv2`` (see
-        :func:`fold_latent_stats`), loadable by any Wan-VAE loader; the statistics are in its metadata too."""
+        """``vae.safetensors``: the exported weights (the average when ``ema_decay`` > 0) with their measured latent
+        statistics folded into ``conv1`` / ``conv2`` (see :func:`fold_latent_stats`), loadable by any Wan-VAE
+        loader; the statistics are in its metadata too.  ``vae_ema.safetensors``: the average as it is, to resume."""
         from lipforcing.distill import checkpoint as ckpt
 
+        if self.ema is not None:
+            ckpt.save_tensors(self.ema.state_dict(), ck / "vae_ema.safetensors",
+                              {"stage": "vae", "ema_decay": json.dumps(self.cfg.ema_decay)})
         mean, std = self.latent_stats()
-        sd = fold_latent_stats(self.vae.state_dict(), mean, std, self.vae.config)
+        sd = fold_latent_stats(self.exported.state_dict(), mean, std, self.vae.config)
         ckpt.save_tensors(sd, ck / "vae.safetensors",
                           {"stage": "vae", "vae_config": json.dumps(self.vae.config.to_dict()),
                            "measured_latents_mean": json.dumps(mean), "measured_latents_std": json.dumps(std),
+                           "weights": "ema %g" % self.cfg.ema_decay if self.ema is not None else "raw",
                            "note": "measured statistics folded into conv1/conv2 (normalised with the config's)"})
 
 
