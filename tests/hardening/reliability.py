@@ -158,7 +158,8 @@ def main() -> int:
         report(name, kind, (f"OVERWROTE {changed}; " if changed else "") + detail)
 
     count = collections.Counter(rows)
-    print(f"TOTAL {len(rows)} bad inputs: " + ", ".join(f"{k} {count[k]}" for k in ("clear", "raw", "accepted", "hang")))
+    kinds = ("clear", "raw", "accepted", "hang")
+    print(f"TOTAL {len(rows)} bad inputs: " + ", ".join(f"{k} {count[k]}" for k in kinds))
     return 0
 
 
