@@ -126,6 +126,10 @@ def read_state_dict(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     file; NaN/inf values are refused, naming the tensors."""
     sd, meta = _read_state_dict(path)
     check_finite(sd, os.fspath(path))
+    ints = [k for k, v in sd.items() if not (v.is_floating_point() or v.is_complex())]
+    if ints:                              # every DiT weight is floating point: an integer file is not a model file
+        raise CheckpointError(f"checkpoint {os.fspath(path)} holds non-floating-point tensors "
+                              f"({sd[ints[0]].dtype})" + _listing("of them", ints))
     return sd, meta
 
 

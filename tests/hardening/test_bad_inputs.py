@@ -63,6 +63,12 @@ def _nan(sd):
     sd["blocks.0.ffn.0.weight"][0, 0] = float("nan")
 
 
+def _ints(sd):
+    for k in sd:
+        sd[k] = (sd[k] * 1000).round().to(torch.int32)
+    return sd
+
+
 def _lora(tmp, rank, alpha):
     w = _tiny_sd()
     save_file(w, tmp / "base.safetensors")
@@ -164,6 +170,8 @@ CASES = [
      CheckpointError, r"num_layers 9, but the tensors hold 4 blocks"),
     ("model NaN weight", lambda tmp: _load(_model_file(tmp, "n.safetensors", mutate=_nan), config="tiny"),
      CheckpointError, r"NaN or inf values in 1 tensor\(s\): blocks.0.ffn.0.weight"),
+    ("model integer weights", lambda tmp: _load(_model_file(tmp, "i.safetensors", mutate=_ints), config="tiny"),
+     CheckpointError, r"i\.safetensors holds non-floating-point tensors \(torch.int32\)"),
     ("LoRA rank 0", lambda tmp: _load(_lora(tmp, 0, 4.0), config="tiny"), CheckpointError, r"LoRA rank 0"),
     ("LoRA NaN alpha", lambda tmp: _load(_lora(tmp, 2, float("nan")), config="tiny"), CheckpointError,
      r"blocks.0.self_attn.q.alpha"),
