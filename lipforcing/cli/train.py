@@ -57,7 +57,9 @@ def _run(args, stop) -> int:
 
     path = Path(args.config)
     if not path.is_file():
-        raise UserError(f"--config {args.config!r}: no such file")
+        what = ("a folder, not a YAML file (e.g. configs/vae.yaml)" if path.is_dir() else
+                "not a regular file" if path.exists() else "no such file")
+        raise UserError(f"--config {args.config!r}: {what}")
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be >= 1, got {args.threads}")

@@ -60,6 +60,15 @@ def test_bad_stage_configs_are_one_line_exit_2(tmp_path, capsys, stage, cfg, nee
     _one_line_exit_2(rc, capsys.readouterr().err, needle)
 
 
+@pytest.mark.parametrize("kind, needle", [("folder", "a folder, not a YAML file"), ("missing", "no such file")])
+def test_config_that_is_not_a_file(tmp_path, capsys, kind, needle):
+    target = tmp_path / "configs"
+    if kind == "folder":
+        target.mkdir()
+    rc = main(["train", "--stage", "vae", "--config", str(target)])
+    _one_line_exit_2(rc, capsys.readouterr().err, needle, str(target))
+
+
 def test_student_init_pickled_object_is_refused(tmp_path, capsys):
     bad = tmp_path / "init.pt"
     with open(bad, "wb") as f:
