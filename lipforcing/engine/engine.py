@@ -245,7 +245,9 @@ class Engine:
 
         ``engine.manifest`` is the bundle used (a :class:`lipforcing.weights.Manifest`) or None;
         ``engine.random_weights`` says whether the student's weights are random.  ``vae``, ``text``,
-        ``audio_encoder`` and ``resolution`` given explicitly replace the bundle's.
+        ``audio_encoder``, ``resolution`` and ``decoder`` given explicitly replace the bundle's.  A bundle that
+        ships a TAEHV decoder (``decoder.safetensors``) decodes with it by default (``decoder="wan"``: the exact Wan
+        VAE decoder instead); the bundle's log line says which decoder is used.
 
         checkpoint : student weights or a bundle folder (above), or None.
         model : preset name (``"tiny"``, ``"1.3b"``, ``"14b"``) or a ModelConfig: without a checkpoint, random
@@ -267,7 +269,8 @@ class Engine:
         vae_frames_per_step / vae_latents_per_step : VAE streaming step sizes (default: a whole chunk per call).
         backend : ``backend=`` of every ``lipforcing.ops`` call the engine makes (attention, denoise_update):
             ``"auto" | "cuda" | "triton" | "reference"``; sets ``model.attn_backend`` (the model is the engine's).
-        decoder : how frames are decoded: None or ``"wan"`` (the Wan VAE's decoder, exact; default), ``"taehv"``
+        decoder : how frames are decoded: None (default: the bundle's TAEHV decoder when the bundle used ships one
+            and its own VAE is used, else the Wan VAE's decoder), ``"wan"`` (the Wan VAE's decoder, exact), ``"taehv"``
             (the TAEHV architecture with random weights drawn with ``seed``: the ``"tiny"`` widths for the tiny
             model, ``taew2_1``'s otherwise; logged), a path to ``taew2_1.pth`` / ``.safetensors`` (or a tiny
             checkpoint from ``lipforcing train --stage decoder``), or a ``TAEHV`` model.  The frame accounting
@@ -293,15 +296,28 @@ class Engine:
                 raise ValueError(f"threads must be >= 1, got {threads}")
         notes = []
         bundle = _bundle(checkpoint, model)
+        bundle_decoder = None         # why the bundle's frames are decoded as they are (its log line says it)
         if bundle is not None:
             net = bundle.load_student(device=device, dtype=dtype)
             cfg = net.config
+            if decoder is None and bundle.has_decoder and vae is None:
+                decoder = bundle.load_decoder(device=device, dtype=dtype)
+                bundle_decoder = f"the bundle's TAEHV decoder ({bundle.path('decoder').name})"
+            elif decoder is None or _is_wan(decoder):
+                bundle_decoder = "the Wan VAE decoder"
+                if bundle.has_decoder:      # trained on the bundle's VAE latents, not on those of another VAE
+                    bundle_decoder += (" (decoder='wan'" if decoder is not None else " (vae= replaces the bundle's "
+                                       "VAE") + "; the bundle's TAEHV decoder is not used)"
+            elif isinstance(decoder, str) and decoder.lower() == "taehv":
+                bundle_decoder = "a randomly initialised TAEHV decoder (decoder='taehv')"
+            else:
+                bundle_decoder = "the TAEHV decoder given (decoder=)"
             vae = bundle.load_vae(device=device, dtype=dtype) if vae is None else vae
             text = bundle.load_text() if text is None else text
             audio_encoder = bundle.audio_features(device=device) if audio_encoder is None else audio_encoder
             resolution = bundle.resolution if resolution is None else resolution
-            logger.info("lipforcing.Engine: using the %s model %s", "default" if checkpoint is None else "bundled",
-                        bundle.describe())
+            logger.info("lipforcing.Engine: using the %s model %s; frames decoded by %s",
+                        "default" if checkpoint is None else "bundled", bundle.describe(), bundle_decoder)
         elif checkpoint is None:
             why = ""
             if model is None:       # no default model: none shipped, or LIPFORCING_DEFAULT_WEIGHTS=none
@@ -544,9 +560,14 @@ def _make_vae(vae, *, tiny: bool, device, dtype, seed: int):
     raise TypeError(f"vae must be a WanVAE, a VAEConfig, a preset name or an existing checkpoint path, got {vae!r}")
 
 
+def _is_wan(decoder) -> bool:
+    return isinstance(decoder, str) and decoder.lower() in ("wan", "wan-vae", "vae")
+
+
 def _make_decoder(decoder, vae, *, tiny: bool, device, dtype, seed: int):
-    """``Engine.load``'s ``decoder=`` -> (TAEHV model or None, log note)."""
-    if decoder is None or (isinstance(decoder, str) and decoder.lower() in ("wan", "wan-vae", "vae")):
+    """``Engine.load``'s ``decoder=`` (a bundle's decoder already loaded in its place) -> (TAEHV model or None,
+    log note)."""
+    if decoder is None or _is_wan(decoder):
         return None, None
     from lipforcing.decoders import TAEHV, TAEHVConfig, load_decoder
 

@@ -1,10 +1,13 @@
 """Weight bundles: the model ``Engine.load()`` uses when it is given no checkpoint.
 
 A bundle is a folder holding ``manifest.json`` and the files it lists: ``student.safetensors`` (the causal student,
-Wan-native keys), ``vae.safetensors`` (its VAE) and ``text.safetensors`` (the prompt embedding, one tensor
-(1, L, text_dim)).  The audio front end is the built-in log-mel one (:class:`lipforcing.audio.MelFeatures`): the
-manifest records its parameters and the features of a fixed probe signal, so a front end that computes something
-else than what the student was trained on is an error, not a silent mismatch.
+Wan-native keys), ``vae.safetensors`` (its VAE), ``text.safetensors`` (the prompt embedding, one tensor
+(1, L, text_dim)) and, optionally, ``decoder.safetensors`` (a TAEHV streaming decoder for the VAE's latents, public
+``taew2_1`` key names, its :class:`~lipforcing.decoders.TAEHVConfig` in the safetensors metadata as
+:func:`~lipforcing.decoders.save_decoder` writes it; ``Engine.load`` decodes with it unless ``decoder="wan"``).
+The audio front end is the built-in log-mel one (:class:`lipforcing.audio.MelFeatures`): the manifest records its
+parameters and the features of a fixed probe signal, so a front end that computes something else than what the
+student was trained on is an error, not a silent mismatch.
 
 The embedded default is the bundle in this package's ``default/`` folder (shipping it is dropping the files written
 by :func:`write_default` there).  ``LIPFORCING_DEFAULT_WEIGHTS=<folder>`` points at another bundle instead, and
@@ -15,13 +18,18 @@ manifest.json (``format`` 1)::
     {"format": 1, "name": str, "resolution": [H, W], "model": ModelConfig fields, "vae": VAEConfig fields,
      "audio": {"kind": "mel", "n_mels", "fmin", "fmax", "eps", "sample_rate", "samples_per_frame", "window",
                "hop", "lookahead_samples", "probe_mean": [audio_dim floats]},
-     "files": {"student" | "vae" | "text": {"path": file name, "sha256": hex, "bytes": int, "dtype": str}},
+     "files": {"student" | "vae" | "text" [| "decoder"]: {"path": file name, "sha256": hex, "bytes": int,
+                                                          "dtype": str}},
+     "decoder": TAEHVConfig fields (only with a decoder file: latent_channels = vae z_dim, 2 ** sum(spatial_upscale)
+                = the VAE's spatial factor),
      "produced_by": {"commands": [str], "commit": str, "lipforcing_version": str},
      "eval": {...free-form numbers...}, "notes": str}
 
 Reading a bundle (:func:`read_manifest`) checks every field, that each listed file exists and has the recorded
-sha256, and the audio front end; loading a part checks its tensors against the recorded configs.  Every problem
-is a :class:`WeightsError` naming the file.
+sha256, the audio front end and that the decoder (if any) fits the VAE; loading a part checks its tensors against
+the recorded configs.  Every problem is a :class:`WeightsError` naming the file.  Bundles without a decoder are
+unchanged (the format-1 bundles written before decoders could be shipped); a lipforcing older than the decoder part
+refuses a bundle with one ("'files' must list exactly ...").
 """
 from __future__ import annotations
 
@@ -40,14 +48,16 @@ import torch
 from lipforcing._weights import CheckpointError
 
 __all__ = ["WeightsError", "Manifest", "FORMAT", "ENV_VAR", "DEFAULT_FOLDER", "MANIFEST", "default_manifest",
-           "read_manifest", "write_default", "mel_params"]
+           "read_manifest", "write_default", "mel_params", "OPTIONAL_PARTS"]
 
 FORMAT = 1
 ENV_VAR = "LIPFORCING_DEFAULT_WEIGHTS"
 DEFAULT_FOLDER = Path(__file__).resolve().parent / "default"
 MANIFEST = "manifest.json"
-PARTS = ("student", "vae", "text")
-_FILE_NAMES = {"student": "student.safetensors", "vae": "vae.safetensors", "text": "text.safetensors"}
+PARTS = ("student", "vae", "text")             # every bundle has these
+OPTIONAL_PARTS = ("decoder",)                  # and may have these
+_FILE_NAMES = {"student": "student.safetensors", "vae": "vae.safetensors", "text": "text.safetensors",
+               "decoder": "decoder.safetensors"}
 _DISABLED = ("none", "off", "random")
 _PROBE_SECONDS = 0.2            # 5 video frames of the probe chirp
 _PROBE_ATOL, _PROBE_RTOL = 1e-3, 1e-4
@@ -141,7 +151,9 @@ def _sha256(path: Path) -> str:
 class Manifest:
     """A validated bundle (see the module docstring).  ``folder``: where it lives; ``model`` / ``vae_config``:
     the recorded configs; ``resolution`` (H, W); ``audio``: the mel front end's parameters; ``files``: part ->
-    {path, sha256, bytes, dtype}; ``produced_by``, ``eval``: free-form provenance and numbers."""
+    {path, sha256, bytes, dtype}; ``produced_by``, ``eval``: free-form provenance and numbers;
+    ``decoder_config``: the bundled TAEHV decoder's :class:`~lipforcing.decoders.TAEHVConfig`, or None when the
+    bundle has no decoder."""
 
     folder: Path
     name: str
@@ -153,13 +165,20 @@ class Manifest:
     produced_by: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     notes: str = ""
+    decoder_config: object = None     # TAEHVConfig or None
+
+    @property
+    def has_decoder(self) -> bool:
+        return "decoder" in self.files
 
     def path(self, part: str) -> Path:
         return self.folder / self.files[part]["path"]
 
     def describe(self) -> str:
         h, w = self.resolution
-        return f"{self.name!r} from {self.folder} ({h}x{w}, {self.model.num_layers} blocks, dim {self.model.dim})"
+        dec = ", TAEHV decoder" if self.has_decoder else ""
+        return (f"{self.name!r} from {self.folder} ({h}x{w}, {self.model.num_layers} blocks, dim {self.model.dim}"
+                f"{dec})")
 
     # ---- loading the parts (each checks its tensors against the recorded config; errors name the file)
     def load_student(self, *, device=None, dtype=None):
@@ -180,6 +199,30 @@ class Manifest:
         except (CheckpointError, ValueError, KeyError) as exc:
             raise WeightsError(f"{p} does not hold the VAE the manifest describes: {exc}") from None
 
+    def load_decoder(self, *, device=None, dtype=None):
+        """The bundled TAEHV decoder (eval mode, no gradients), or None when the bundle has none.  Its tensors are
+        checked against the manifest's ``decoder`` config (and the config in the file's metadata must be that
+        one); every problem is a :class:`WeightsError` naming the file."""
+        if not self.has_decoder:
+            return None
+        from lipforcing.decoders import load_decoder
+        from lipforcing.decoders.loading import CONFIG_METADATA_KEY
+
+        p = self.path("decoder")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(os.fspath(p), framework="pt") as f:
+                meta = f.metadata() or {}
+            if CONFIG_METADATA_KEY in meta:
+                stored = json.loads(meta[CONFIG_METADATA_KEY])
+                want = self.decoder_config.to_dict()
+                if _jsonable(stored) != _jsonable(want):
+                    raise CheckpointError(f"its metadata records the config {stored}, the manifest {want}")
+            return load_decoder(p, config=self.decoder_config, device=device, dtype=dtype)
+        except (CheckpointError, ValueError, KeyError, TypeError, OSError, json.JSONDecodeError) as exc:
+            raise WeightsError(f"{p} does not hold the TAEHV decoder the manifest describes: {exc}") from None
+
     def load_text(self) -> torch.Tensor:
         from lipforcing.engine.engine import _load_text
 
@@ -195,6 +238,38 @@ class Manifest:
 
         a = self.audio
         return MelFeatures(n_mels=a["n_mels"], fmin=a["fmin"], fmax=a["fmax"], eps=a["eps"], device=device)
+
+
+def _jsonable(obj):
+    """``obj`` as JSON gives it back (tuples -> lists), for comparing configs."""
+    return json.loads(json.dumps(obj))
+
+
+def _decoder_config(entry, src):
+    """The manifest's ``decoder`` entry -> TAEHVConfig (WeightsError naming ``src`` otherwise)."""
+    from lipforcing.decoders import TAEHVConfig
+
+    fields = ("latent_channels", "encoder_width", "decoder_widths", "spatial_upscale")
+    if not isinstance(entry, Mapping) or sorted(entry) != sorted(fields):
+        got = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
+        raise WeightsError(f"{src}: 'decoder' must hold the TAEHVConfig fields {list(fields)}, got {got}")
+    try:
+        if not all(isinstance(entry[k], list) for k in ("decoder_widths", "spatial_upscale")):
+            raise ValueError("decoder_widths and spatial_upscale must be lists")
+        return TAEHVConfig(**{k: entry[k] for k in fields})
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{src}: invalid decoder config: {exc}") from None
+
+
+def _check_decoder_fits(dcfg, vae_config, where) -> None:
+    """A TAEHV decoder (its config) must decode the VAE's latents: same channels, same spatial factor."""
+    if dcfg.latent_channels != vae_config.z_dim:
+        raise WeightsError(f"{where}: the TAEHV decoder takes {dcfg.latent_channels} latent channels but the VAE has "
+                           f"z_dim {vae_config.z_dim}; it cannot decode this bundle's latents")
+    if dcfg.spatial_factor != vae_config.spatial_factor:
+        raise WeightsError(f"{where}: the TAEHV decoder upsamples {dcfg.spatial_factor}x (spatial_upscale "
+                           f"{list(dcfg.spatial_upscale)}) but the VAE's latents are {vae_config.spatial_factor}x "
+                           "smaller than the frames")
 
 
 def read_manifest(folder, *, verify: bool = True) -> Manifest:
@@ -241,9 +316,10 @@ def read_manifest(folder, *, verify: bool = True) -> Manifest:
     if resolution[0] % step or resolution[1] % step:
         raise WeightsError(f"{src}: resolution {resolution} is not a multiple of {step} (VAE factor x patch)")
     files = data["files"]
-    if not isinstance(files, dict) or sorted(files) != sorted(PARTS):
+    if not isinstance(files, dict) or sorted(set(files) - set(OPTIONAL_PARTS)) != sorted(PARTS):
         got = sorted(files) if isinstance(files, dict) else type(files).__name__
-        raise WeightsError(f"{src}: 'files' must list exactly {list(PARTS)}, got {got}")
+        raise WeightsError(f"{src}: 'files' must list exactly {list(PARTS)} (and optionally {list(OPTIONAL_PARTS)}), "
+                           f"got {got}")
     for part, entry in files.items():
         ok = (isinstance(entry, dict) and isinstance(entry.get("path"), str)
               and re.fullmatch(r"[A-Za-z0-9_.-]+", entry["path"]) is not None and not entry["path"].startswith(".")
@@ -263,6 +339,14 @@ def read_manifest(folder, *, verify: bool = True) -> Manifest:
                 raise WeightsError(f"{p}: sha256 {digest} does not match {src} ({entry['sha256']}); the file was "
                                    "changed or corrupted (write the bundle again with lipforcing.weights."
                                    "write_default)")
+    decoder_config = None
+    if "decoder" in files or "decoder" in data:
+        if "decoder" not in files:
+            raise WeightsError(f"{src}: a 'decoder' config but no decoder file in 'files'")
+        if "decoder" not in data:
+            raise WeightsError(f"{src}: files.decoder is listed but the 'decoder' config entry is missing")
+        decoder_config = _decoder_config(data["decoder"], src)
+        _check_decoder_fits(decoder_config, vae_config, folder / files["decoder"]["path"])
     audio = _check_audio(data["audio"], model, src)
     extra = {k: data.get(k) or {} for k in ("produced_by", "eval")}
     for k, v in extra.items():
@@ -270,7 +354,8 @@ def read_manifest(folder, *, verify: bool = True) -> Manifest:
             raise WeightsError(f"{src}: '{k}' must be a JSON object, got {type(v).__name__}")
     return Manifest(folder=folder, name=str(data.get("name", folder.name)), resolution=resolution, model=model,
                     vae_config=vae_config, audio=audio, files={k: dict(v) for k, v in files.items()},
-                    produced_by=extra["produced_by"], eval=extra["eval"], notes=str(data.get("notes", "")))
+                    produced_by=extra["produced_by"], eval=extra["eval"], notes=str(data.get("notes", "")),
+                    decoder_config=decoder_config)
 
 
 def default_manifest(folder=None) -> Manifest | None:
@@ -357,7 +442,7 @@ def _weights_path(path, name: str) -> Path:
 
 def write_default(folder, *, student, vae, text, resolution, audio=None, name: str = "default",
                   commands=(), commit: str | None = None, evaluation: Mapping | None = None, notes: str = "",
-                  dtype="fp16", overwrite: bool = False) -> Manifest:
+                  dtype="fp16", overwrite: bool = False, decoder=None) -> Manifest:
     """Write a weight bundle to ``folder`` (shipping the default = ``folder`` is ``lipforcing/weights/default``).
 
     student : the causal student (a ``CausalLipSyncDiT``) or its weights: a file, or an sf/df checkpoint or run
@@ -370,8 +455,14 @@ def write_default(folder, *, student, vae, text, resolution, audio=None, name: s
         ``eps``); default ``MelFeatures(audio_dim // 2)``, as the world data builder uses.
     commands, commit : how the weights were produced (commit default: this checkout's HEAD).
     evaluation : free-form numbers (the manifest's ``eval``, e.g. ``lipforcing eval``'s table).
-    dtype : storage dtype of the student and VAE weights (fp16 default; the text embedding stays fp32).
-    overwrite : replace an existing bundle in ``folder``.
+    dtype : storage dtype of the student, VAE and decoder weights (fp16 default; the text embedding stays fp32).
+    overwrite : replace an existing bundle in ``folder`` (a ``decoder.safetensors`` left from it goes when the new
+        bundle has no decoder).
+    decoder : optional TAEHV streaming decoder shipped with the bundle (``Engine.load`` then decodes with it unless
+        ``decoder="wan"``): a ``TAEHV`` model or its weights, a file (``.safetensors`` written by ``save_decoder`` /
+        the decoder stage, or ``taew2_1.pth``) or a decoder-stage checkpoint or run folder (its
+        ``decoder.safetensors``).  It must decode the VAE's latents: latent channels = the VAE's z_dim and spatial
+        upscale = the VAE's spatial factor (:class:`WeightsError` naming the file otherwise).
 
     Returns the bundle as :func:`read_manifest` reads it back (so a written bundle is always a valid one)."""
     from lipforcing.engine.engine import _load_text, parse_resolution
@@ -426,6 +517,15 @@ def write_default(folder, *, student, vae, text, resolution, audio=None, name: s
     if 2 * audio_entry["n_mels"] != cfg.audio_dim:
         raise ValueError(f"n_mels {audio_entry['n_mels']} gives {2 * audio_entry['n_mels']} features, the student "
                          f"takes audio_dim {cfg.audio_dim}")
+    if decoder is not None:
+        from lipforcing.decoders import TAEHV, load_decoder
+
+        if isinstance(decoder, (str, os.PathLike)):
+            decoder = sources["decoder"] = str(_weights_path(decoder, _FILE_NAMES["decoder"]))
+            decoder = load_decoder(decoder)          # CheckpointError naming the file for anything not a TAEHV
+        if not isinstance(decoder, TAEHV):
+            raise TypeError(f"decoder must be a TAEHV model or its weights file, got {type(decoder).__name__}")
+        _check_decoder_fits(decoder.config, vae.config, sources.get("decoder", folder / _FILE_NAMES["decoder"]))
 
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -439,6 +539,12 @@ def write_default(folder, *, student, vae, text, resolution, audio=None, name: s
     files["vae"] = files["student"]
     _save({"text": ctx}, folder / _FILE_NAMES["text"], {}, "text")
     files["text"] = "float32"
+    if decoder is not None:
+        from lipforcing.decoders.loading import config_metadata
+
+        sd = {k: v.to(store) for k, v in decoder.state_dict().items()}
+        _save(sd, folder / _FILE_NAMES["decoder"], config_metadata(decoder.config), "decoder")
+        files["decoder"] = files["student"]
     entries = {}
     for part, dt in files.items():
         p = folder / _FILE_NAMES[part]
@@ -446,6 +552,7 @@ def write_default(folder, *, student, vae, text, resolution, audio=None, name: s
     manifest = {
         "format": FORMAT, "name": str(name), "resolution": list(res), "model": cfg.to_dict(),
         "vae": vae.config.to_dict(), "audio": audio_entry, "files": entries,
+        **({"decoder": decoder.config.to_dict()} if decoder is not None else {}),
         "produced_by": {"commands": [str(c) for c in commands], "sources": sources,
                         "commit": commit if commit is not None else _git_commit(),
                         "lipforcing_version": __version__},
@@ -453,4 +560,7 @@ def write_default(folder, *, student, vae, text, resolution, audio=None, name: s
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(_dumps(manifest))
     os.replace(tmp, folder / MANIFEST)           # the manifest appears last, whole
+    stale = folder / _FILE_NAMES["decoder"]
+    if decoder is None and stale.exists():       # from the bundle this one replaced
+        stale.unlink()
     return read_manifest(folder)
