@@ -132,15 +132,7 @@ def main() -> int:
         if ONLY and ONLY not in name:
             continue
         tmp = Path(tempfile.mkdtemp())
-        ns["_cli_inputs"](tmp)
-        if setup == "symlink":
-            (tmp / "s.mp4").symlink_to(tmp / "v.mp4")
-        elif setup == "hardlink":
-            os.link(tmp / "a.wav", tmp / "h.mp4")
-        elif setup == "ckpt":
-            (tmp / "c.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{}")
-        elif setup == "fifo":
-            os.mkfifo(tmp / "p.json")
+        ns["_cli_setup"](tmp, setup)
         before = {p.name: p.read_bytes() for p in tmp.iterdir() if p.is_file()}
         rc, e, err = _run(lambda: cli([a.replace("{tmp}", str(tmp)) for a in argv]))
         changed = [n for n, b in before.items() if (tmp / n).is_file() and (tmp / n).read_bytes() != b]

@@ -129,6 +129,19 @@ def _cli_inputs(tmp):
     make_wav(tmp / "a.wav", 0.3, 16000)
 
 
+def _cli_setup(tmp, setup):
+    """The command-line cases' input files in ``tmp``, plus the case's special one."""
+    _cli_inputs(tmp)
+    if setup == "symlink":
+        (tmp / "s.mp4").symlink_to(tmp / "v.mp4")
+    elif setup == "hardlink":
+        os.link(tmp / "a.wav", tmp / "h.mp4")
+    elif setup == "ckpt":
+        (tmp / "c.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{}")
+    elif setup == "fifo":
+        os.mkfifo(tmp / "p.json")
+
+
 def _engine(**kw):
     import lipforcing
     from tests.stream.helpers import RES, SMALL_VAE, small_config
@@ -232,15 +245,7 @@ CLI_CASES = [
 def test_bad_command_line_is_one_line_exit_2(tmp_path, capsys, argv, setup, match):
     from lipforcing.cli import main
 
-    _cli_inputs(tmp_path)
-    if setup == "symlink":
-        (tmp_path / "s.mp4").symlink_to(tmp_path / "v.mp4")
-    elif setup == "hardlink":
-        os.link(tmp_path / "a.wav", tmp_path / "h.mp4")
-    elif setup == "ckpt":
-        (tmp_path / "c.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{}")
-    elif setup == "fifo":
-        os.mkfifo(tmp_path / "p.json")
+    _cli_setup(tmp_path, setup)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     err = capsys.readouterr().err
