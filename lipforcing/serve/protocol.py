@@ -16,8 +16,9 @@ Server -> client
         ``{"index", "pts", "chunk_id", "width", "height", "video_format", "image_bytes", "audio_format",
         "audio_bytes"}``, the image (JPEG file or H*W*3 RGB bytes), then the 640 audio samples at 16 kHz the frame
         covers, in the session's audio format.
-  text  ``{"type": "interrupted"}`` (no frame of the interrupted audio follows it), ``{"type": "closed"}``, ``{"type": "error", "code": ..., "message": ...}``
-        (a bad message is answered by an error; the connection stays usable).
+  text  ``{"type": "interrupted"}`` (no frame of the interrupted audio follows it), ``{"type": "closed"}``,
+        ``{"type": "error", "code": ..., "message": ...}`` (a bad message is answered by an error; the connection
+        stays usable).
 """
 from __future__ import annotations
 

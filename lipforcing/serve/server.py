@@ -2,9 +2,10 @@
 :mod:`lipforcing.serve.protocol`), ``/health`` (JSON) and ``/metrics`` (Prometheus).
 
 One engine serves every connection; each connection holds at most one session at a time.  The event loop never
-computes: a session is opened (reference decoding, face detection) in a worker thread, audio goes to ``session.apush_audio`` (which waits, without blocking the loop, while the session's
-buffer is full: TCP backpressure for a client that sends faster than real time), frames come from
-``session.aframes()`` and are encoded (JPEG) in a worker thread.  A client that disconnects, cleanly or not, has
+computes: a session is opened (reference decoding, face detection) in a worker thread, audio goes to
+``session.apush_audio`` (which waits, without blocking the loop, while the session's buffer is full: TCP
+backpressure for a client that sends faster than real time), frames come from ``session.aframes()`` and are encoded
+(JPEG) in a worker thread.  A client that disconnects, cleanly or not, has
 its session closed at once, which drops its queued chunks.
 """
 from __future__ import annotations

@@ -26,10 +26,11 @@ mouth-darkness correlation of one held-out clip went 0.73, 0.77, 0.38 over three
 the average is what gets exported.
 
 Each checkpoint holds the training weights (``vae_raw.safetensors``, for resuming; ``vae_ema.safetensors`` with the
-average) and the exported ``vae.safetensors`` (the average when there is one): per-channel latent statistics measured on ``stats_clips`` world clips are folded into its
-``conv1``/``conv2`` (exact affine rewrite), so ``lipforcing.load_vae(path)`` and ``Engine.load(vae=path)`` give
-zero-mean, unit-std DiT latents with the stock loader; the measured statistics are in its metadata too.  Metrics: ``loss``, ``psnr`` and
-``mouth_psnr`` (dB, on the training batch).
+average) and the exported ``vae.safetensors`` (the average when there is one): per-channel latent statistics
+measured on ``stats_clips`` world clips are folded into its ``conv1``/``conv2`` (exact affine rewrite), so
+``lipforcing.load_vae(path)`` and ``Engine.load(vae=path)`` give zero-mean, unit-std DiT latents with the stock
+loader; the measured statistics are in its metadata too.  Metrics: ``loss``, ``psnr`` and ``mouth_psnr`` (dB, on the
+training batch).
 """
 from __future__ import annotations
 
