@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from lipforcing.distill.stages.vae import mouth_fidelity
+from lipforcing.distill.stages.vae import mouth_fidelity, stream_mouth_track
 
 
 class _Stub:
@@ -10,6 +10,7 @@ class _Stub:
     ignores the mouth) or the frames in reverse order (a mouth that moves, but out of step)."""
 
     device, dtype = torch.device("cpu"), torch.float32
+    temporal_factor = 4
 
     def __init__(self, mode):
         self.mode = mode
@@ -22,6 +23,11 @@ class _Stub:
             return torch.zeros_like(z)
         if self.mode == "reverse":
             return z.flip(2)
+        if self.mode == "groups":          # keeps only each latent group's average frame: 0, then 1-4, 5-8, ...
+            out = z.clone()
+            for i in range(1, z.shape[2], 4):
+                out[:, :, i:i + 4] = z[:, :, i:i + 4].mean(2, keepdim=True)
+            return out
         return z
 
 
@@ -72,3 +78,15 @@ def test_warmup_trains_the_frames_after_a_streamed_prefix(monkeypatch):
     err = rec - video
     want = float((w * (err.abs() + err ** 2)).mean() / w.mean())
     assert abs(losses[k + 1] - want) < 1e-5 * max(1.0, want)
+
+
+def test_stream_mouth_track_and_its_temporal_ceiling():
+    seeds = [int(s) for s in torch.randint(0, 10**6, (2,))]
+    same = stream_mouth_track(_Stub("identity"), seeds, 41, 32, speech="synthetic", skip=21)
+    assert abs(same["stream_mouth_track"] - 1) < 1e-6
+    assert 0 < same["stream_mouth_track_ceiling"] < 0.999          # speech moves the mouth within a latent group
+    grp = stream_mouth_track(_Stub("groups"), seeds, 41, 32, speech="synthetic", skip=21)
+    assert abs(grp["stream_mouth_track"] - grp["stream_mouth_track_ceiling"]) < 0.02   # uint8 rounding only
+    assert grp["stream_mouth_track_ceiling"] == same["stream_mouth_track_ceiling"]
+    rev = stream_mouth_track(_Stub("reverse"), seeds, 41, 32, speech="synthetic", skip=21)
+    assert rev["stream_mouth_track"] < 0.9

@@ -396,8 +396,47 @@ def evaluate_vae(vae, *, clips: int = 4, frames: int = 21, size: int = 64, split
     if late_frames:
         out.update(late_psnr=psnr(rec[:, :, frames:], video[:, :, frames:]),
                    late_mouth_psnr=mouth_psnr(rec[:, :, frames:], video[:, :, frames:], box[:, :, frames:]))
+        out.update(stream_mouth_track(vae, seeds, frames + late_frames, size, split, speech, skip=frames))
     return {**out, **mouth_fidelity(vae, seeds, frames, size, split, speech), "clips": clips, "frames": frames,
             "late_frames": late_frames, "split": split}
+
+
+def _roundtrip_u8(vae, frames_u8: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames through ``vae`` as one causal clip -> the same layout."""
+    x = torch.from_numpy(frames_u8).permute(3, 0, 1, 2)[None].to(vae.device, vae.dtype) / 127.5 - 1
+    r = vae.decode(vae.encode(x, normalize=True), normalize=True)[0].float().clamp(-1, 1)
+    return ((r + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 1e-6 and b.std() > 1e-6 else float("nan")
+
+
+@torch.no_grad()
+def stream_mouth_track(vae, seeds, frames: int, size: int, split: str = "eval", speech: str = "auto", *,
+                       skip: int = 0) -> dict:
+    """Per-frame mouth motion over a stream of ``frames`` frames (the people ``seeds`` saying their clips' speech),
+    mean over clips:
+
+    * ``stream_mouth_track``: correlation of the round trip's mouth-box darkness with the input's over frames
+      ``skip`` .. ``frames`` (past the training-clip length when ``skip`` is, e.g., 21);
+    * ``stream_mouth_track_ceiling``: the same correlation for the input's own means over each latent group (frame
+      0 alone, then groups of ``vae.temporal_factor``): what a VAE that keeps only each latent frame's average
+      mouth would score; the temporal compression itself costs 1 minus this."""
+    from lipforcing.eval.metrics import box_darkness
+    from lipforcing.world import make_clip
+
+    f = vae.temporal_factor
+    track, ceiling = [], []
+    for s in seeds:
+        c = make_clip(int(s), frames, size=size, split=split, speech=speech, reference=False)
+        truth = box_darkness(c.frames, c.boxes)
+        got = box_darkness(_roundtrip_u8(vae, c.frames), c.boxes)
+        groups = np.concatenate([truth[:1]] + [np.full(len(truth[i:i + f]), truth[i:i + f].mean())
+                                               for i in range(1, len(truth), f)])
+        track.append(_corr(truth[skip:], got[skip:]))
+        ceiling.append(_corr(truth[skip:], groups[skip:]))
+    return {"stream_mouth_track": float(np.mean(track)), "stream_mouth_track_ceiling": float(np.mean(ceiling))}
 
 
 @torch.no_grad()
@@ -415,11 +454,6 @@ def mouth_fidelity(vae, seeds, frames: int, size: int, split: str = "eval", spee
     from lipforcing.world.mouth import MouthTrack
     from lipforcing.world.render import render_frames
 
-    def roundtrip(frames_u8):
-        x = torch.from_numpy(frames_u8).permute(3, 0, 1, 2)[None].to(vae.device, vae.dtype) / 127.5 - 1
-        r = vae.decode(vae.encode(x, normalize=True), normalize=True)[0].float().clamp(-1, 1)
-        return ((r + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
-
     contrast, track = [], []
     for s in seeds:
         c = make_clip(int(s), frames, size=size, split=split, speech=speech, reference=False)
@@ -427,10 +461,10 @@ def mouth_fidelity(vae, seeds, frames: int, size: int, split: str = "eval", spee
         for name, opening in (("closed", 0.0), ("open", 1.0)):
             mouth = MouthTrack(np.full(frames, opening, np.float32), np.full(frames, 0.5, np.float32))
             f = render_frames(c.identity, mouth, c.motion, c.blink, size)
-            dark[name] = (box_darkness(f, c.boxes).mean(), box_darkness(roundtrip(f), c.boxes).mean())
+            dark[name] = (box_darkness(f, c.boxes).mean(), box_darkness(_roundtrip_u8(vae, f), c.boxes).mean())
         contrast.append((dark["open"][1] - dark["closed"][1]) / max(dark["open"][0] - dark["closed"][0], 1e-6))
         truth = box_darkness(c.frames, c.boxes)
-        got = box_darkness(roundtrip(c.frames), c.boxes)
+        got = box_darkness(_roundtrip_u8(vae, c.frames), c.boxes)
         if truth.std() > 1e-6 and got.std() > 1e-6:
             track.append(float(np.corrcoef(truth, got)[0, 1]))
     return {"mouth_contrast": float(np.mean(contrast)), "mouth_track": float(np.mean(track)) if track else float("nan")}
